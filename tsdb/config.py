@@ -1,0 +1,111 @@
+"""Experiment configuration, validated by pydantic and read from YAML."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import TsdbError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(_Strict):
+    """Forecaster shape and diffusion hyper-parameters."""
+
+    strategy: str = "depth"          # depth | e2e | horizon | looped | looped-bptt
+    context_length: int = Field(336, gt=0)
+    horizon: int = Field(48, gt=0)
+    patch_length: int = Field(8, gt=0)
+    d_model: int = Field(64, gt=0)
+    n_heads: int = Field(4, gt=0)
+    n_layers: int = Field(4, gt=0)    # total transformer layers L (all blocks together)
+    n_blocks: int = Field(4, gt=0)    # B; each block owns n_layers / n_blocks layers
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    partition: Literal["equiprob", "uniform"] = "equiprob"
+    gamma: float = Field(0.05, ge=0.0)
+    sigma_data: float = Field(1.0, gt=0.0)
+    p_mean: float = 0.5
+    p_std: float = Field(1.2, gt=0.0)
+    sigma_min: float = Field(0.002, gt=0.0)
+    sigma_max: float = Field(80.0, gt=0.0)
+    num_steps: int = Field(0, ge=0)   # K at inference; 0 means 2 * n_blocks
+    sampler: Literal["euler", "heun"] = "heun"
+    num_samples: int = Field(100, gt=0)
+    # looped / looped-bptt
+    loop_iters: int = Field(8, gt=0)  # K unrolled in BPTT training
+
+    @model_validator(mode="after")
+    def _check_shapes(self) -> "ModelConfig":
+        if self.context_length % self.patch_length:
+            raise ValueError(f"context_length {self.context_length} must be a multiple of "
+                             f"patch_length {self.patch_length}")
+        if self.horizon % self.patch_length:
+            raise ValueError(f"horizon {self.horizon} must be a multiple of patch_length "
+                             f"{self.patch_length}")
+        if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
+            raise ValueError("d_model / n_heads must be an even integer (RoPE pairs)")
+        if self.strategy == "depth" and self.n_layers % self.n_blocks:
+            raise ValueError(f"n_layers {self.n_layers} must be divisible by n_blocks {self.n_blocks}")
+        if self.sigma_min >= self.sigma_max:
+            raise ValueError("sigma_min must be below sigma_max")
+        return self
+
+    @property
+    def inference_steps(self) -> int:
+        return self.num_steps or 2 * self.n_blocks
+
+
+class TrainConfig(_Strict):
+    steps_per_block: int = Field(1000, gt=0)   # a block gets as many updates as the e2e model
+    batch_size: int = Field(64, gt=0)
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = 0.01
+    warmup_steps: int = Field(100, ge=0)
+    grad_clip: float = 1.0
+    schedule: Literal["sequential", "interleaved"] = "sequential"
+    seed: int = 0
+    accelerator: str = "auto"
+    precision: str = "auto"          # auto: bf16-mixed on GPU, 32 on CPU
+    num_workers: int = 0
+    progress: bool = True
+
+
+class DataConfig(_Strict):
+    dataset: str = "vic_elec"
+    root: str | None = None          # directory holding local copies of the files
+    max_series: int | None = None
+
+
+class ExperimentConfig(_Strict):
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    data: DataConfig = DataConfig()
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "ExperimentConfig":
+        path = Path(path)
+        if not path.exists():
+            raise TsdbError(f"config file {path} does not exist")
+        try:
+            return cls.model_validate(yaml.safe_load(path.read_text()) or {})
+        except ValidationError as e:
+            first = e.errors()[0]
+            loc = ".".join(str(p) for p in first["loc"])
+            raise TsdbError(f"{path}: {loc}: {first['msg']}") from None
+
+    def to_yaml(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.model_dump(), sort_keys=False))
+
+    def with_overrides(self, **sections) -> "ExperimentConfig":
+        """Return a copy with nested fields replaced, e.g. with_overrides(model={"n_blocks": 2})."""
+        data = self.model_dump()
+        for section, values in sections.items():
+            data[section].update(values)
+        return type(self).model_validate(data)

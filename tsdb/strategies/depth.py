@@ -1,0 +1,54 @@
+"""``depth``: the paper's split. B blocks, block i owns the i-th highest band of noise levels
+(equi-probability or uniform partition, widened by gamma) and trains alone on it."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..diffusion import PARTITIONS, EDMLoss, block_bands, sigma_grid
+from ..nn import BlockDenoiser, DenoiserShape, DiffusionForecaster
+from .base import Batch, Strategy, TrainUnit
+
+
+def denoiser_shape(cfg, n_layers: int) -> DenoiserShape:
+    return DenoiserShape(cfg.context_length, cfg.horizon, cfg.patch_length, cfg.d_model, cfg.n_heads,
+                         n_layers, cfg.mlp_ratio, cfg.dropout)
+
+
+class DepthStrategy(Strategy):
+    name = "depth"
+
+    @property
+    def num_blocks(self) -> int:
+        return self.cfg.n_blocks
+
+    def edges(self) -> Tensor:
+        return PARTITIONS[self.cfg.partition](self.num_blocks, self.noise)
+
+    def build(self) -> DiffusionForecaster:
+        shape = denoiser_shape(self.cfg, self.cfg.n_layers // self.num_blocks)
+        blocks = [BlockDenoiser(shape) for _ in range(self.num_blocks)]
+        return DiffusionForecaster(blocks, self.edges(), self.noise, self.precond)
+
+    def units(self, model: DiffusionForecaster) -> list[TrainUnit]:
+        bands = block_bands(model.edges, self.cfg.gamma, self.noise)
+        return [TrainUnit(f"block-{i}", block, self._block_loss(model, block, EDMLoss(self.noise, self.precond, band)))
+                for i, (block, band) in enumerate(zip(model.blocks, bands))]
+
+    @staticmethod
+    def _block_loss(model: DiffusionForecaster, block: BlockDenoiser, loss: EDMLoss):
+        def block_loss(batch: Batch) -> Tensor:
+            features, y, observed, _, _ = model.prepare(*batch)
+            return loss(block, features, y, target_mask=observed).mean()
+        return block_loss
+
+    def forecast(self, model, context, num_samples, num_steps=None, noise=None, generator=None):
+        sigmas = sigma_grid(num_steps or self.cfg.inference_steps, self.noise)
+        return model.sample(context, num_samples, sigmas, self.cfg.sampler, noise=noise, generator=generator)
+
+    def arm_name(self) -> str:
+        suffix = "" if self.cfg.partition == "equiprob" else f"-{self.cfg.partition}"
+        if self.cfg.gamma == 0:
+            suffix += "-gamma0"
+        return f"depth-b{self.num_blocks}{suffix}"
