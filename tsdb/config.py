@@ -38,6 +38,9 @@ class ModelConfig(_Strict):
     num_steps: int = Field(0, ge=0)   # K at inference; 0 means 2 * n_blocks
     sampler: Literal["euler", "heun"] = "heun"
     num_samples: int = Field(100, gt=0)
+    # share of training windows ending inside a patch (needed for streaming updates
+    # between patch boundaries; 0 disables)
+    partial_patch_prob: float = Field(0.25, ge=0.0, le=1.0)
     # looped / looped-bptt
     loop_iters: int = Field(8, gt=0)  # K unrolled in BPTT training
 

@@ -30,7 +30,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
-from gluonts.dataset.split import TestData, split
+from gluonts.dataset import split as gluonts_split
+from gluonts.dataset.split import TestData
 from gluonts.ev.metrics import (
     MAE,
     MASE,
@@ -162,7 +163,7 @@ class EvalTask:
         """Pair each sample array with its window's label start and item id."""
         labels = iter(self.test_data.label)
         for batch in batches:
-            batch = np.asarray(batch)
+            batch = np.asarray(batch, dtype=np.float64)  # accumulate metrics in float64
             if batch.ndim != 3 or batch.shape[2] != self.horizon:
                 raise ValueError(
                     f"{self.name}: samples must be [N, S, {self.horizon}], got {batch.shape}"
@@ -216,7 +217,7 @@ def m4_hourly_task(dataset: SeriesDataset) -> EvalTask:
     for s in dataset:
         if len(s) <= horizon:
             raise DataError(f"m4_hourly: series {s.item_id!r} has {len(s)} points, need > {horizon}")
-    _, template = split(dataset.to_gluonts(), offset=-horizon)
+    _, template = gluonts_split.split(dataset.to_gluonts(), offset=-horizon)
     train = SeriesDataset(
         dataset.name, [s.slice(0, -horizon) for s in dataset], dataset.freq,
         M4_HOURLY_SEASON, dict(dataset.meta),
@@ -268,7 +269,7 @@ def etth1_task(
     ]
     windows = (end - first - horizon) // stride + 1
     test_set = SeriesDataset(dataset.name, scaled, dataset.freq, ETT_SEASON)
-    _, template = split_dataset(test_set, first)
+    _, template = gluonts_split.split(test_set.to_gluonts(), offset=first)
     test_data = template.generate_instances(
         prediction_length=horizon, windows=windows, distance=stride, max_history=lookback
     )
@@ -287,7 +288,3 @@ def etth1_task(
         info={"protocol": "B", "lookback": lookback, "stride": stride, "split": split},
     )
 
-
-def split_dataset(dataset: SeriesDataset, offset: int):
-    """``gluonts.dataset.split.split`` on a SeriesDataset (float32 targets)."""
-    return split(dataset.to_gluonts(), offset=offset)

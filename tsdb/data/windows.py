@@ -1,0 +1,68 @@
+"""Training windows: random (context, target) pairs cut from a SeriesDataset."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset
+
+from ..errors import DataError
+from .series import SeriesDataset
+
+
+def last_context(target: np.ndarray, context_length: int) -> np.ndarray:
+    """The last ``context_length`` values, left-padded with NaN when the series is shorter."""
+    out = np.full(context_length, np.nan, dtype=np.float32)
+    tail = target[-context_length:]
+    out[context_length - len(tail):] = tail
+    return out
+
+
+class TrainingWindows(IterableDataset):
+    """An endless, seeded stream of ``(context [C], target [H])`` float32 windows.
+
+    Series are drawn with probability proportional to their number of admissible window
+    ends; a window needs at least ``min_context`` observed context points, and contexts
+    reaching before the series start are left-padded with NaN (masked in the model).
+
+    With probability ``partial_patch_prob`` the context ends inside its last patch: the last
+    ``pad`` slots (1 <= pad < patch_length) are NaN and the target starts right after the
+    last observed value. This is what a streaming model sees between patch boundaries.
+    """
+
+    def __init__(self, dataset: SeriesDataset, context_length: int, horizon: int,
+                 seed: int = 0, min_context: int | None = None, patch_length: int = 1,
+                 partial_patch_prob: float = 0.0):
+        self.patch_length = patch_length
+        self.partial_patch_prob = partial_patch_prob if patch_length > 1 else 0.0
+        self.targets = [s.target.astype(np.float32) for s in dataset]
+        self.context_length = context_length
+        self.horizon = horizon
+        self.seed = seed
+        self.min_context = min_context if min_context is not None else min(context_length, 2 * horizon)
+        counts = np.array([max(0, len(t) - self.min_context - horizon + 1) for t in self.targets], dtype=np.float64)
+        if counts.sum() == 0:
+            raise DataError(f"dataset '{dataset.name}': no series has {self.min_context + horizon} points "
+                            f"(min context {self.min_context} + horizon {horizon}); use a shorter horizon or "
+                            f"context")
+        self.weights = counts / counts.sum()
+
+    def window(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        i = rng.choice(len(self.targets), p=self.weights)
+        t = self.targets[i]
+        end = int(rng.integers(self.min_context + self.horizon, len(t) + 1))  # exclusive end of target
+        split = end - self.horizon
+        pad = 0
+        if self.partial_patch_prob and rng.random() < self.partial_patch_prob:
+            pad = int(rng.integers(1, self.patch_length))
+        context = last_context(t[:split], self.context_length - pad)
+        if pad:
+            context = np.concatenate([context, np.full(pad, np.nan, dtype=np.float32)])
+        return context, t[split:end]
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker = 0 if info is None else info.id
+        rng = np.random.default_rng([self.seed, worker])
+        while True:
+            yield self.window(rng)
