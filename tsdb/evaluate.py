@@ -207,6 +207,39 @@ def evaluate_predictor(
     }
 
 
+def rolling_task(
+    name: str,
+    dataset: SeriesDataset,
+    horizon: int,
+    season_length: int,
+    offset: int,
+    windows: int = 1,
+    stride: int | None = None,
+    max_history: int | None = None,
+    train: SeriesDataset | None = None,
+    scaler: StandardScaler | None = None,
+    info: dict | None = None,
+) -> EvalTask:
+    """Rolling-origin test windows from ``gluonts.dataset.split``.
+
+    Window ``k`` of every series forecasts positions ``[offset + k * stride, ... + horizon)``
+    (a negative ``offset`` counts from each series' end; ``stride`` defaults to
+    ``horizon``); its input is everything before, or the last ``max_history`` points.
+    ``train`` defaults to every series cut at ``offset``.
+    """
+    _, template = gluonts_split.split(dataset.to_gluonts(), offset=offset)
+    test_data = template.generate_instances(
+        prediction_length=horizon, windows=windows, distance=stride, max_history=max_history
+    )
+    if train is None:
+        train = SeriesDataset(
+            dataset.name, [s.slice(0, offset) for s in dataset], dataset.freq, season_length,
+            dict(dataset.meta),
+        )
+    return EvalTask(name, horizon, season_length, dataset.freq, test_data, train, scaler,
+                    info or {})
+
+
 def m4_hourly_task(dataset: SeriesDataset) -> EvalTask:
     """Protocol A: M4 Hourly, the last 48 points of each series are its one test window.
 
@@ -217,20 +250,8 @@ def m4_hourly_task(dataset: SeriesDataset) -> EvalTask:
     for s in dataset:
         if len(s) <= horizon:
             raise DataError(f"m4_hourly: series {s.item_id!r} has {len(s)} points, need > {horizon}")
-    _, template = gluonts_split.split(dataset.to_gluonts(), offset=-horizon)
-    train = SeriesDataset(
-        dataset.name, [s.slice(0, -horizon) for s in dataset], dataset.freq,
-        M4_HOURLY_SEASON, dict(dataset.meta),
-    )
-    return EvalTask(
-        name="m4_hourly",
-        horizon=horizon,
-        season_length=M4_HOURLY_SEASON,
-        freq=dataset.freq,
-        test_data=template.generate_instances(prediction_length=horizon, windows=1),
-        train=train,
-        info={"protocol": "A"},
-    )
+    return rolling_task("m4_hourly", dataset, horizon, M4_HOURLY_SEASON, offset=-horizon,
+                        info={"protocol": "A"})
 
 
 def etth1_task(
@@ -263,28 +284,15 @@ def etth1_task(
             raise DataError(f"etth1: series {s.item_id!r} has {len(s)} rows, need {end}")
 
     scaler = StandardScaler.fit([s.target[:ETT_TRAIN_END] for s in dataset])
-    scaled = [
+    scaled = SeriesDataset(dataset.name, [
         Series(s.item_id, scaler.transform(s.target[:end], i), s.start, s.freq)
         for i, s in enumerate(dataset)
-    ]
-    windows = (end - first - horizon) // stride + 1
-    test_set = SeriesDataset(dataset.name, scaled, dataset.freq, ETT_SEASON)
-    _, template = gluonts_split.split(test_set.to_gluonts(), offset=first)
-    test_data = template.generate_instances(
-        prediction_length=horizon, windows=windows, distance=stride, max_history=lookback
-    )
-    train = SeriesDataset(
-        dataset.name, [s.slice(0, ETT_TRAIN_END) for s in scaled], dataset.freq, ETT_SEASON,
-        dict(dataset.meta),
-    )
-    return EvalTask(
-        name=f"etth1_{horizon}",
-        horizon=horizon,
-        season_length=ETT_SEASON,
-        freq=dataset.freq,
-        test_data=test_data,
-        train=train,
-        scaler=scaler,
+    ], dataset.freq, ETT_SEASON, dict(dataset.meta))
+    train = SeriesDataset(dataset.name, [s.slice(0, ETT_TRAIN_END) for s in scaled],
+                          dataset.freq, ETT_SEASON, dict(dataset.meta))
+    return rolling_task(
+        f"etth1_{horizon}", scaled, horizon, ETT_SEASON, offset=first,
+        windows=(end - first - horizon) // stride + 1, stride=stride, max_history=lookback,
+        train=train, scaler=scaler,
         info={"protocol": "B", "lookback": lookback, "stride": stride, "split": split},
     )
-

@@ -94,9 +94,11 @@ class BlockDenoiser(nn.Module):
         rope = rope_angles(torch.arange(position_offset, position_offset + n, device=h.device), head_dim)
         mask = None if window is None or window >= n else sliding_causal_mask(n, window, h.device)
         kv = []
-        for layer in self.layers:
+        for layer in self.layers[:-1]:
             h, layer_kv = layer.context(h, rope, mask)
             kv.append(layer_kv)
+        # the last layer's context outputs feed nothing: only its keys/values are needed
+        kv.append(self.layers[-1].context_kv(h, rope)[1])
         return ContextEncoding(kv, position_offset + n)
 
     # -- future path (depends on sigma) ---------------------------------------------------

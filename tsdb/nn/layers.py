@@ -102,17 +102,21 @@ class TransformerLayer(nn.Module):
         p = self.dropout if self.training else 0.0
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal)
 
+    def context_kv(self, h: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, KV]:
+        """Queries and the (cacheable) keys/values of context tokens, RoPE applied."""
+        q, k, v = self._heads(self.ctx_norm1(h))
+        return apply_rope(q, *rope), KV(apply_rope(k, *rope), v)
+
     def context(self, h: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None = None) -> tuple[Tensor, KV]:
         """Context path: causal self-attention among context tokens. Returns new h and its KV.
 
         ``mask`` (bool, True = attend) replaces plain causality, e.g. a sliding window.
         """
-        q, k, v = self._heads(self.ctx_norm1(h))
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        a = self._attend(q, k, v, mask=mask, is_causal=mask is None)
+        q, kv = self.context_kv(h, rope)
+        a = self._attend(q, kv.k, kv.v, mask=mask, is_causal=mask is None)
         h = h + self.proj(self._merge(a))
         h = h + self.mlp(self.ctx_norm2(h))
-        return h, KV(k, v)
+        return h, kv
 
     def future(self, h: Tensor, ctx: KV, cond: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
         """Future path: attend to all (cached) context keys/values and to every future token.
