@@ -108,15 +108,12 @@ def test_scaler_round_trip():
 
 # --- protocol anchors on the real files (benchmarks.md) --------------------------------
 
-@pytest.fixture(scope="module")
-def m4_task():
-    return m4_hourly_task(_load("m4_hourly"))
-
-
 @needs_data
-def test_m4_hourly_seasonal_naive_anchor(m4_task):
+def test_m4_hourly_seasonal_naive_anchor():
+    m4 = _load("m4_hourly")
+    m4_task = m4_hourly_task(m4)
     assert m4_task.num_windows == 414
-    assert [len(s) for s in m4_task.train] == [len(s) - 48 for s in _load("m4_hourly")]
+    assert [len(s) for s in m4_task.train] == [len(s) - 48 for s in m4]
     metrics = evaluate_predictor(m4_task, seasonal_naive(24, 48), context_length=24,
                                  num_samples=1)
     assert round(metrics["mase"], 3) == 1.193  # GIFT-Eval

@@ -43,6 +43,7 @@ class ModelConfig(_Strict):
     partial_patch_prob: float = Field(0.25, ge=0.0, le=1.0)
     # looped / looped-bptt
     loop_iters: int = Field(8, gt=0)  # K unrolled in BPTT training
+    core_layers: int = Field(0, ge=0)  # L_c of the weight-tied core; 0 means n_layers // 2 (rest: prelude)
 
     @model_validator(mode="after")
     def _check_shapes(self) -> "ModelConfig":

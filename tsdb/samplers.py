@@ -1,6 +1,8 @@
 """Probability-flow ODE samplers over any denoiser callable ``(x, sigma) -> denoised``.
 
-``sigmas`` is a descending 1-D grid ending in 0 (see ``tsdb.diffusion.sigma_grid``).
+``sigmas`` is a descending 1-D grid ending in 0 (see ``tsdb.diffusion.sigma_grid``), or a
+grid of per-position rows ``[steps + 1, H]`` (every position descending, none reaching 0
+before the last row; see ``tsdb.nn.horizon``).
 """
 
 from __future__ import annotations
@@ -19,7 +21,10 @@ def to_d(x: Tensor, sigma: Tensor, denoised: Tensor) -> Tensor:
 
 
 def _full(x: Tensor, sigma: Tensor) -> Tensor:
-    return sigma.to(x.dtype).expand(x.shape[0])
+    """A grid point as the denoiser's sigma: a scalar is per sample ``[batch]``; a row of
+    per-position sigmas (``[H]`` or ``[batch, H]``, e.g. the horizon staircase) keeps its positions."""
+    sigma = sigma.to(x.dtype)
+    return sigma.expand(x.shape[0]) if sigma.dim() == 0 else sigma.expand_as(x)
 
 
 @torch.no_grad()
@@ -39,7 +44,7 @@ def sample_heun(model: Denoiser, x: Tensor, sigmas: Tensor) -> Tensor:
         s, s_next = sigmas[i], sigmas[i + 1]
         d = to_d(x, s, model(x, _full(x, s)))
         x_euler = x + (s_next - s) * d
-        if s_next == 0:
+        if (s_next == 0).all():
             x = x_euler
         else:
             d_next = to_d(x_euler, s_next, model(x_euler, _full(x, s_next)))

@@ -93,6 +93,7 @@ class BlockDenoiser(nn.Module):
         head_dim = self.shape.d_model // self.shape.n_heads
         rope = rope_angles(torch.arange(position_offset, position_offset + n, device=h.device), head_dim)
         mask = None if window is None or window >= n else sliding_causal_mask(n, window, h.device)
+        h = self.encode_prelude(h, rope, mask)
         kv = []
         for layer in self.layers[:-1]:
             h, layer_kv = layer.context(h, rope, mask)
@@ -100,6 +101,10 @@ class BlockDenoiser(nn.Module):
         # the last layer's context outputs feed nothing: only its keys/values are needed
         kv.append(self.layers[-1].context_kv(h, rope)[1])
         return ContextEncoding(kv, position_offset + n)
+
+    def encode_prelude(self, h: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None) -> Tensor:
+        """Context-only layers run before the stack: none in a plain block (``LoopedDenoiser`` adds some)."""
+        return h
 
     # -- future path (depends on sigma) ---------------------------------------------------
     def cond(self, c_noise: Tensor) -> Tensor:

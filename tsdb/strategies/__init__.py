@@ -7,8 +7,12 @@ from ..errors import TsdbError
 from .base import Batch, Strategy, TrainUnit
 from .depth import DepthStrategy
 from .e2e import EndToEndStrategy
+from .horizon import HorizonStrategy
+from .looped import LoopedBPTTStrategy, LoopedStrategy
 
-STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (DepthStrategy, EndToEndStrategy)}
+STRATEGIES: dict[str, type[Strategy]] = {
+    cls.name: cls for cls in (DepthStrategy, EndToEndStrategy, HorizonStrategy, LoopedStrategy,
+                              LoopedBPTTStrategy)}
 
 
 def register(cls: type[Strategy]) -> type[Strategy]:

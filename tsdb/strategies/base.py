@@ -21,6 +21,11 @@ from ..diffusion import NoiseDistribution, Preconditioning
 Batch = tuple[Tensor, Tensor]  # (context [b, C] raw with NaN, target [b, H] raw with NaN)
 
 
+def masked_mean(values: Tensor, observed: Tensor) -> Tensor:
+    """Mean over the last axis of the observed entries, ``[batch]``: missing targets carry no loss."""
+    return (values * observed).sum(-1) / observed.sum(-1).clamp_min(1.0)
+
+
 @dataclass
 class TrainUnit:
     """Parameters trained together, alone, with their own loss ``loss(batch) -> scalar``."""

@@ -1,0 +1,230 @@
+"""The ``tsdb`` command line.
+
+Subcommands: demo, train, evaluate, forecast, bench, ablate, datasets, export, stream.
+User errors print one line (``tsdb: error: ...``) and exit 2; no tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+from .errors import TsdbError
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def _quiet() -> None:
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*json-handling.*")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning", "gluonts"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+# -- subcommands --------------------------------------------------------------------------
+
+def cmd_datasets(args) -> None:
+    from .data.registry import describe, list_datasets
+    if args.name:
+        print(json.dumps(describe(args.name), indent=2, default=str))
+        return
+    for d in list_datasets():
+        print(f"{d['name']:<15} {d.get('frequency', ''):<6} {d.get('description', '')}")
+
+
+def _load_user_data(args):
+    """Dataset from --dataset NAME or --input CSV/Parquet with column flags."""
+    from .data.readers import read_long
+    from .data.registry import load_dataset
+    if getattr(args, "input", None):
+        return read_long(args.input, item_id=args.item_id, timestamp=args.timestamp, target=args.target,
+                         freq=args.freq)
+    return load_dataset(args.dataset, getattr(args, "data_root", None))
+
+
+def cmd_train(args) -> None:
+    from .config import ExperimentConfig
+    from .train import train_model
+    cfg = ExperimentConfig.from_yaml(args.config) if args.config else ExperimentConfig()
+    if args.dataset:
+        cfg = cfg.with_overrides(data={"dataset": args.dataset})
+    if args.steps:
+        cfg = cfg.with_overrides(train={"steps_per_block": args.steps})
+    if args.strategy:
+        cfg = cfg.with_overrides(model={"strategy": args.strategy})
+    args.dataset = cfg.data.dataset
+    data = _load_user_data(args)
+    model, summary = train_model(cfg, data, args.out)
+    print(f"trained {len(summary['units'])} unit(s) in {summary['train_seconds']:.0f}s; "
+          f"largest unit training state {summary['train_state_bytes'] / 2**20:.2f} MiB; model in {args.out}")
+
+
+def cmd_evaluate(args) -> None:
+    from .experiment import TaskSpec, build_task, torch_predictor
+    from .evaluate import evaluate_predictor
+    from .train import load_model
+    cfg, strategy, model = load_model(args.run)
+    protocol = {"m4_hourly": "m4-hourly", "etth1": "etth1"}.get(cfg.data.dataset, "rolling")
+    task = build_task(TaskSpec(protocol=protocol, dataset=cfg.data.dataset, horizon=cfg.model.horizon,
+                               lookback=cfg.model.context_length, windows=args.windows, stride=args.stride or
+                               cfg.model.horizon))
+    metrics = evaluate_predictor(task, torch_predictor(strategy, model, num_steps=args.steps),
+                                 cfg.model.context_length, args.num_samples)
+    path = Path(args.run) / "metrics.json"
+    path.write_text(json.dumps(metrics, indent=2))
+    print(f"{task.name}: CRPS {metrics['crps']:.4f}  MASE {metrics['mase']:.3f}  MSE {metrics['mse']:.4f}  "
+          f"MAE {metrics['mae']:.4f} over {metrics['num_windows']} windows -> {path}")
+
+
+def cmd_forecast(args) -> None:
+    from .forecast import forecast_csv
+    out = forecast_csv(args)
+    print(f"wrote {out['csv']} and {out['png']}")
+
+
+def cmd_bench(args) -> None:
+    from .experiment import ExperimentSpec, run_experiment
+    if args.name == "streaming":
+        from .bench_streaming import run_streaming_bench
+        run_streaming_bench(args.out or "reports/streaming")
+        return
+    path = Path(args.config) if args.config else CONFIGS / "bench" / f"{args.name}-{args.tier}.yaml"
+    if not path.exists():
+        known = sorted({p.stem.rsplit("-", 1)[0] for p in (CONFIGS / "bench").glob("*.yaml")})
+        raise TsdbError(f"no benchmark {args.name!r} at tier {args.tier!r}; known: {known + ['streaming']}")
+    spec = ExperimentSpec.from_yaml(path)
+    spec.base.train.progress = not args.no_progress
+    out = Path(args.out or f"reports/{spec.name}")
+    run_experiment(spec, out, root=args.data_root, only=args.arms)
+    print(f"results in {out / 'results.json'}, report in {out / 'report.md'}")
+
+
+def cmd_ablate(args) -> None:
+    from .experiment import ExperimentSpec, run_experiment
+    spec = ExperimentSpec.from_yaml(args.config)
+    spec.base.train.progress = not args.no_progress
+    out = Path(args.out or f"reports/{spec.name}")
+    run_experiment(spec, out, root=args.data_root, only=args.arms)
+    print(f"results in {out / 'results.json'}, report in {out / 'report.md'}")
+
+
+def cmd_demo(args) -> None:
+    from .demo import run_demo
+    run_demo(args.out, steps=args.steps)
+
+
+def cmd_export(args) -> None:
+    from .export import export_run
+    out = export_run(args.run, args.out or Path(args.run) / "onnx")
+    print(f"exported to {out}")
+
+
+def cmd_stream(args) -> None:
+    from .stream_cli import run_stream
+    src = open(args.input) if args.input else sys.stdin
+    run_stream(args.model_dir, src, sys.stdout, state_path=args.state)
+
+
+# -- parser -------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tsdb", description="Probabilistic forecasting with DiffusionBlocks.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("demo", help="train a small depth-split model on vic_elec and evaluate it")
+    s.add_argument("--out", default="runs/demo")
+    s.add_argument("--steps", type=int, default=None, help="training steps per block")
+    s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("datasets", help="list the dataset registry or describe one dataset")
+    s.add_argument("name", nargs="?")
+    s.set_defaults(func=cmd_datasets)
+
+    def data_flags(s):
+        s.add_argument("--dataset", help="registry name (see `tsdb datasets`)")
+        s.add_argument("--input", help="a long-format CSV or Parquet file instead of --dataset")
+        s.add_argument("--item-id", default=None, help="item id column (omit for a single series)")
+        s.add_argument("--timestamp", default="timestamp", help="timestamp column")
+        s.add_argument("--target", default="target", help="target column")
+        s.add_argument("--freq", default=None, help="pandas frequency alias, e.g. h, 30min, D")
+        s.add_argument("--data-root", default=None, help="folder holding dataset files")
+
+    s = sub.add_parser("train", help="train a model block by block into a run directory")
+    s.add_argument("--config", help="YAML ExperimentConfig")
+    s.add_argument("--out", required=True, help="run directory (resumable)")
+    s.add_argument("--steps", type=int, help="override train.steps_per_block")
+    s.add_argument("--strategy", help="override model.strategy")
+    data_flags(s)
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("evaluate", help="evaluate a trained run on its dataset's protocol")
+    s.add_argument("run")
+    s.add_argument("--num-samples", type=int, default=100)
+    s.add_argument("--steps", type=int, default=None, help="inference steps K")
+    s.add_argument("--windows", type=int, default=1, help="rolling windows (non-benchmark datasets)")
+    s.add_argument("--stride", type=int, default=None)
+    s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("forecast", help="forecast a CSV: quantiles CSV + PNG fan chart")
+    s.add_argument("--run", help="trained run directory; omit to train a quick model on the input")
+    s.add_argument("--horizon", type=int, required=True)
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--num-samples", type=int, default=100)
+    s.add_argument("--steps", type=int, default=300, help="training steps per block when no --run")
+    data_flags(s)
+    s.set_defaults(func=cmd_forecast)
+
+    for name, func, helptext in (("bench", cmd_bench, "run a named benchmark (every arm side by side)"),
+                                 ("ablate", cmd_ablate, "train and evaluate a grid of split strategies")):
+        s = sub.add_parser(name, help=helptext)
+        if name == "bench":
+            s.add_argument("name", help="m4-hourly, etth1 or streaming")
+            s.add_argument("--tier", default="quick", choices=["quick", "full"])
+            s.add_argument("--config", help="override the benchmark's YAML")
+        else:
+            s.add_argument("--config", required=True)
+        s.add_argument("--out", default=None)
+        s.add_argument("--arms", nargs="*", help="run only these arms")
+        s.add_argument("--data-root", default=None)
+        s.add_argument("--no-progress", action="store_true")
+        s.set_defaults(func=func)
+
+    s = sub.add_parser("export", help="export a trained run to ONNX with explicit streaming state")
+    s.add_argument("run")
+    s.add_argument("--out", default=None)
+    s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("stream", help="online forecasting: NDJSON observations in, NDJSON forecasts out")
+    s.add_argument("model_dir")
+    s.add_argument("--input", help="NDJSON file (default: stdin)")
+    s.add_argument("--state", help="state checkpoint file (resumed if it exists)")
+    s.set_defaults(func=cmd_stream)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet()
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except TsdbError as e:
+        print(f"tsdb: error: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f"tsdb: error: {e.strerror}: {e.filename}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tsdb: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""ONNX export of a trained run for streaming inference without torch.
+
+``export_run(run_dir, out_dir)`` writes::
+
+    OUT/update.onnx         context path of every block: new patches + caches -> caches
+    OUT/denoise_<i>.onnx    one preconditioned denoiser call D(z, sigma | state) of block i
+    OUT/tsdb_model.json     metadata (strategy, shapes, sigma grid, band edges,
+                            normalization rule, graph files + sha256, version)
+
+Graphs (``torch.onnx.export(dynamo=True, external_data=False)``, opset 18), state as named
+inputs/outputs, dynamic ``batch``, ``new_tokens``, ``cache`` and ``samples`` axes:
+
+``update``
+    inputs ``features [batch, new_tokens, P, 2]`` (normalized value, observed mask),
+    ``start [batch]`` int64 (absolute position of the first new token) and, for every block
+    ``i``, ``cache_k_<i>``/``cache_v_<i>`` ``[layers, batch, heads, cache, head_dim]``;
+    outputs ``new_cache_k_<i>``/``new_cache_v_<i>``: the last ``min(W, cache + new_tokens)``
+    tokens. Initialisation runs it with an empty cache (``cache = 0``); the partial token of
+    a forecast is the last entry of its output for the NaN-padded unfinished patch.
+``denoise_<i>``
+    inputs ``cache_k``/``cache_v`` (block i's cache), ``partial_k``/``partial_v``
+    ``[layers, batch, heads, 1, head_dim]``, ``has_partial [batch]`` bool,
+    ``tokens [batch]`` int64, ``z [batch, samples, H]``, ``sigma [batch, samples]``;
+    output ``denoised [batch, samples, H]`` (normalized scale).
+
+Why one denoiser call per block, looped on the host (rather than one graph with all K
+sampler steps): the block a step uses is chosen by its sigma, so a single graph would
+bake one sigma grid (K, sampler) into the file and, after constant folding, duplicate a
+block's weights at every step that calls it; with a host loop the file holds each
+weight once, K and the sampler stay runtime knobs, the runtime is ~30 lines of numpy
+(Euler/Heun), and the same design serves the looped strategy (one core step, looped).
+The cost is ~2K small ``session.run`` calls per forecast (tens of microseconds each).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .diffusion import sigma_grid
+from .errors import TsdbError
+from .nn.denoiser import CONTEXT_CHANNELS
+from .nn.forecaster import DiffusionForecaster
+from .streaming import (NORMALIZATION_RULE, STREAMING_STRATEGIES, denoise_step, encode_tokens, init_tokens,
+                        window_tokens)
+
+FORMAT = "tsdb-streaming-onnx"
+FORMAT_VERSION = 1
+METADATA_FILE = "tsdb_model.json"
+OPSET = 18
+
+
+class UpdateGraph(nn.Module):
+    """All blocks' context path: ``(features, start, *caches) -> *new_caches``."""
+
+    def __init__(self, model: DiffusionForecaster):
+        super().__init__()
+        self.blocks = model.blocks
+
+    def forward(self, features: Tensor, start: Tensor, *caches: Tensor) -> tuple[Tensor, ...]:
+        out = []
+        for i, block in enumerate(self.blocks):
+            k, v = encode_tokens(block, features, start, caches[2 * i], caches[2 * i + 1])
+            out += [k, v]
+        return tuple(out)
+
+
+class DenoiseGraph(nn.Module):
+    """One preconditioned denoiser call of one block."""
+
+    def __init__(self, model: DiffusionForecaster, index: int):
+        super().__init__()
+        self.block = model.blocks[index]
+        self.precond = model.precond
+
+    def forward(self, cache_k, cache_v, partial_k, partial_v, has_partial, tokens, z, sigma):
+        return denoise_step(self.block, self.precond, cache_k, cache_v, partial_k, partial_v, has_partial,
+                            tokens, z, sigma)
+
+
+def _tsdb_version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("tsdb")
+    except Exception:  # not installed (source checkout)
+        return "0+unknown"
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _export(module: nn.Module, args: tuple, path: Path, input_names, output_names, dynamic_shapes) -> None:
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, args, str(path), input_names=list(input_names),
+                          output_names=list(output_names), dynamo=True, external_data=False,
+                          opset_version=OPSET, dynamic_shapes=dynamic_shapes, verbose=False)
+    if not path.exists():
+        raise TsdbError(f"ONNX export did not write {path}")
+
+
+def export_model(model: DiffusionForecaster, strategy, out_dir: str | Path, sampler: str = "heun",
+                 num_steps: int | None = None, arm: str | None = None) -> dict:
+    """Export ``model`` (a depth/e2e ``DiffusionForecaster``) to ``out_dir``; returns the metadata."""
+    if not isinstance(model, DiffusionForecaster) or strategy.name not in STREAMING_STRATEGIES:
+        raise TsdbError(f"ONNX export supports the {'/'.join(STREAMING_STRATEGIES)} strategies; "
+                        f"got {strategy.name!r}")
+    from torch.export import Dim
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = model.eval().float()
+    shape = model.blocks[0].shape
+    p, w = shape.patch_length, window_tokens(model)
+    heads, hd = shape.n_heads, shape.d_model // shape.n_heads
+    nb = len(model.blocks)
+    layers = [len(b.layers) for b in model.blocks]
+    b_ex, m_ex, c_ex, s_ex = 2, 3, max(2, w - 1), 3
+    batch, new, cache, samples = Dim("batch", min=1), Dim("new_tokens", min=1), Dim("cache", min=0), Dim("samples", min=1)
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*s):
+        return torch.randn(*s, generator=g)
+
+    # -- update graph ------------------------------------------------------------------
+    feats = torch.stack([rand(b_ex, m_ex, p), (rand(b_ex, m_ex, p) > 0).float()], dim=-1)
+    start = torch.tensor([5, 9], dtype=torch.long)
+    caches = []
+    for nl in layers:
+        caches += [rand(nl, b_ex, heads, c_ex, hd), rand(nl, b_ex, heads, c_ex, hd)]
+    cache_names = [f"cache_{kv}_{i}" for i in range(nb) for kv in "kv"]
+    update_in = ["features", "start", *cache_names]
+    update_out = [f"new_{n}" for n in cache_names]
+    dyn = ({0: batch, 1: new}, {0: batch}, tuple({1: batch, 3: cache} for _ in cache_names))
+    with torch.no_grad():
+        _export(UpdateGraph(model), (feats, start, *caches), out / "update.onnx", update_in, update_out, dyn)
+
+    # -- denoise graphs ----------------------------------------------------------------
+    denoise_in = ["cache_k", "cache_v", "partial_k", "partial_v", "has_partial", "tokens", "z", "sigma"]
+    denoise_files = []
+    for i, nl in enumerate(layers):
+        args = (rand(nl, b_ex, heads, c_ex, hd), rand(nl, b_ex, heads, c_ex, hd),
+                rand(nl, b_ex, heads, 1, hd), rand(nl, b_ex, heads, 1, hd),
+                torch.tensor([True, False]), torch.tensor([7, 3], dtype=torch.long),
+                rand(b_ex, s_ex, shape.horizon), rand(b_ex, s_ex).abs() + 0.1)
+        dyn = ({1: batch, 3: cache}, {1: batch, 3: cache}, {1: batch}, {1: batch}, {0: batch}, {0: batch},
+               {0: batch, 1: samples}, {0: batch, 1: samples})
+        name = f"denoise_{i}.onnx"
+        with torch.no_grad():
+            _export(DenoiseGraph(model, i), args, out / name, denoise_in, ["denoised"], dyn)
+        denoise_files.append(name)
+
+    k = num_steps or strategy.cfg.inference_steps
+    grids = {str(n): sigma_grid(n, strategy.noise).tolist() for n in sorted({k, nb, 2 * nb, 4 * nb, 8, 16})}
+    tsdb_version = _tsdb_version()
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "tsdb_version": tsdb_version,
+        "strategy": strategy.name,
+        "arm": arm or strategy.arm_name(),
+        "opset": OPSET,
+        "shapes": {
+            "context_length": shape.context_length, "horizon": shape.horizon, "patch_length": p,
+            "context_channels": CONTEXT_CHANNELS, "d_model": shape.d_model, "n_heads": heads,
+            "head_dim": hd, "n_blocks": nb, "layers_per_block": layers, "window_tokens": w,
+            "init_tokens": init_tokens(model), "future_tokens": shape.future_tokens,
+        },
+        "params": sum(q.numel() for q in model.parameters()),
+        "sampler": sampler,
+        "num_steps": k,
+        "sigmas": grids[str(k)],
+        "sigma_grids": grids,
+        "band_edges": [float(e) for e in model.edges.tolist()],
+        "sigma_data": model.precond.sigma_data,
+        "normalization": {
+            "rule": NORMALIZATION_RULE,
+            "stats_window": shape.context_length,
+            "scale_floor": 1e-6,
+            "description": ("loc/scale = NaN-aware mean/std (population) of the last context_length values "
+                            "at initialisation; scale = 1 where std <= 1e-6 * (1 + |loc|). Frozen while the "
+                            "cache is valid; a refresh recomputes them and re-encodes the cache from the "
+                            "last init_tokens * patch_length raw values."),
+        },
+        "graphs": {
+            "update": {"file": "update.onnx", "inputs": update_in, "outputs": update_out},
+            "denoise": [{"file": f, "inputs": denoise_in, "outputs": ["denoised"]} for f in denoise_files],
+        },
+    }
+    for entry in [meta["graphs"]["update"], *meta["graphs"]["denoise"]]:
+        entry["sha256"] = _sha256(out / entry["file"])
+    meta["model_id"] = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
+    (out / METADATA_FILE).write_text(json.dumps(meta, indent=2))
+    return meta
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
+    """Export a trained run directory (``tsdb train``) for streaming; returns ``out_dir``.
+
+    ``out_dir`` defaults to ``RUN_DIR/onnx``.
+    """
+    from .train import load_model
+
+    cfg, strategy, model = load_model(run_dir)
+    out = Path(out_dir) if out_dir is not None else Path(run_dir) / "onnx"
+    export_model(model, strategy, out, sampler=cfg.model.sampler, num_steps=cfg.model.inference_steps)
+    return out
+
+
+def load_metadata(model_dir: str | Path) -> dict:
+    """Read and validate ``tsdb_model.json`` (also done, without torch, by ``tsdb_streaming``)."""
+    path = Path(model_dir) / METADATA_FILE
+    if not path.exists():
+        raise TsdbError(f"{model_dir} has no {METADATA_FILE}; run `tsdb export RUN_DIR` first")
+    meta = json.loads(path.read_text())
+    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+        raise TsdbError(f"{path}: unsupported format {meta.get('format')!r} v{meta.get('format_version')}")
+    for entry in [meta["graphs"]["update"], *meta["graphs"]["denoise"]]:
+        f = Path(model_dir) / entry["file"]
+        if not f.exists() or _sha256(f) != entry["sha256"]:
+            raise TsdbError(f"{f} is missing or does not match the metadata checksum; re-export")
+    if not math.isclose(meta["sigmas"][-1], 0.0):
+        raise TsdbError(f"{path}: sigma grid must end in 0")
+    return meta

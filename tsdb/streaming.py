@@ -1,0 +1,462 @@
+"""Online streaming inference with explicit-tensor state (``depth`` and ``e2e`` strategies).
+
+Observations arrive one (or a few) at a time; each should update the model cheaply and
+yield a fresh probabilistic forecast. The context path of every block is causal and
+sigma-free, so the keys/values of complete context patches never change once computed:
+the state caches them, per block and layer, over a bounded sliding window of
+``W = context_length / patch_length`` tokens. An update embeds only the newly completed
+patch(es) and attends to the cache (cost independent of history length); a forecast
+recomputes one *partial* token from the values of the unfinished patch (training showed
+the model contexts that end inside their last patch) and runs the sampler with the
+future tokens attending to the window.
+
+Semantics (what streaming is exactly equal to)
+    Streaming equals :func:`recompute_forecast`: the whole history, left-padded with NaN
+    so that its complete patches are aligned with the state's patch grid (and at least
+    ``W`` tokens long), encoded by ``BlockDenoiser.encode_context(..., window=W)``
+    (sliding-window causal attention), the future attending to the last ``W`` context
+    tokens, normalized with the same frozen statistics. With a history of at most
+    ``context_length`` values this is exactly ``DiffusionForecaster.sample``.
+
+Patch grid
+    :func:`init_state` aligns patches so that the initial history ends on a patch
+    boundary (missing values pad the front, as in training); afterwards every ``P``
+    values complete a patch.
+
+Normalization rule (``frozen-at-init``)
+    ``loc``/``scale`` are the NaN-aware mean/std of the last ``context_length`` values of
+    the history given to :func:`init_state` (as in training) and stay frozen, because the
+    cached keys/values were computed with them. :func:`refresh` recomputes them from the
+    last ``context_length`` values and re-encodes the cache from the raw values the state
+    keeps (``recent``: the last ``R * P`` values, ``R = layers_per_block * W`` tokens,
+    enough for the cache to be exact), so ``refresh(state) == init_state(full history)``;
+    it also rebases token positions to 0. The torch-free runtime refreshes automatically
+    while a series is young (see ``tsdb_streaming``).
+
+Everything here is a free function of the model and a :class:`StreamingState`; the model
+holds no state. The same per-block functions (:func:`encode_tokens`,
+:func:`denoise_step`) are what :mod:`tsdb.export` exports to ONNX.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor
+
+from .errors import TsdbError
+from .nn.denoiser import BlockDenoiser, ContextEncoding
+from .nn.forecaster import DiffusionForecaster, context_features, instance_stats
+from .nn.layers import KV, modulate, rope_angles
+from .samplers import SAMPLERS
+
+STREAMING_STRATEGIES = ("depth", "e2e")
+NORMALIZATION_RULE = "frozen-at-init"
+
+
+# ---------------------------------------------------------------------------------------
+# State
+# ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StreamingState:
+    """Streaming state of a batch of series; tensors only.
+
+    k, v: per block ``[layers, batch, heads, W, head_dim]`` keys/values (RoPE applied) of
+        the last ``W`` complete context tokens, oldest first.
+    tokens: ``[batch]`` int64, complete tokens so far = absolute position of the next token.
+    pending: ``[batch, P]`` raw values of the unfinished patch (NaN past ``pending_count``).
+    pending_count: ``[batch]`` int64 in ``[0, P)``.
+    loc, scale: ``[batch, 1]`` frozen normalization statistics.
+    count: ``[batch]`` int64, values ingested (history at init plus updates).
+    recent: ``[batch, R * P]`` the last raw values (NaN-left-padded), for :func:`refresh`.
+    """
+
+    k: tuple[Tensor, ...]
+    v: tuple[Tensor, ...]
+    tokens: Tensor
+    pending: Tensor
+    pending_count: Tensor
+    loc: Tensor
+    scale: Tensor
+    count: Tensor
+    recent: Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.tokens.shape[0])
+
+    def select(self, idx) -> "StreamingState":
+        """The state of a subset of series (index tensor, list or slice)."""
+        return StreamingState(tuple(k[:, idx] for k in self.k), tuple(v[:, idx] for v in self.v),
+                              *(getattr(self, f.name)[idx] for f in fields(self)[2:]))
+
+    @staticmethod
+    def cat(states: list["StreamingState"]) -> "StreamingState":
+        """Concatenate states of different series along the batch axis."""
+        nb = len(states[0].k)
+        return StreamingState(
+            tuple(torch.cat([s.k[i] for s in states], 1) for i in range(nb)),
+            tuple(torch.cat([s.v[i] for s in states], 1) for i in range(nb)),
+            *(torch.cat([getattr(s, f.name) for s in states], 0) for f in fields(StreamingState)[2:]))
+
+
+def _check_model(model: DiffusionForecaster) -> None:
+    if not isinstance(model, DiffusionForecaster):
+        raise TsdbError(f"streaming supports the {'/'.join(STREAMING_STRATEGIES)} strategies "
+                        f"(a DiffusionForecaster); got {type(model).__name__}")
+
+
+def window_tokens(model: DiffusionForecaster) -> int:
+    """W: context tokens the cache keeps (the training context)."""
+    return model.blocks[0].shape.context_tokens
+
+
+def init_tokens(model: DiffusionForecaster) -> int:
+    """R: tokens whose receptive field covers the cache exactly (``layers * W``)."""
+    return max(len(b.layers) for b in model.blocks) * window_tokens(model)
+
+
+# ---------------------------------------------------------------------------------------
+# Per-block building blocks (exported to ONNX by tsdb.export)
+# ---------------------------------------------------------------------------------------
+
+def batched_rope(positions: Tensor, head_dim: int) -> tuple[Tensor, Tensor]:
+    """RoPE tables for per-series positions ``[batch, n]`` -> ``[batch, 1, n, head_dim/2]``."""
+    b, n = positions.shape
+    cos, sin = rope_angles(positions.reshape(-1), head_dim)
+    return cos.reshape(b, 1, n, -1), sin.reshape(b, 1, n, -1)
+
+
+def encode_tokens(block: BlockDenoiser, features: Tensor, start: Tensor,
+                  k_cache: Tensor | None = None, v_cache: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Run ``m`` new context patches through the block's layers, attending to the cache.
+
+    features: ``[batch, m, P, channels]`` normalized context features of complete (or, for
+        the partial token, NaN-padded) patches.
+    start: ``[batch]`` int64 absolute position of the first new token.
+    k_cache, v_cache: ``[layers, batch, heads, c, head_dim]`` keys/values of the ``c``
+        tokens just before (``None``: no cache, as at initialisation).
+    Returns the keys/values of the last ``min(W, c + m)`` tokens, same layout.
+
+    Attention is causal within a sliding window of ``W`` tokens, exactly as
+    ``encode_context(..., window=W)`` on the whole sequence.
+    """
+    b, m = features.shape[0], features.shape[1]
+    w = block.shape.context_tokens
+    head_dim = block.shape.d_model // block.shape.n_heads
+    h = block.context_embed(features.reshape(b, m, -1))
+    pos = start[:, None] + torch.arange(m, device=h.device)
+    rope = batched_rope(pos, head_dim)
+    c = 0 if k_cache is None else k_cache.shape[3]
+    # key t (0..c+m-1) sits at offset t - c from the first new token; query j sees it iff
+    # it is not in the future and at most W - 1 tokens back.
+    rel = torch.arange(c + m, device=h.device)[None, :] - c - torch.arange(m, device=h.device)[:, None]
+    mask = (rel <= 0) & (rel > -w)
+    ks, vs = [], []
+    for i, layer in enumerate(block.layers):
+        q, k, v = layer._heads(layer.ctx_norm1(h))
+        q, k = _rope_apply(q, rope), _rope_apply(k, rope)
+        if k_cache is not None:
+            k = torch.cat([k_cache[i], k], dim=2)
+            v = torch.cat([v_cache[i], v], dim=2)
+        a = layer._attend(q, k, v, mask=mask)
+        h = h + layer.proj(layer._merge(a))
+        h = h + layer.mlp(layer.ctx_norm2(h))
+        ks.append(k[:, :, -w:])  # the sliding window (all of it while shorter)
+        vs.append(v[:, :, -w:])
+    return torch.stack(ks), torch.stack(vs)
+
+
+def _rope_apply(x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+    cos, sin = rope
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+
+
+def context_key_mask(has_partial: Tensor, c: int, w: int) -> Tensor:
+    """Which of the ``c + 1`` keys ``[cache ; partial]`` the future sees: ``[batch, c + 1]``.
+
+    With a partial token: the last ``W`` (``W - 1`` cache tokens and the partial one);
+    without: the last ``W`` cache tokens.
+    """
+    idx = torch.arange(c + 1, device=has_partial.device)[None, :]
+    with_p = idx >= c + 1 - w
+    without = (idx < c) & (idx >= c - w)
+    return torch.where(has_partial[:, None], with_p, without)
+
+
+def denoise_step(block: BlockDenoiser, precond, k_cache: Tensor, v_cache: Tensor,
+                 k_partial: Tensor, v_partial: Tensor, has_partial: Tensor, tokens: Tensor,
+                 z: Tensor, sigma: Tensor) -> Tensor:
+    """One preconditioned denoiser call ``D(z, sigma | state)`` of one block.
+
+    k_cache, v_cache: ``[layers, batch, heads, c, head_dim]``; k_partial, v_partial:
+    ``[layers, batch, heads, 1, head_dim]`` (ignored where ``has_partial`` is False);
+    tokens: ``[batch]`` complete tokens; z: ``[batch, S, H]`` noisy future;
+    sigma: ``[batch, S]``. Returns the denoised future ``[batch, S, H]`` (normalized).
+
+    Future tokens of sample s attend to the series' context keys (broadcast over samples,
+    never copied) and to the sample's own future tokens.
+    """
+    b, s, hz = z.shape
+    p = block.shape.patch_length
+    nf = hz // p
+    n_heads = block.shape.n_heads
+    head_dim = block.shape.d_model // n_heads
+    c = k_cache.shape[3]
+    w = block.shape.context_tokens
+    sig = sigma.reshape(b * s, 1)
+    zz = z.reshape(b * s, hz)
+    scaled = precond.c_in(sig) * zz
+    c_noise = precond.c_noise(sigma.reshape(b * s))
+    h = block.future_embed(scaled.reshape(b * s, nf, p)) + block.lead_time
+    cond = block.cond(c_noise)                                           # [b*s, 1, d]
+    start = tokens + has_partial.to(tokens.dtype)
+    pos = start[:, None] + torch.arange(nf, device=z.device)
+    cos, sin = batched_rope(pos, head_dim)                               # [b, 1, nf, hd/2]
+    rope = (cos[:, None], sin[:, None])                                  # [b, 1, 1, nf, hd/2]
+    key_ok = context_key_mask(has_partial, c, w)[:, None, None, None, :]  # [b, 1, 1, 1, c+1]
+    scale = 1.0 / math.sqrt(head_dim)
+    for i, layer in enumerate(block.layers):
+        shift1, scale1, gate1, shift2, scale2, gate2 = layer.ada(cond).chunk(6, dim=-1)
+        x = modulate(layer.fut_norm1(h), shift1, scale1)
+        qkv = layer.qkv(x).reshape(b, s, nf, 3, n_heads, head_dim).permute(3, 0, 1, 4, 2, 5)
+        q, k, v = qkv[0], qkv[1], qkv[2]                                 # [b, s, heads, nf, hd]
+        q, k = _rope_apply(q, rope), _rope_apply(k, rope)
+        kc = torch.cat([k_cache[i], k_partial[i]], dim=2)[:, None]      # [b, 1, heads, c+1, hd]
+        vc = torch.cat([v_cache[i], v_partial[i]], dim=2)[:, None]
+        s_ctx = torch.matmul(q, kc.transpose(-1, -2)) * scale            # [b, s, heads, nf, c+1]
+        s_ctx = s_ctx.masked_fill(~key_ok, float("-inf"))
+        s_fut = torch.matmul(q, k.transpose(-1, -2)) * scale             # [b, s, heads, nf, nf]
+        att = torch.softmax(torch.cat([s_ctx, s_fut], dim=-1), dim=-1)
+        a = torch.matmul(att[..., : c + 1], vc) + torch.matmul(att[..., c + 1:], v)
+        a = a.permute(0, 1, 3, 2, 4).reshape(b * s, nf, n_heads * head_dim)
+        h = h + gate1 * layer.proj(a)
+        h = h + gate2 * layer.mlp(modulate(layer.fut_norm2(h), shift2, scale2))
+    shift, sc = block.final_ada(cond).chunk(2, dim=-1)
+    f = block.out(modulate(block.final_norm(h), shift, sc)).reshape(b * s, hz)
+    d = precond.c_skip(sig) * zz + precond.c_out(sig) * f
+    return d.reshape(b, s, hz)
+
+
+# ---------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------
+
+def _features(values: Tensor, loc: Tensor, scale: Tensor, p: int) -> Tensor:
+    """Raw values ``[batch, m*P]`` -> features ``[batch, m, P, 2]``."""
+    f = context_features(values, loc, scale)
+    return f.reshape(values.shape[0], values.shape[1] // p, p, f.shape[-1])
+
+
+def _align(history: Tensor, p: int, min_tokens: int, max_tokens: int) -> Tensor:
+    """Left-pad with NaN to whole patches and at least ``min_tokens``; keep the last ``max_tokens``."""
+    b, t = history.shape
+    n = max(min_tokens, -(-t // p))
+    n = min(n, max_tokens)
+    keep = min(t, n * p)
+    out = history.new_full((b, n * p), float("nan"))
+    if keep:
+        out[:, n * p - keep:] = history[:, t - keep:]
+    return out
+
+
+@torch.no_grad()
+def init_state(model: DiffusionForecaster, history: Tensor, lengths: Tensor | None = None) -> StreamingState:
+    """State after observing ``history [batch, T]`` (raw scale, NaN = missing).
+
+    ``lengths [batch]`` (optional) says how many trailing values of each row are real
+    history (the rest is left padding); rows of different lengths are encoded separately
+    so each gets exactly the state its own history gives. The history ends on a patch
+    boundary (the patch grid is anchored at its end); the normalization statistics are
+    computed from its last ``context_length`` values and frozen.
+    """
+    _check_model(model)
+    history = torch.as_tensor(history, dtype=torch.float32)
+    if history.dim() != 2:
+        raise TsdbError(f"history must be [batch, T], got shape {tuple(history.shape)}")
+    t = history.shape[1]
+    if lengths is None:
+        lengths = torch.full((history.shape[0],), t, dtype=torch.long)
+    lengths = torch.as_tensor(lengths, dtype=torch.long).clamp(0, t)
+    groups = {}
+    for i, n in enumerate(lengths.tolist()):
+        groups.setdefault(n, []).append(i)
+    parts, order = [], []
+    for n, idx in groups.items():
+        parts.append(_init_equal(model, history[idx, t - n:]))
+        order.extend(idx)
+    state = parts[0] if len(parts) == 1 else StreamingState.cat(parts)
+    if order != list(range(len(order))):
+        state = state.select(torch.argsort(torch.tensor(order)))
+    return state
+
+
+def _init_equal(model: DiffusionForecaster, history: Tensor) -> StreamingState:
+    b, t = history.shape
+    p = model.blocks[0].shape.patch_length
+    w, r = window_tokens(model), init_tokens(model)
+    loc, scale = instance_stats(_align(history, p, w, w))   # the last C values, as in training
+    values = _align(history, p, w, r)
+    n = values.shape[1] // p
+    feats = _features(values, loc, scale, p)
+    start = torch.zeros(b, dtype=torch.long)
+    ks, vs = zip(*(encode_tokens(block, feats, start) for block in model.blocks))
+    recent = history.new_full((b, r * p), float("nan"))
+    keep = min(t, r * p)
+    if keep:
+        recent[:, r * p - keep:] = history[:, t - keep:]
+    return StreamingState(tuple(ks), tuple(vs), torch.full((b,), n, dtype=torch.long),
+                          history.new_full((b, p), float("nan")), torch.zeros(b, dtype=torch.long),
+                          loc, scale, torch.full((b,), t, dtype=torch.long), recent)
+
+
+@torch.no_grad()
+def update(model: DiffusionForecaster, state: StreamingState, new_values: Tensor) -> StreamingState:
+    """Ingest ``new_values [batch, n]`` (raw, NaN = missing); returns a new state.
+
+    Cost is O(n) and independent of the history length: only newly completed patches go
+    through the layers, attending to the cached window. The input state is not modified.
+    """
+    _check_model(model)
+    new_values = torch.as_tensor(new_values, dtype=torch.float32)
+    if new_values.dim() == 1:
+        new_values = new_values[:, None]
+    if new_values.shape[0] != state.batch_size:
+        raise TsdbError(f"update got {new_values.shape[0]} series for a state of {state.batch_size}")
+    if new_values.shape[1] == 0:
+        return state
+    phases = state.pending_count.tolist()
+    if len(set(phases)) == 1:
+        return _update_equal_phase(model, state, new_values)
+    groups = {}
+    for i, ph in enumerate(phases):
+        groups.setdefault(ph, []).append(i)
+    order = [i for idx in groups.values() for i in idx]
+    parts = [_update_equal_phase(model, state.select(idx), new_values[idx]) for idx in groups.values()]
+    return StreamingState.cat(parts).select(torch.argsort(torch.tensor(order)))
+
+
+def _update_equal_phase(model: DiffusionForecaster, state: StreamingState, new_values: Tensor) -> StreamingState:
+    p = state.pending.shape[1]
+    pc = int(state.pending_count[0])
+    n = new_values.shape[1]
+    raw = torch.cat([state.pending[:, :pc], new_values], dim=1)
+    m = raw.shape[1] // p
+    k, v, tokens = state.k, state.v, state.tokens
+    if m:
+        feats = _features(raw[:, : m * p], state.loc, state.scale, p)
+        k, v = zip(*(encode_tokens(block, feats, tokens, kc, vc)
+                     for block, kc, vc in zip(model.blocks, state.k, state.v)))
+        tokens = tokens + m
+    rest = raw[:, m * p:]
+    pending = state.pending.new_full(state.pending.shape, float("nan"))
+    pending[:, : rest.shape[1]] = rest
+    recent = torch.cat([state.recent, new_values], dim=1)[:, -state.recent.shape[1]:]
+    return StreamingState(tuple(k), tuple(v), tokens, pending,
+                          torch.full_like(state.pending_count, rest.shape[1]), state.loc, state.scale,
+                          state.count + n, recent)
+
+
+@torch.no_grad()
+def refresh(model: DiffusionForecaster, state: StreamingState, history: Tensor | None = None) -> StreamingState:
+    """Recompute the normalization statistics and rebuild the cache.
+
+    With ``history`` this is ``init_state(model, history)``. Without, the state's own
+    ``recent`` values are used, which gives exactly the state ``init_state`` would build
+    from the full history observed so far (positions are rebased to 0).
+    """
+    if history is not None:
+        return init_state(model, history)
+    lengths = state.count.clamp(max=state.recent.shape[1])
+    return init_state(model, state.recent, lengths)
+
+
+def partial_kv(model: DiffusionForecaster, state: StreamingState) -> tuple[list[Tensor], list[Tensor], Tensor]:
+    """Per block the keys/values ``[layers, batch, heads, 1, head_dim]`` of the partial token
+    (from the unfinished patch) and ``has_partial [batch]``."""
+    p = state.pending.shape[1]
+    feats = _features(state.pending, state.loc, state.scale, p)
+    kp, vp = [], []
+    for block, kc, vc in zip(model.blocks, state.k, state.v):
+        k, v = encode_tokens(block, feats, state.tokens, kc, vc)
+        kp.append(k[:, :, :, -1:])
+        vp.append(v[:, :, :, -1:])
+    return kp, vp, state.pending_count > 0
+
+
+@torch.no_grad()
+def forecast(model: DiffusionForecaster, state: StreamingState, noise: Tensor, sigmas: Tensor,
+             sampler: str = "heun", normalized: bool = False) -> Tensor:
+    """Samples ``[batch, S, H]`` (raw scale, or normalized if ``normalized``) from the state.
+
+    ``noise`` is standard normal ``[batch, S, H]``; ``sigmas`` a descending grid ending in 0
+    (``tsdb.diffusion.sigma_grid``). Same noise and state give the same samples.
+    """
+    _check_model(model)
+    b, s, hz = noise.shape
+    kp, vp, has_p = partial_kv(model, state)
+    x = noise.reshape(b * s, hz) * sigmas[0]
+
+    def denoise(z: Tensor, sigma: Tensor) -> Tensor:
+        i = model.block_index(sigma[0])
+        d = denoise_step(model.blocks[i], model.precond, state.k[i], state.v[i], kp[i], vp[i], has_p,
+                         state.tokens, z.reshape(b, s, hz), sigma.reshape(b, s))
+        return d.reshape(b * s, hz)
+
+    y = SAMPLERS[sampler](denoise, x, sigmas).reshape(b, s, hz)
+    if normalized:
+        return y
+    return y * state.scale[:, :, None] + state.loc[:, :, None]
+
+
+# ---------------------------------------------------------------------------------------
+# Reference: recompute from the full history (the parity invariant and benchmark baseline)
+# ---------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def recompute_forecast(model: DiffusionForecaster, history: Tensor, noise: Tensor, sigmas: Tensor,
+                       sampler: str = "heun", pending: int = 0, loc: Tensor | None = None,
+                       scale: Tensor | None = None, next_token: int | None = None,
+                       normalized: bool = False) -> Tensor:
+    """Forecast by encoding the whole ``history [batch, T]`` with the library's own code path.
+
+    The last ``pending`` values form the partial patch; the rest is left-padded with NaN to
+    whole patches (at least ``W``). ``loc``/``scale`` default to the statistics of the last
+    ``context_length`` complete-patch values. ``next_token`` sets the absolute position of
+    the token after the last complete one (default: its index), so positions can be made
+    identical to a streaming state's (RoPE is relative; this only removes float rounding).
+    """
+    history = torch.as_tensor(history, dtype=torch.float32)
+    p = model.blocks[0].shape.patch_length
+    w = window_tokens(model)
+    full = history[:, : history.shape[1] - pending]
+    values = _align(full, p, w, 1 << 40)
+    n = values.shape[1] // p
+    if loc is None or scale is None:
+        loc, scale = instance_stats(values[:, -w * p:])
+    if pending:
+        tail = history.new_full((history.shape[0], p), float("nan"))
+        tail[:, :pending] = history[:, -pending:]
+        values = torch.cat([values, tail], dim=1)
+    feats = context_features(values, loc, scale)
+    offset = 0 if next_token is None else next_token - n
+    b, s, hz = noise.shape
+    encodings = []
+    for block in model.blocks:
+        enc = block.encode_context(feats, window=w, position_offset=offset)
+        kv = [KV(kk[:, :, -w:], vv[:, :, -w:]) for kk, vv in enc.kv]
+        encodings.append(ContextEncoding(kv, enc.num_tokens).repeat(s))
+    x = noise.reshape(b * s, hz) * sigmas[0]
+    y = SAMPLERS[sampler](model.denoiser(encodings), x, sigmas).reshape(b, s, hz)
+    if normalized:
+        return y
+    return y * scale[:, :, None] + loc[:, :, None]
+
+
+__all__ = ["NORMALIZATION_RULE", "STREAMING_STRATEGIES", "StreamingState", "denoise_step", "encode_tokens",
+           "forecast", "init_state", "init_tokens", "partial_kv", "recompute_forecast", "refresh", "update",
+           "window_tokens"]
