@@ -185,7 +185,8 @@ def context_key_mask(has_partial: Tensor, c: int, w: int) -> Tensor:
     idx = torch.arange(c + 1, device=has_partial.device)[None, :]
     with_p = idx >= c + 1 - w
     without = (idx < c) & (idx >= c - w)
-    return torch.where(has_partial[:, None], with_p, without)
+    has = has_partial[:, None]
+    return (has & with_p) | (~has & without)  # (ORT has no bool Where)
 
 
 def denoise_step(block: BlockDenoiser, precond, k_cache: Tensor, v_cache: Tensor,
@@ -375,6 +376,7 @@ def refresh(model: DiffusionForecaster, state: StreamingState, history: Tensor |
     return init_state(model, state.recent, lengths)
 
 
+@torch.no_grad()
 def partial_kv(model: DiffusionForecaster, state: StreamingState) -> tuple[list[Tensor], list[Tensor], Tensor]:
     """Per block the keys/values ``[layers, batch, heads, 1, head_dim]`` of the partial token
     (from the unfinished patch) and ``has_partial [batch]``."""

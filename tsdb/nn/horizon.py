@@ -13,8 +13,8 @@ Inference is a state machine over explicit tensors (what streaming builds on):
 
 - state: ``window`` ``[N, H]`` (normalized, a staircase at phase 0), the context right
   before it (as raw values or per-block ``ContextEncoding``s), frozen ``loc``/``scale``;
-- a *roll* (:meth:`HorizonForecaster.roll`): S sub-steps move every chunk from
-  ``sigma_j(0)`` to ``sigma_j(1)`` (all blocks at once), then chunk 0, now at
+- a *roll* (:meth:`HorizonForecaster.roll`): S sub-steps (:meth:`HorizonForecaster.advance`)
+  move every chunk from ``sigma_j(0)`` to ``sigma_j(1)`` (all blocks at once), then chunk 0, now at
   ``sigma_min``, is emitted, the window shifts by one chunk and a fresh chunk at the
   staircase top (``sigma_max``) is appended. Since ``sigma_j(1) = sigma_{j-1}(0)`` the
   shifted window is again a staircase at phase 0;
@@ -109,13 +109,18 @@ class HorizonForecaster(nn.Module):
 
     def roll(self, window: Tensor, encodings: list[ContextEncoding], fresh: Tensor, substeps: int,
              sampler: str = "heun") -> tuple[Tensor, Tensor]:
-        """One roll of a window at phase 0 whose context is ``encodings`` (one per block).
+        """One roll (S sub-steps, the last one Euler) of a window at phase 0 whose context is
+        ``encodings`` (one per block).
 
         ``fresh`` ``[N, c]`` is the standard normal noise of the appended chunk (an input,
         so runs are reproducible). Returns the emitted chunk ``[N, c]`` (normalized, at
         ``sigma_min``) and the next window at phase 0.
         """
-        z = self.advance(window, encodings, 0.0, 1.0, substeps, sampler)
+        last = 1.0 - 1.0 / substeps
+        z = self.advance(window, encodings, 0.0, last, substeps - 1, sampler)
+        # The sub-step landing chunk 0 on sigma_min is first order, as EDM's last step: a
+        # second-order correction evaluated there (c_out ~ 0) amplifies the denoiser's error.
+        z = self.advance(z, encodings, last, 1.0, 1, "euler")
         c = self.chunk_length
         top = self.window_sigma(0.0)[-c:].to(window)
         return z[:, :c], torch.cat([z[:, c:], top * fresh], dim=-1)

@@ -1,0 +1,119 @@
+"""The tsdb command line: outputs, run directories and one-line errors."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import polars as pl
+import pytest
+import yaml
+
+from tsdb.cli import main
+
+
+def tsdb(*args, check=True):
+    """Run the CLI in a subprocess (as a user would) and return the completed process."""
+    proc = subprocess.run([sys.executable, "-m", "tsdb.cli", *args], capture_output=True, text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(proc.stderr)
+    return proc
+
+
+def user_csv(path, n_series=2, length=240):
+    t = np.arange(length)
+    frames = [pd.DataFrame({"store": f"store-{i}",
+                            "ts": pd.date_range("2024-01-01", periods=length, freq="h"),
+                            "sales": 100 + 10 * np.sin(2 * np.pi * t / 24) + i}) for i in range(n_series)]
+    pd.concat(frames).to_csv(path, index=False)
+    return path
+
+
+def test_datasets_lists_the_registry(capsys):
+    assert main(["datasets"]) == 0
+    out = capsys.readouterr().out
+    for name in ("m4_hourly", "etth1", "vic_elec", "exchange_rate"):
+        assert name in out
+
+
+def test_forecast_a_user_csv(tmp_path):
+    csv = user_csv(tmp_path / "sales.csv")
+    out = tmp_path / "fc"
+    tsdb("forecast", "--input", str(csv), "--item-id", "store", "--timestamp", "ts", "--target", "sales",
+         "--freq", "h", "--horizon", "12", "--out", str(out), "--steps", "3", "--num-samples", "20")
+    table = pl.read_csv(out / "forecast.csv", try_parse_dates=True)
+    assert table.columns == ["item_id", "timestamp", "mean"] + [f"q{q}" for q in
+                                                                 (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)]
+    assert table.height == 2 * 12
+    first = table.filter(pl.col("item_id") == "store-0")["timestamp"][0]
+    assert pd.Timestamp(first) == pd.Timestamp("2024-01-01") + pd.Timedelta(hours=240)
+    q = table.select([f"q{v}" for v in (0.1, 0.5, 0.9)]).to_numpy()
+    assert (q[:, 0] <= q[:, 1]).all() and (q[:, 1] <= q[:, 2]).all()
+    assert (out / "forecast.png").stat().st_size > 10_000
+    # reuse the trained run: a longer horizon than the model's is a one-line error
+    proc = tsdb("forecast", "--run", str(out / "run"), "--input", str(csv), "--item-id", "store",
+                "--timestamp", "ts", "--target", "sales", "--horizon", "99", "--out", str(tmp_path / "x"),
+                check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "tsdb: error: --horizon 99 exceeds the trained model's horizon 16; retrain with model.horizon >= 99"]
+
+
+def test_bad_input_is_one_line_naming_the_series(tmp_path):
+    csv = tmp_path / "bad.csv"
+    pd.DataFrame({"store": ["a", "a", "b", "b"],
+                  "ts": ["2024-01-01 00:00", "2024-01-01 01:00", "2024-01-01 00:00", "2024-01-01 00:00"],
+                  "sales": [1.0, 2.0, 3.0, 4.0]}).to_csv(csv, index=False)
+    proc = tsdb("forecast", "--input", str(csv), "--item-id", "store", "--timestamp", "ts", "--target", "sales",
+                "--freq", "h", "--horizon", "2", "--out", str(tmp_path / "o"), check=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "'b'" in lines[0] and "duplicate" in lines[0], lines
+
+
+def test_config_errors_name_the_field(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"model": {"n_blokcs": 4}}))
+    proc = tsdb("train", "--config", str(cfg), "--out", str(tmp_path / "r"), check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"tsdb: error: {cfg}: model.n_blokcs: Extra inputs are not permitted"
+
+
+def test_unknown_benchmark_and_dataset(tmp_path):
+    proc = tsdb("bench", "nope", check=False)
+    assert proc.returncode == 2 and "no benchmark 'nope'" in proc.stderr and "m4-hourly" in proc.stderr
+    proc = tsdb("datasets", "nope", check=False)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_bench_writes_results_in_the_shared_schema(tmp_path):
+    """A tiny benchmark through the same runner as `tsdb bench` (real M4 data, real metrics)."""
+    spec = {
+        "name": "m4-tiny", "task": {"protocol": "m4-hourly", "dataset": "m4_hourly", "max_windows": 24},
+        "num_samples": 8,
+        "base": {"model": {"context_length": 96, "horizon": 48, "patch_length": 16, "d_model": 16, "n_heads": 2,
+                           "n_layers": 2, "n_blocks": 2, "num_steps": 2},
+                 "train": {"steps_per_block": 3, "batch_size": 8, "warmup_steps": 1}},
+        "arms": {"e2e": {"model": {"strategy": "e2e"}}, "depth-b2": {"model": {"strategy": "depth"}}},
+        "baselines": ["seasonal-naive"],
+    }
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "out"
+    tsdb("ablate", "--config", str(path), "--out", str(out), "--no-progress")
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["arms"]) == {"seasonal-naive", "e2e", "depth-b2"}
+    for name in ("e2e", "depth-b2"):
+        f = results["arms"][name]
+        for key in ("crps", "mase", "mse", "mae", "train_seconds", "train_state_bytes",
+                    "saved_activation_bytes", "peak_rss_bytes", "params"):
+            assert np.isfinite(f[key]), (name, key)
+    assert results["arms"]["seasonal-naive"]["num_windows"] == 24
+    report = (out / "report.md").read_text()
+    assert "| depth-b2 |" in report and (out / "crps.png").exists()
+    # resumable: a finished arm is reused, not retrained
+    mtime = (out / "arms" / "e2e" / "metrics.json").stat().st_mtime_ns
+    proc = tsdb("ablate", "--config", str(path), "--out", str(out), "--no-progress")
+    assert "e2e: done earlier" in proc.stdout
+    assert (out / "arms" / "e2e" / "metrics.json").stat().st_mtime_ns == mtime
