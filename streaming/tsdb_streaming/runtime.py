@@ -1,0 +1,526 @@
+"""Streaming forecasts from an exported tsdb model with onnxruntime and numpy only.
+
+Mirrors ``tsdb.streaming`` (the PyTorch reference) operation for operation:
+
+- ``update`` graph: new complete patches (normalized features) attend to the cached
+  window and return the updated caches; initialisation is the same graph with an empty
+  cache; a forecast's partial token is its last output entry for the NaN-padded
+  unfinished patch.
+- ``denoise_<i>`` graphs: one preconditioned denoiser call of block ``i``; the Euler/Heun
+  sampler loops on the host and routes each sigma to the block owning it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+FORMAT = "tsdb-streaming-onnx"
+FORMAT_VERSION = 1
+METADATA_FILE = "tsdb_model.json"
+STATE_FORMAT = "tsdb-streaming-state"
+STATE_VERSION = 1
+DEFAULT_QUANTILES = (0.1, 0.5, 0.9)
+
+
+class StreamingError(ValueError):
+    """Bad model directory, state file or input."""
+
+
+# ---------------------------------------------------------------------------------------
+# Metadata
+# ---------------------------------------------------------------------------------------
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def load_metadata(model_dir: str | os.PathLike) -> dict:
+    """Read ``tsdb_model.json`` and check it against the graph files it describes."""
+    model_dir = Path(model_dir)
+    path = model_dir / METADATA_FILE
+    if not path.exists():
+        raise StreamingError(f"{model_dir} has no {METADATA_FILE}; export the model with `tsdb export RUN_DIR`")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise StreamingError(f"{path} is not valid JSON: {e}") from None
+    if meta.get("format") != FORMAT:
+        raise StreamingError(f"{path}: format {meta.get('format')!r} is not {FORMAT!r}")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise StreamingError(f"{path}: format version {meta.get('format_version')} is not supported "
+                             f"(this runtime reads version {FORMAT_VERSION}); upgrade tsdb-streaming or re-export")
+    missing = [k for k in ("strategy", "shapes", "sigmas", "band_edges", "sigma_data", "normalization", "graphs",
+                           "sampler", "model_id") if k not in meta]
+    if missing:
+        raise StreamingError(f"{path}: missing keys {missing}")
+    if meta["strategy"] not in ("depth", "e2e"):
+        raise StreamingError(f"{path}: strategy {meta['strategy']!r} is not supported by this runtime")
+    if meta["normalization"].get("rule") != "frozen-at-init":
+        raise StreamingError(f"{path}: unknown normalization rule {meta['normalization'].get('rule')!r}")
+    sh = meta["shapes"]
+    nb = sh["n_blocks"]
+    if len(meta["band_edges"]) != nb + 1 or len(meta["graphs"]["denoise"]) != nb or len(sh["layers_per_block"]) != nb:
+        raise StreamingError(f"{path}: {nb} blocks but inconsistent band edges / graphs / layers")
+    sig = meta["sigmas"]
+    if sig[-1] != 0 or any(a <= b for a, b in zip(sig, sig[1:])):
+        raise StreamingError(f"{path}: the sigma grid must be strictly descending and end in 0")
+    if sh["context_length"] != sh["window_tokens"] * sh["patch_length"] or sh["horizon"] % sh["patch_length"]:
+        raise StreamingError(f"{path}: inconsistent shapes {sh}")
+    if meta["sampler"] not in ("euler", "heun"):
+        raise StreamingError(f"{path}: unknown sampler {meta['sampler']!r}")
+    for entry in [meta["graphs"]["update"], *meta["graphs"]["denoise"]]:
+        f = model_dir / entry["file"]
+        if not f.exists():
+            raise StreamingError(f"{f} is missing")
+        if _sha256(f) != entry["sha256"]:
+            raise StreamingError(f"{f} does not match the checksum in {METADATA_FILE}; re-export the model")
+    return meta
+
+
+def _check_io(sess: ort.InferenceSession, names: Sequence[str], fixed: dict[str, Sequence], what: str) -> None:
+    got = {i.name: i.shape for i in sess.get_inputs()}
+    if list(got) != list(names):
+        raise StreamingError(f"{what}: graph inputs {list(got)} differ from the metadata {list(names)}")
+    for name, shape in fixed.items():
+        actual = got[name]
+        if len(actual) != len(shape) or any(s is not None and a != s for a, s in zip(actual, shape)):
+            raise StreamingError(f"{what}: input {name} has shape {actual}, metadata implies {list(shape)}")
+
+
+# ---------------------------------------------------------------------------------------
+# Numerics shared with tsdb (numpy versions)
+# ---------------------------------------------------------------------------------------
+
+def instance_stats(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """NaN-aware mean/std over the last axis, ``[batch, 1]`` (scale 1 for constant rows)."""
+    observed = ~np.isnan(values)
+    n = np.maximum(observed.sum(-1, keepdims=True), 1).astype(np.float32)
+    filled = np.where(observed, values, np.float32(0))
+    loc = filled.sum(-1, keepdims=True, dtype=np.float32) / n
+    var = np.where(observed, (values - loc) ** 2, np.float32(0)).sum(-1, keepdims=True, dtype=np.float32) / n
+    scale = np.sqrt(var)
+    scale = np.where(scale > np.float32(1e-6) * (np.float32(1) + np.abs(loc)), scale, np.float32(1))
+    return loc.astype(np.float32), scale.astype(np.float32)
+
+
+def features(values: np.ndarray, loc: np.ndarray, scale: np.ndarray, p: int) -> np.ndarray:
+    """Raw ``[batch, m*P]`` -> ``[batch, m, P, 2]`` (normalized value, observed mask)."""
+    observed = ~np.isnan(values)
+    normed = np.where(observed, (values - loc) / scale, np.float32(0)).astype(np.float32)
+    f = np.stack([normed, observed.astype(np.float32)], axis=-1)
+    return f.reshape(values.shape[0], values.shape[1] // p, p, 2)
+
+
+def align(history: np.ndarray, p: int, min_tokens: int, max_tokens: int) -> np.ndarray:
+    """Left-pad a 1-D history with NaN to whole patches (>= min_tokens); keep <= max_tokens."""
+    t = history.shape[0]
+    n = min(max(min_tokens, -(-t // p)), max_tokens)
+    out = np.full(n * p, np.nan, dtype=np.float32)
+    keep = min(t, n * p)
+    if keep:
+        out[n * p - keep:] = history[t - keep:]
+    return out
+
+
+@dataclass
+class Forecast:
+    """Raw-scale forecasts of a batch of series."""
+
+    item_ids: list
+    samples: np.ndarray            # [series, samples, horizon]
+    quantile_levels: tuple
+    quantiles: np.ndarray          # [series, levels, horizon]
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.samples.mean(axis=1)
+
+    def to_records(self) -> list[dict]:
+        return [{"item_id": item, "mean": self.mean[j].tolist(),
+                 "quantiles": {_level_key(q): self.quantiles[j, i].tolist()
+                               for i, q in enumerate(self.quantile_levels)}}
+                for j, item in enumerate(self.item_ids)]
+
+
+def _level_key(q: float) -> str:
+    return format(q, "g")
+
+
+# ---------------------------------------------------------------------------------------
+# The forecaster
+# ---------------------------------------------------------------------------------------
+
+class StreamingForecaster:
+    """Online forecasts for many series from an exported model directory.
+
+    Parameters
+    ----------
+    model_dir: directory written by ``tsdb export`` (``tsdb_model.json`` + graphs).
+    intra_op_num_threads: onnxruntime threads per call (1 is fastest for one stream).
+    refresh: ``"warmup"`` (default) re-initialises a series from its recent raw values when
+        its observation count reaches 2, 4, 8, ... < context_length and context_length, so
+        the frozen normalization statistics of a young series follow the data;
+        ``"none"`` keeps the statistics of the first update frozen.
+    refresh_every: also re-initialise every N observations (``None``: never).
+    """
+
+    def __init__(self, model_dir: str | os.PathLike, intra_op_num_threads: int = 1, refresh: str = "warmup",
+                 refresh_every: int | None = None, providers: Sequence[str] | None = None):
+        self.model_dir = Path(model_dir)
+        self.meta = meta = load_metadata(self.model_dir)
+        if refresh not in ("warmup", "none"):
+            raise StreamingError(f"refresh must be 'warmup' or 'none', got {refresh!r}")
+        self.refresh = refresh
+        self.refresh_every = refresh_every
+        sh = meta["shapes"]
+        self.context_length = int(sh["context_length"])
+        self.horizon = int(sh["horizon"])
+        self.patch_length = p = int(sh["patch_length"])
+        self.window = int(sh["window_tokens"])
+        self.init_tokens = int(sh["init_tokens"])
+        self.layers = [int(n) for n in sh["layers_per_block"]]
+        self.heads, self.head_dim = int(sh["n_heads"]), int(sh["head_dim"])
+        self.edges = np.asarray(meta["band_edges"], dtype=np.float64)
+        self.sigmas = np.asarray(meta["sigmas"], dtype=np.float32)
+        self.sampler = meta["sampler"]
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = intra_op_num_threads
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        providers = list(providers or ["CPUExecutionProvider"])
+        g = meta["graphs"]
+        self._update = ort.InferenceSession(str(self.model_dir / g["update"]["file"]), opts, providers=providers)
+        cache_shape = lambda nl: [nl, None, self.heads, None, self.head_dim]  # noqa: E731
+        fixed = {"features": [None, None, p, 2]}
+        for i, nl in enumerate(self.layers):
+            fixed[f"cache_k_{i}"] = fixed[f"cache_v_{i}"] = cache_shape(nl)
+        _check_io(self._update, g["update"]["inputs"], fixed, "update graph")
+        self._update_outputs = list(g["update"]["outputs"])
+        self._denoise = []
+        for i, entry in enumerate(g["denoise"]):
+            sess = ort.InferenceSession(str(self.model_dir / entry["file"]), opts, providers=providers)
+            _check_io(sess, entry["inputs"], {"cache_k": cache_shape(self.layers[i]),
+                                              "z": [None, None, self.horizon]}, f"denoise graph {i}")
+            self._denoise.append(sess)
+
+        # per-series state, in slots along axis 1 (caches) / 0 (the rest)
+        self._slot: dict[Any, int] = {}
+        self._n = 0
+        self._alloc(0)
+
+    # -- storage ---------------------------------------------------------------------------
+    def _alloc(self, capacity: int) -> None:
+        p, w, r = self.patch_length, self.window, self.init_tokens
+        self.k = [np.zeros((nl, capacity, self.heads, w, self.head_dim), np.float32) for nl in self.layers]
+        self.v = [np.zeros_like(k) for k in self.k]
+        self.tokens = np.zeros(capacity, np.int64)
+        self.pending = np.full((capacity, p), np.nan, np.float32)
+        self.pending_count = np.zeros(capacity, np.int64)
+        self.loc = np.zeros((capacity, 1), np.float32)
+        self.scale = np.ones((capacity, 1), np.float32)
+        self.count = np.zeros(capacity, np.int64)
+        self.recent = np.full((capacity, r * p), np.nan, np.float32)
+
+    _FIELDS = ("tokens", "pending", "pending_count", "loc", "scale", "count", "recent")
+
+    def _grow(self, need: int) -> None:
+        cap = self.tokens.shape[0]
+        if need <= cap:
+            return
+        new_cap = max(need, 2 * cap, 8)
+        old = {f: getattr(self, f) for f in self._FIELDS}
+        old_k, old_v = self.k, self.v
+        self._alloc(new_cap)
+        for f, a in old.items():
+            getattr(self, f)[:cap] = a
+        for i in range(len(self.k)):
+            self.k[i][:, :cap] = old_k[i]
+            self.v[i][:, :cap] = old_v[i]
+
+    @property
+    def item_ids(self) -> list:
+        return list(self._slot)
+
+    def __contains__(self, item_id) -> bool:
+        return item_id in self._slot
+
+    def __len__(self) -> int:
+        return len(self._slot)
+
+    def observation_count(self, item_id) -> int:
+        return int(self.count[self._slot[item_id]])
+
+    def _slots(self, item_ids: Sequence) -> np.ndarray:
+        try:
+            return np.asarray([self._slot[i] for i in item_ids], dtype=np.int64)
+        except KeyError as e:
+            raise StreamingError(f"unknown series {e.args[0]!r}; update it with its history first") from None
+
+    # -- graphs ----------------------------------------------------------------------------
+    def _run_update(self, feats: np.ndarray, start: np.ndarray, ks: list, vs: list) -> tuple[list, list]:
+        inputs = {"features": np.ascontiguousarray(feats, np.float32), "start": start.astype(np.int64)}
+        for i in range(len(self.layers)):
+            inputs[f"cache_k_{i}"] = ks[i]
+            inputs[f"cache_v_{i}"] = vs[i]
+        out = self._update.run(self._update_outputs, inputs)
+        return out[0::2], out[1::2]
+
+    def _empty_cache(self, b: int) -> tuple[list, list]:
+        z = [np.zeros((nl, b, self.heads, 0, self.head_dim), np.float32) for nl in self.layers]
+        return z, [a.copy() for a in z]
+
+    # -- init / refresh ----------------------------------------------------------------------
+    def _init_slots(self, slots: np.ndarray, histories: list[np.ndarray]) -> None:
+        """(Re)initialise the given slots from their full (or recent) raw histories."""
+        p, w, r = self.patch_length, self.window, self.init_tokens
+        groups: dict[int, list[int]] = {}
+        for j, h in enumerate(histories):
+            groups.setdefault(min(max(w, -(-len(h) // p)), r), []).append(j)
+        for n, js in groups.items():
+            aligned = np.stack([align(histories[j], p, n, n) for j in js])
+            stats = np.stack([align(histories[j], p, w, w) for j in js])
+            loc, scale = instance_stats(stats)
+            feats = features(aligned, loc, scale, p)
+            ks, vs = self._run_update(feats, np.zeros(len(js), np.int64), *self._empty_cache(len(js)))
+            s = slots[js]
+            for i in range(len(self.layers)):
+                self.k[i][:, s] = ks[i]
+                self.v[i][:, s] = vs[i]
+            self.tokens[s] = n
+            self.pending[s] = np.nan
+            self.pending_count[s] = 0
+            self.loc[s], self.scale[s] = loc, scale
+            for jj, slot in zip(js, s):
+                h = histories[jj]
+                self.count[slot] = len(h)
+                self.recent[slot] = np.nan
+                keep = min(len(h), r * p)
+                if keep:
+                    self.recent[slot, r * p - keep:] = h[len(h) - keep:]
+
+    def _recent_history(self, slot: int) -> np.ndarray:
+        n = int(min(self.count[slot], self.recent.shape[1]))
+        return self.recent[slot, self.recent.shape[1] - n:].copy()
+
+    def refresh_series(self, item_ids: Sequence) -> None:
+        """Recompute statistics and rebuild the caches from each series' recent raw values
+        (equal to initialising from its whole history)."""
+        slots = self._slots(item_ids)
+        self._init_slots(slots, [self._recent_history(int(s)) for s in slots])
+
+    def _refresh_points(self, before: int, after: int) -> bool:
+        if self.refresh == "warmup":
+            c = self.context_length
+            k = 2
+            while k < c:
+                if before < k <= after:
+                    return True
+                k *= 2
+            if before < c <= after:
+                return True
+        if self.refresh_every:
+            return after // self.refresh_every > before // self.refresh_every
+        return False
+
+    # -- public API ----------------------------------------------------------------------------
+    def update(self, item_ids: Sequence, values: Iterable) -> None:
+        """Ingest new values per series: ``values[j]`` is a number or a 1-D array (NaN = missing).
+
+        Unknown series are initialised from their values (their history). The cost per
+        series does not depend on how much history it has seen.
+        """
+        item_ids = list(item_ids)
+        values = list(values) if not isinstance(values, np.ndarray) else list(values)
+        if len(values) != len(item_ids):
+            raise StreamingError(f"{len(item_ids)} series but {len(values)} value arrays")
+        if len(set(item_ids)) != len(item_ids):
+            raise StreamingError("item_ids must be unique within one update")
+        arrays = [np.atleast_1d(np.asarray(v, dtype=np.float32)).reshape(-1) for v in values]
+        new_ids = [(i, a) for i, a in zip(item_ids, arrays) if i not in self._slot]
+        if new_ids:
+            self._grow(self._n + len(new_ids))
+            slots = np.arange(self._n, self._n + len(new_ids))
+            for (i, _), s in zip(new_ids, slots):
+                self._slot[i] = int(s)
+            self._n += len(new_ids)
+            self._init_slots(slots, [a for _, a in new_ids])
+        fresh = {i for i, _ in new_ids}
+        old = [(self._slot[i], a) for i, a in zip(item_ids, arrays) if i not in fresh and len(a)]
+        if not old:
+            return
+        p = self.patch_length
+        groups: dict[int, list[tuple[int, np.ndarray]]] = {}
+        rests = []
+        for slot, a in old:
+            raw = np.concatenate([self.pending[slot, : self.pending_count[slot]], a])
+            m = len(raw) // p
+            if m:
+                groups.setdefault(m, []).append((slot, raw[: m * p]))
+            rests.append((slot, raw[m * p:], a))
+        for m, items in groups.items():
+            s = np.asarray([slot for slot, _ in items])
+            raw = np.stack([r for _, r in items])
+            feats = features(raw, self.loc[s], self.scale[s], p)
+            ks, vs = self._run_update(feats, self.tokens[s], [k[:, s] for k in self.k], [v[:, s] for v in self.v])
+            for i in range(len(self.layers)):
+                self.k[i][:, s] = ks[i]
+                self.v[i][:, s] = vs[i]
+            self.tokens[s] += m
+        refresh = []
+        for slot, rest, a in rests:
+            self.pending[slot] = np.nan
+            self.pending[slot, : len(rest)] = rest
+            self.pending_count[slot] = len(rest)
+            before = int(self.count[slot])
+            self.count[slot] = before + len(a)
+            self.recent[slot] = np.concatenate([self.recent[slot], a])[-self.recent.shape[1]:]
+            if self._refresh_points(before, before + len(a)):
+                refresh.append(slot)
+        if refresh:
+            slots = np.asarray(refresh)
+            self._init_slots(slots, [self._recent_history(int(s)) for s in slots])
+
+    def _partial(self, s: np.ndarray) -> tuple[list, list, np.ndarray]:
+        b = len(s)
+        has = self.pending_count[s] > 0
+        kp = [np.zeros((nl, b, self.heads, 1, self.head_dim), np.float32) for nl in self.layers]
+        vp = [a.copy() for a in kp]
+        if has.any():
+            sp = s[has]
+            feats = features(self.pending[sp], self.loc[sp], self.scale[sp], self.patch_length)
+            ks, vs = self._run_update(feats, self.tokens[sp], [k[:, sp] for k in self.k], [v[:, sp] for v in self.v])
+            for i in range(len(self.layers)):
+                kp[i][:, has] = ks[i][:, :, :, -1:]
+                vp[i][:, has] = vs[i][:, :, :, -1:]
+        return kp, vp, has
+
+    def _block(self, sigma: float) -> int:
+        band = int(np.searchsorted(self.edges[1:-1], float(sigma), side="left"))
+        return len(self.layers) - 1 - band
+
+    def forecast(self, item_ids: Sequence, num_samples: int = 100, seed=None,
+                 quantiles: Sequence[float] = DEFAULT_QUANTILES, noise: np.ndarray | None = None,
+                 sigmas: Sequence[float] | None = None, num_steps: int | None = None,
+                 sampler: str | None = None, normalized: bool = False) -> Forecast:
+        """Sample ``num_samples`` futures per series and their quantiles.
+
+        ``seed``: an int (one generator for the batch), a list with one seed (int or tuple of
+        ints) per series (reproducible whatever the batch), or None. ``noise [b, S, H]``
+        (standard normal) overrides it. ``sigmas`` / ``num_steps`` pick another sigma grid
+        (``num_steps`` must be one of the grids in the metadata).
+        """
+        item_ids = list(item_ids)
+        s = self._slots(item_ids)
+        b, hz = len(s), self.horizon
+        if noise is None:
+            if isinstance(seed, (list, tuple)) and len(seed) == b and b > 0:
+                noise = np.stack([np.random.default_rng(sd).standard_normal((num_samples, hz), dtype=np.float32)
+                                  for sd in seed])
+            else:
+                noise = np.random.default_rng(seed).standard_normal((b, num_samples, hz), dtype=np.float32)
+        noise = np.asarray(noise, dtype=np.float32)
+        if noise.shape[0] != b or noise.shape[2] != hz:
+            raise StreamingError(f"noise must be [{b}, S, {hz}], got {noise.shape}")
+        if sigmas is None and num_steps is not None:
+            grids = self.meta.get("sigma_grids", {})
+            if str(num_steps) not in grids:
+                raise StreamingError(f"num_steps={num_steps} not in the exported grids {sorted(grids, key=int)}")
+            sigmas = grids[str(num_steps)]
+        sig = self.sigmas if sigmas is None else np.asarray(sigmas, dtype=np.float32)
+        sampler = sampler or self.sampler
+        n_samples = noise.shape[1]
+        kp, vp, has = self._partial(s)
+        ks = [k[:, s] for k in self.k]
+        vs = [v[:, s] for v in self.v]
+        tokens = self.tokens[s]
+
+        def denoise(z: np.ndarray, sigma: np.float32) -> np.ndarray:
+            i = self._block(sigma)
+            return self._denoise[i].run(["denoised"], {
+                "cache_k": ks[i], "cache_v": vs[i], "partial_k": kp[i], "partial_v": vp[i], "has_partial": has,
+                "tokens": tokens, "z": z, "sigma": np.full((b, n_samples), sigma, np.float32)})[0]
+
+        x = noise * sig[0]
+        for i in range(len(sig) - 1):
+            sc, sn = sig[i], sig[i + 1]
+            d = (x - denoise(x, sc)) / sc
+            x_euler = x + (sn - sc) * d
+            if sampler == "euler" or sn == 0:
+                x = x_euler
+            else:
+                d_next = (x_euler - denoise(x_euler, sn)) / sn
+                x = x + (sn - sc) * (d + d_next) / np.float32(2)
+        y = x if normalized else x * self.scale[s][:, :, None] + self.loc[s][:, :, None]
+        levels = tuple(float(q) for q in quantiles)
+        qs = (np.quantile(y, levels, axis=1).transpose(1, 0, 2).astype(np.float32) if levels
+              else np.zeros((b, 0, hz), np.float32))
+        return Forecast(item_ids, y, levels, qs)
+
+    # -- persistence ---------------------------------------------------------------------------
+    def save_state(self, path: str | os.PathLike, extra: dict | None = None) -> None:
+        """Write every series' state (and an optional JSON-able ``extra``) atomically to ``path``."""
+        path = Path(path)
+        n = self._n
+        arrays = {f: getattr(self, f)[:n] for f in self._FIELDS}
+        for i in range(len(self.layers)):
+            arrays[f"k_{i}"] = self.k[i][:, :n]
+            arrays[f"v_{i}"] = self.v[i][:, :n]
+        header = {"format": STATE_FORMAT, "version": STATE_VERSION, "model_id": self.meta["model_id"],
+                  "item_ids": list(self._slot), "refresh": self.refresh, "extra": extra or {}}
+        arrays["header"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            f.write(buf.getvalue())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def load_state(self, path: str | os.PathLike) -> dict:
+        """Replace the current state by the one saved at ``path``; returns its ``extra``."""
+        path = Path(path)
+        if not path.exists():
+            raise StreamingError(f"state file {path} does not exist")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                data = {k: z[k] for k in z.files}
+            header = json.loads(bytes(data.pop("header")).decode())
+        except Exception as e:  # corrupt or foreign file
+            raise StreamingError(f"{path} is not a tsdb-streaming state file ({e})") from None
+        if header.get("format") != STATE_FORMAT or header.get("version") != STATE_VERSION:
+            raise StreamingError(f"{path}: unsupported state format {header.get('format')!r} v{header.get('version')}")
+        if header["model_id"] != self.meta["model_id"]:
+            raise StreamingError(f"{path} was saved for model {header['model_id']}, this is {self.meta['model_id']}")
+        ids = [tuple(i) if isinstance(i, list) else i for i in header["item_ids"]]
+        n = len(ids)
+        self._alloc(max(n, 8))
+        for f in self._FIELDS:
+            getattr(self, f)[:n] = data[f]
+        for i in range(len(self.layers)):
+            self.k[i][:, :n] = data[f"k_{i}"]
+            self.v[i][:, :n] = data[f"v_{i}"]
+        self._slot = {item: j for j, item in enumerate(ids)}
+        self._n = n
+        return header.get("extra", {})
+
+
+def series_seed(seed: int, item_id, count: int) -> tuple[int, int, int]:
+    """A per-series, per-observation seed: forecasts do not depend on batching or restarts."""
+    return (int(seed), zlib.crc32(str(item_id).encode()), int(count))
+
+
+__all__ = ["DEFAULT_QUANTILES", "Forecast", "StreamingError", "StreamingForecaster", "load_metadata",
+           "series_seed"]
