@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -51,7 +52,6 @@ def _load_user_data(args):
 
 def cmd_train(args) -> None:
     from .config import ExperimentConfig
-    from .train import train_model
     cfg = ExperimentConfig.from_yaml(args.config) if args.config else ExperimentConfig()
     if args.dataset:
         cfg = cfg.with_overrides(data={"dataset": args.dataset})
@@ -59,11 +59,36 @@ def cmd_train(args) -> None:
         cfg = cfg.with_overrides(train={"steps_per_block": args.steps})
     if args.strategy:
         cfg = cfg.with_overrides(model={"strategy": args.strategy})
+    if args.ddp:
+        cfg = cfg.with_overrides(train={"ddp_devices": args.ddp})
+    cfg.train.progress = not args.no_progress
+    if args.devices > 1:
+        from .parallel import train_parallel
+        summary = train_parallel(cfg, args.out, args.devices, _data_argv(args))
+        print(f"trained {len(summary['units'])} unit(s) on {args.devices} workers in "
+              f"{summary['wall_seconds']:.0f}s wall; model in {args.out}")
+        return
+    from .train import train_model
     args.dataset = cfg.data.dataset
-    data = _load_user_data(args)
-    model, summary = train_model(cfg, data, args.out)
+    model, summary = train_model(cfg, _load_user_data(args), args.out, blocks=args.block)
     print(f"trained {len(summary['units'])} unit(s) in {summary['train_seconds']:.0f}s; "
-          f"largest unit training state {summary['train_state_bytes'] / 2**20:.2f} MiB; model in {args.out}")
+          f"largest unit training state {summary['train_state_bytes'] / 2**20:.2f} MiB; run in {args.out}")
+
+
+def _data_argv(args) -> list[str]:
+    """The data flags of ``args`` as command-line words, for worker processes."""
+    out = ["--no-progress"]
+    for flag in ("dataset", "input", "item_id", "timestamp", "target", "freq", "data_root"):
+        value = getattr(args, flag, None)
+        if value is not None:
+            out += [f"--{flag.replace('_', '-')}", str(value)]
+    return out
+
+
+def cmd_assemble(args) -> None:
+    from .train import assemble_run
+    summary = assemble_run(args.run)
+    print(f"assembled {len(summary['units'])} unit(s) into {Path(args.run) / 'model.pt'}")
 
 
 def cmd_evaluate(args) -> None:
@@ -161,8 +186,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="run directory (resumable)")
     s.add_argument("--steps", type=int, help="override train.steps_per_block")
     s.add_argument("--strategy", help="override model.strategy")
+    s.add_argument("--block", type=int, nargs="+", help="train only these block indices (cluster array jobs)")
+    s.add_argument("--devices", type=int, default=1, help="train this many blocks at once in parallel workers")
+    s.add_argument("--ddp", type=int, default=None, help="data-parallel processes within each block (Lightning DDP)")
+    s.add_argument("--no-progress", action="store_true")
     data_flags(s)
     s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("assemble", help="check that every block of a run finished and join them")
+    s.add_argument("run")
+    s.set_defaults(func=cmd_assemble)
 
     s = sub.add_parser("evaluate", help="evaluate a trained run on its dataset's protocol")
     s.add_argument("run")
@@ -211,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     _quiet()
+    if os.environ.get("TSDB_NUM_THREADS"):  # set by block-parallel workers
+        import torch
+        torch.set_num_threads(int(os.environ["TSDB_NUM_THREADS"]))
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

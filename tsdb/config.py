@@ -78,6 +78,7 @@ class TrainConfig(_Strict):
     accelerator: str = "auto"
     precision: str = "auto"          # auto: bf16-mixed on GPU, 32 on CPU
     num_workers: int = 0
+    ddp_devices: int = Field(1, gt=0)  # data-parallel processes/devices within one block (Lightning DDP)
     progress: bool = True
 
 

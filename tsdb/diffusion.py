@@ -59,16 +59,20 @@ class NoiseDistribution:
         fraction = torch.as_tensor(fraction, dtype=torch.float64)
         return self.quantile(self.q_min + fraction * (self.q_max - self.q_min))
 
-    def sample(self, shape, low: float | None = None, high: float | None = None,
-               generator: torch.Generator | None = None, device=None) -> Tensor:
-        """Sample sigma inside [low, high] (default: the whole truncated range) by inverse CDF."""
+    def from_uniform(self, u: Tensor, low: float | None = None, high: float | None = None) -> Tensor:
+        """Map u ~ U[0, 1) to sigma inside [low, high] (default: the whole range) by inverse CDF."""
         low = self.sigma_min if low is None else max(low, self.sigma_min)
         high = self.sigma_max if high is None else min(high, self.sigma_max)
         q_lo, q_hi = float(self.cdf(low)), float(self.cdf(high))
-        u = torch.rand(shape, generator=generator, dtype=torch.float64, device=device)
-        sigma = self.quantile(q_lo + u * (q_hi - q_lo))
+        sigma = self.quantile(q_lo + u.double() * (q_hi - q_lo))
         # erfinv loses precision in the far tails: keep samples inside the band exactly.
         return sigma.clamp(low, high).float()
+
+    def sample(self, shape, low: float | None = None, high: float | None = None,
+               generator: torch.Generator | None = None, device=None) -> Tensor:
+        """Sample sigma inside [low, high] (default: the whole truncated range)."""
+        u = torch.rand(shape, generator=generator, dtype=torch.float64, device=device)
+        return self.from_uniform(u, low, high)
 
 
 # ---------------------------------------------------------------------------------------
@@ -183,12 +187,18 @@ class EDMLoss:
         self.precond = precond
         self.band = band if band is not None else (noise.sigma_min, noise.sigma_max)
 
-    def __call__(self, net: RawNetwork, context: Tensor, target: Tensor,
-                 generator: torch.Generator | None = None,
+    def __call__(self, net: RawNetwork, context: Tensor, target: Tensor, draws: Tensor | None = None,
                  target_mask: Tensor | None = None) -> Tensor:
-        sigma = self.noise.sample((target.shape[0],), *self.band, generator=generator,
-                                  device=target.device)
-        return self.at_sigma(net, context, target, sigma, target_mask=target_mask)
+        """Loss per sample ``[batch]``.
+
+        ``draws`` ``[batch, 1 + H]`` holds the random numbers of the step (column 0: u ~ U[0,1)
+        mapped to sigma in the band; the rest: eps ~ N(0, 1)). Drawing them with the data
+        makes training reproducible and data-parallel training equal to one process.
+        """
+        if draws is None:
+            draws = torch.cat([torch.rand_like(target[:, :1]), torch.randn_like(target)], dim=1)
+        sigma = self.noise.from_uniform(draws[:, 0], *self.band).to(target.dtype)
+        return self.at_sigma(net, context, target, sigma, noise=draws[:, 1:], target_mask=target_mask)
 
     def at_sigma(self, net: RawNetwork, context: Tensor, target: Tensor, sigma: Tensor,
                  noise: Tensor | None = None, target_mask: Tensor | None = None) -> Tensor:

@@ -20,7 +20,7 @@ inputs/outputs, dynamic ``batch``, ``new_tokens``, ``cache`` and ``samples`` axe
 ``denoise_<i>``
     inputs ``cache_k``/``cache_v`` (block i's cache), ``partial_k``/``partial_v``
     ``[layers, batch, heads, 1, head_dim]``, ``has_partial [batch]`` bool,
-    ``tokens [batch]`` int64, ``z [batch, samples, H]``, ``sigma [batch, samples]``;
+    ``tokens [batch]`` int64, ``z [batch, samples, H]``, ``sigma [batch]``;
     output ``denoised [batch, samples, H]`` (normalized scale).
 
 Why one denoiser call per block, looped on the host (rather than one graph with all K
@@ -149,9 +149,9 @@ def export_model(model: DiffusionForecaster, strategy, out_dir: str | Path, samp
         args = (rand(nl, b_ex, heads, c_ex, hd), rand(nl, b_ex, heads, c_ex, hd),
                 rand(nl, b_ex, heads, 1, hd), rand(nl, b_ex, heads, 1, hd),
                 torch.tensor([True, False]), torch.tensor([7, 3], dtype=torch.long),
-                rand(b_ex, s_ex, shape.horizon), rand(b_ex, s_ex).abs() + 0.1)
+                rand(b_ex, s_ex, shape.horizon), rand(b_ex).abs() + 0.1)
         dyn = ({1: batch, 3: cache}, {1: batch, 3: cache}, {1: batch}, {1: batch}, {0: batch}, {0: batch},
-               {0: batch, 1: samples}, {0: batch, 1: samples})
+               {0: batch, 1: samples}, {0: batch})
         name = f"denoise_{i}.onnx"
         with torch.no_grad():
             _export(DenoiseGraph(model, i), args, out / name, denoise_in, ["denoised"], dyn)

@@ -156,17 +156,19 @@ def encode_tokens(block: BlockDenoiser, features: Tensor, start: Tensor,
     rel = torch.arange(c + m, device=h.device)[None, :] - c - torch.arange(m, device=h.device)[:, None]
     mask = (rel <= 0) & (rel > -w)
     ks, vs = [], []
+    last = len(block.layers) - 1
     for i, layer in enumerate(block.layers):
         q, k, v = layer._heads(layer.ctx_norm1(h))
-        q, k = _rope_apply(q, rope), _rope_apply(k, rope)
+        k = _rope_apply(k, rope)
         if k_cache is not None:
             k = torch.cat([k_cache[i], k], dim=2)
             v = torch.cat([v_cache[i], v], dim=2)
-        a = layer._attend(q, k, v, mask=mask)
-        h = h + layer.proj(layer._merge(a))
-        h = h + layer.mlp(layer.ctx_norm2(h))
         ks.append(k[:, :, -w:])  # the sliding window (all of it while shorter)
         vs.append(v[:, :, -w:])
+        if i < last:  # the last layer's outputs feed nothing: only its keys/values are kept
+            a = layer._attend(_rope_apply(q, rope), k, v, mask=mask)
+            h = h + layer.proj(layer._merge(a))
+            h = h + layer.mlp(layer.ctx_norm2(h))
     return torch.stack(ks), torch.stack(vs)
 
 
@@ -174,6 +176,12 @@ def _rope_apply(x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
     cos, sin = rope
     x1, x2 = x[..., 0::2], x[..., 1::2]
     return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+
+
+def _softmax(x: Tensor) -> Tensor:
+    """Softmax over the last axis written out (torch's CPU kernel is slow for short rows)."""
+    e = torch.exp(x - x.amax(dim=-1, keepdim=True))
+    return e / e.sum(dim=-1, keepdim=True)
 
 
 def context_key_mask(has_partial: Tensor, c: int, w: int) -> Tensor:
@@ -197,50 +205,52 @@ def denoise_step(block: BlockDenoiser, precond, k_cache: Tensor, v_cache: Tensor
     k_cache, v_cache: ``[layers, batch, heads, c, head_dim]``; k_partial, v_partial:
     ``[layers, batch, heads, 1, head_dim]`` (ignored where ``has_partial`` is False);
     tokens: ``[batch]`` complete tokens; z: ``[batch, S, H]`` noisy future;
-    sigma: ``[batch, S]``. Returns the denoised future ``[batch, S, H]`` (normalized).
+    sigma: ``[batch]`` (one noise level for all samples of a series, as the samplers use).
+    Returns the denoised future ``[batch, S, H]`` (normalized scale).
 
-    Future tokens of sample s attend to the series' context keys (broadcast over samples,
-    never copied) and to the sample's own future tokens.
+    The sigma conditioning is computed once per series, and the queries of all samples
+    meet the series' context keys in one matrix product (the cache is never copied per
+    sample); each sample's future tokens also attend to one another.
     """
     b, s, hz = z.shape
     p = block.shape.patch_length
     nf = hz // p
     n_heads = block.shape.n_heads
     head_dim = block.shape.d_model // n_heads
+    d_model = n_heads * head_dim
     c = k_cache.shape[3]
     w = block.shape.context_tokens
-    sig = sigma.reshape(b * s, 1)
-    zz = z.reshape(b * s, hz)
-    scaled = precond.c_in(sig) * zz
-    c_noise = precond.c_noise(sigma.reshape(b * s))
-    h = block.future_embed(scaled.reshape(b * s, nf, p)) + block.lead_time
-    cond = block.cond(c_noise)                                           # [b*s, 1, d]
+    sig = sigma.reshape(b, 1, 1)
+    scaled = precond.c_in(sig) * z
+    h = block.future_embed(scaled.reshape(b, s, nf, p)) + block.lead_time   # [b, s, nf, d]
+    cond = block.cond(precond.c_noise(sigma))[:, :, None, :]                 # [b, 1, 1, d]
     start = tokens + has_partial.to(tokens.dtype)
     pos = start[:, None] + torch.arange(nf, device=z.device)
-    cos, sin = batched_rope(pos, head_dim)                               # [b, 1, nf, hd/2]
-    rope = (cos[:, None], sin[:, None])                                  # [b, 1, 1, nf, hd/2]
-    key_ok = context_key_mask(has_partial, c, w)[:, None, None, None, :]  # [b, 1, 1, 1, c+1]
+    cos, sin = batched_rope(pos, head_dim)                                   # [b, 1, nf, hd/2]
+    rope = (cos[:, :, None], sin[:, :, None])                                # [b, 1, 1, nf, hd/2]
+    key_ok = context_key_mask(has_partial, c, w)[:, None, None, None, :]     # [b, 1, 1, 1, c+1]
     scale = 1.0 / math.sqrt(head_dim)
     for i, layer in enumerate(block.layers):
         shift1, scale1, gate1, shift2, scale2, gate2 = layer.ada(cond).chunk(6, dim=-1)
         x = modulate(layer.fut_norm1(h), shift1, scale1)
-        qkv = layer.qkv(x).reshape(b, s, nf, 3, n_heads, head_dim).permute(3, 0, 1, 4, 2, 5)
-        q, k, v = qkv[0], qkv[1], qkv[2]                                 # [b, s, heads, nf, hd]
+        qkv = layer.qkv(x).reshape(b, s, nf, 3, n_heads, head_dim).permute(3, 0, 4, 1, 2, 5)
+        q, k, v = qkv[0], qkv[1], qkv[2]                                     # [b, heads, s, nf, hd]
         q, k = _rope_apply(q, rope), _rope_apply(k, rope)
-        kc = torch.cat([k_cache[i], k_partial[i]], dim=2)[:, None]      # [b, 1, heads, c+1, hd]
-        vc = torch.cat([v_cache[i], v_partial[i]], dim=2)[:, None]
-        s_ctx = torch.matmul(q, kc.transpose(-1, -2)) * scale            # [b, s, heads, nf, c+1]
+        kc = torch.cat([k_cache[i], k_partial[i]], dim=2)                    # [b, heads, c+1, hd]
+        vc = torch.cat([v_cache[i], v_partial[i]], dim=2)
+        s_ctx = torch.matmul(q.reshape(b, n_heads, s * nf, head_dim), kc.transpose(-1, -2))
+        s_ctx = s_ctx.reshape(b, n_heads, s, nf, c + 1) * scale
         s_ctx = s_ctx.masked_fill(~key_ok, float("-inf"))
-        s_fut = torch.matmul(q, k.transpose(-1, -2)) * scale             # [b, s, heads, nf, nf]
-        att = torch.softmax(torch.cat([s_ctx, s_fut], dim=-1), dim=-1)
-        a = torch.matmul(att[..., : c + 1], vc) + torch.matmul(att[..., c + 1:], v)
-        a = a.permute(0, 1, 3, 2, 4).reshape(b * s, nf, n_heads * head_dim)
+        s_fut = torch.matmul(q, k.transpose(-1, -2)) * scale                 # [b, heads, s, nf, nf]
+        att = _softmax(torch.cat([s_ctx, s_fut], dim=-1))
+        a_ctx = torch.matmul(att[..., : c + 1].reshape(b, n_heads, s * nf, c + 1), vc)
+        a = a_ctx.reshape(b, n_heads, s, nf, head_dim) + torch.matmul(att[..., c + 1:], v)
+        a = a.permute(0, 2, 3, 1, 4).reshape(b, s, nf, d_model)
         h = h + gate1 * layer.proj(a)
         h = h + gate2 * layer.mlp(modulate(layer.fut_norm2(h), shift2, scale2))
     shift, sc = block.final_ada(cond).chunk(2, dim=-1)
-    f = block.out(modulate(block.final_norm(h), shift, sc)).reshape(b * s, hz)
-    d = precond.c_skip(sig) * zz + precond.c_out(sig) * f
-    return d.reshape(b, s, hz)
+    f = block.out(modulate(block.final_norm(h), shift, sc)).reshape(b, s, hz)
+    return precond.c_skip(sig) * z + precond.c_out(sig) * f
 
 
 # ---------------------------------------------------------------------------------------
@@ -373,7 +383,9 @@ def refresh(model: DiffusionForecaster, state: StreamingState, history: Tensor |
     if history is not None:
         return init_state(model, history)
     lengths = state.count.clamp(max=state.recent.shape[1])
-    return init_state(model, state.recent, lengths)
+    fresh = init_state(model, state.recent, lengths)
+    return StreamingState(fresh.k, fresh.v, fresh.tokens, fresh.pending, fresh.pending_count, fresh.loc,
+                          fresh.scale, state.count.clone(), fresh.recent)
 
 
 @torch.no_grad()
@@ -406,7 +418,7 @@ def forecast(model: DiffusionForecaster, state: StreamingState, noise: Tensor, s
     def denoise(z: Tensor, sigma: Tensor) -> Tensor:
         i = model.block_index(sigma[0])
         d = denoise_step(model.blocks[i], model.precond, state.k[i], state.v[i], kp[i], vp[i], has_p,
-                         state.tokens, z.reshape(b, s, hz), sigma.reshape(b, s))
+                         state.tokens, z.reshape(b, s, hz), sigma.reshape(b, s)[:, 0])
         return d.reshape(b * s, hz)
 
     y = SAMPLERS[sampler](denoise, x, sigmas).reshape(b, s, hz)

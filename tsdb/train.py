@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
@@ -57,11 +58,18 @@ def make_optimizer(params, train: TrainConfig) -> torch.optim.Optimizer:
 class UnitModule(L.LightningModule):
     """Lightning wrapper that trains one unit's parameters on its own loss."""
 
-    def __init__(self, unit: TrainUnit, train: TrainConfig):
+    def __init__(self, unit: TrainUnit, train: TrainConfig, windows: TrainingWindows):
         super().__init__()
         self.unit = unit.module
         self._loss = unit.loss
         self.train_cfg = train
+        self.windows = windows
+
+    def train_dataloader(self) -> DataLoader:
+        # each data-parallel process takes its share of one global window stream, so
+        # DDP over W processes sees exactly the batches of a single process
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        return _loader(self.windows.shard(rank, world), self.train_cfg, world)
 
     def training_step(self, batch, batch_idx):
         loss = self._loss(batch)
@@ -117,13 +125,17 @@ def resolve_precision(train: TrainConfig) -> str:
     return "bf16-mixed" if torch.cuda.is_available() else "32"
 
 
-def _trainer(train: TrainConfig, unit_dir: Path, max_steps: int, name: str) -> L.Trainer:
+def _trainer(train: TrainConfig, unit_dir: Path, max_steps: int, name: str, manual: bool = False) -> L.Trainer:
+    """A Trainer for one unit; ``manual`` optimization clips gradients itself."""
     callbacks = [ModelCheckpoint(dirpath=unit_dir, save_last=True, save_top_k=0,
                                  every_n_train_steps=max(1, min(500, max_steps // 4)))]
     if train.progress:
         callbacks.append(_NamedProgressBar(name))
-    return L.Trainer(max_steps=max_steps, accelerator=train.accelerator, devices=1,
-                     precision=resolve_precision(train), gradient_clip_val=None,
+    # the last layer's context-side norm feeds nothing, so DDP must tolerate unused parameters
+    ddp = ({"devices": train.ddp_devices, "strategy": "ddp_find_unused_parameters_true"}
+           if train.ddp_devices > 1 else {"devices": 1})
+    return L.Trainer(max_steps=max_steps, accelerator=train.accelerator, **ddp,
+                     precision=resolve_precision(train), gradient_clip_val=None if manual else train.grad_clip,
                      callbacks=callbacks, logger=CSVLogger(unit_dir, name="logs", version=""),
                      enable_progress_bar=train.progress, enable_model_summary=False,
                      num_sanity_val_steps=0, limit_val_batches=0, deterministic=False)
@@ -146,8 +158,10 @@ class _NamedProgressBar(TQDMProgressBar):
         self.train_progress_bar.set_description(self._name)
 
 
-def _loader(windows: TrainingWindows, train: TrainConfig) -> DataLoader:
-    return DataLoader(windows, batch_size=train.batch_size, num_workers=train.num_workers)
+def _loader(windows: TrainingWindows, train: TrainConfig, world_size: int = 1) -> DataLoader:
+    if train.batch_size % world_size:
+        raise TsdbError(f"batch_size {train.batch_size} must be divisible by ddp_devices {world_size}")
+    return DataLoader(windows, batch_size=train.batch_size // world_size, num_workers=train.num_workers)
 
 
 def _unit_memory(unit: TrainUnit, batch, train: TrainConfig) -> dict:
@@ -159,10 +173,12 @@ def _unit_memory(unit: TrainUnit, batch, train: TrainConfig) -> dict:
 
 
 def train_model(cfg: ExperimentConfig, dataset: SeriesDataset, run_dir: str | Path,
-                strategy: Strategy | None = None) -> tuple[nn.Module, dict]:
-    """Train every unit of ``cfg``'s strategy on ``dataset`` into ``run_dir``; resumable.
+                strategy: Strategy | None = None, blocks: list[int] | None = None) -> tuple[nn.Module, dict]:
+    """Train the units of ``cfg``'s strategy on ``dataset`` into ``run_dir``; resumable.
 
-    Returns the trained model and a summary dict (per-unit seconds and memory).
+    ``blocks`` trains only those unit indices (one job of a block-parallel or cluster
+    array run); ``model.pt`` is written once every unit is done. Returns the model and a
+    summary (per-unit seconds and memory).
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -171,6 +187,8 @@ def train_model(cfg: ExperimentConfig, dataset: SeriesDataset, run_dir: str | Pa
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     model = strategy.build()
     units = strategy.units(model)
+    if blocks is not None:
+        _check_blocks(blocks, units)
     windows = TrainingWindows(dataset, cfg.model.context_length, cfg.model.horizon, seed=cfg.train.seed,
                               patch_length=cfg.model.patch_length,
                               partial_patch_prob=cfg.model.partial_patch_prob)
@@ -178,9 +196,47 @@ def train_model(cfg: ExperimentConfig, dataset: SeriesDataset, run_dir: str | Pa
     if cfg.train.schedule == "interleaved" and len(units) > 1:
         summary = _train_interleaved(units, windows, probe, cfg.train, run_dir)
     else:
-        summary = {u.name: _train_unit(u, windows, probe, cfg.train, run_dir / "units" / u.name) for u in units}
-    torch.save(model.state_dict(), run_dir / "model.pt")
+        summary = {u.name: _train_unit(u, windows, probe, cfg.train, run_dir / "units" / u.name)
+                   for i, u in enumerate(units) if blocks is None or i in blocks}
+    if _is_global_zero() and all(_unit_done(run_dir, u) for u in units) and cfg.train.schedule != "interleaved":
+        for u in units:  # units trained by other processes
+            u.module.load_state_dict(torch.load(run_dir / "units" / u.name / "weights.pt", weights_only=True))
+        summary = {u.name: json.loads((run_dir / "units" / u.name / "done.json").read_text()) for u in units}
+    if _is_global_zero() and len(summary) == len(units):
+        torch.save(model.state_dict(), run_dir / "model.pt")
     return model, _summarize(summary, model)
+
+
+def assemble_run(run_dir: str | Path) -> dict:
+    """Check that every unit of a run finished and join them into ``model.pt``."""
+    run_dir = Path(run_dir)
+    cfg = ExperimentConfig.from_yaml(run_dir / "config.yaml")
+    strategy = get_strategy(cfg.model)
+    model = strategy.build()
+    units = strategy.units(model)
+    missing = [u.name for u in units if not _unit_done(run_dir, u)]
+    if missing:
+        raise TsdbError(f"{run_dir}: units {missing} are not finished; run `tsdb train --block K` for each")
+    for u in units:
+        u.module.load_state_dict(torch.load(run_dir / "units" / u.name / "weights.pt", weights_only=True))
+    torch.save(model.state_dict(), run_dir / "model.pt")
+    return _summarize({u.name: json.loads((run_dir / "units" / u.name / "done.json").read_text())
+                       for u in units}, model)
+
+
+def _unit_done(run_dir: Path, unit: TrainUnit) -> bool:
+    d = run_dir / "units" / unit.name
+    return (d / "done.json").exists() and (d / "weights.pt").exists()
+
+
+def _check_blocks(blocks: list[int], units: list[TrainUnit]) -> None:
+    bad = [b for b in blocks if not 0 <= b < len(units)]
+    if bad:
+        raise TsdbError(f"--block {bad} out of range: this model has units 0..{len(units) - 1}")
+
+
+def _is_global_zero() -> bool:
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0))) == 0
 
 
 def _summarize(per_unit: dict, model: nn.Module) -> dict:
@@ -203,14 +259,15 @@ def _train_unit(unit: TrainUnit, windows, probe, train: TrainConfig, unit_dir: P
         return json.loads(done.read_text())
     unit_dir.mkdir(parents=True, exist_ok=True)
     memory = _unit_memory(unit, probe, train)
-    module = UnitModule(unit, train)
+    module = UnitModule(unit, train, windows)
     trainer = _trainer(train, unit_dir, train.steps_per_block, unit.name)
-    trainer.gradient_clip_val = train.grad_clip
     ckpt = unit_dir / "last.ckpt"
     start = time.perf_counter()
-    trainer.fit(module, _loader(windows, train), ckpt_path=str(ckpt) if ckpt.exists() else None)
+    trainer.fit(module, ckpt_path=str(ckpt) if ckpt.exists() else None)
     seconds = time.perf_counter() - start
     unit.module.to("cpu")  # the finished block leaves the accelerator
+    if not trainer.is_global_zero:
+        return {"seconds": seconds, "steps": trainer.global_step, "memory": memory}
     torch.save(unit.module.state_dict(), weights)
     info = {"seconds": seconds, "steps": trainer.global_step, "memory": memory,
             "final_loss": float(trainer.callback_metrics.get("loss", float("nan")))}
@@ -228,7 +285,7 @@ def _train_interleaved(units: list[TrainUnit], windows, probe, train: TrainConfi
     unit_dir.mkdir(parents=True, exist_ok=True)
     memory = {u.name: _unit_memory(u, probe, train) for u in units}
     total = train.steps_per_block * len(units)
-    trainer = _trainer(train, unit_dir, total, "interleaved")
+    trainer = _trainer(train, unit_dir, total, "interleaved", manual=True)
     ckpt = unit_dir / "last.ckpt"
     start = time.perf_counter()
     trainer.fit(module, _loader(windows, train), ckpt_path=str(ckpt) if ckpt.exists() else None)

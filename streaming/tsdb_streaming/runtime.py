@@ -440,7 +440,6 @@ class StreamingForecaster:
             sigmas = grids[str(num_steps)]
         sig = self.sigmas if sigmas is None else np.asarray(sigmas, dtype=np.float32)
         sampler = sampler or self.sampler
-        n_samples = noise.shape[1]
         kp, vp, has = self._partial(s)
         ks = [k[:, s] for k in self.k]
         vs = [v[:, s] for v in self.v]
@@ -450,7 +449,7 @@ class StreamingForecaster:
             i = self._block(sigma)
             return self._denoise[i].run(["denoised"], {
                 "cache_k": ks[i], "cache_v": vs[i], "partial_k": kp[i], "partial_v": vp[i], "has_partial": has,
-                "tokens": tokens, "z": z, "sigma": np.full((b, n_samples), sigma, np.float32)})[0]
+                "tokens": tokens, "z": z, "sigma": np.full(b, sigma, np.float32)})[0]
 
         x = noise * sig[0]
         for i in range(len(sig) - 1):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset
@@ -19,7 +21,12 @@ def last_context(target: np.ndarray, context_length: int) -> np.ndarray:
 
 
 class TrainingWindows(IterableDataset):
-    """An endless, seeded stream of ``(context [C], target [H])`` float32 windows.
+    """An endless, seeded stream of ``(context [C], target [H], draws [1 + H])`` float32 windows.
+
+    ``draws`` are the diffusion step's random numbers for this window (u ~ U[0,1), then
+    eps ~ N(0,1) per lead time). Drawn here, they make every arm see the same noise and
+    let ``rank``/``world_size`` split one global stream exactly across data-parallel
+    processes (process r keeps windows r, r + W, ...).
 
     Series are drawn with probability proportional to their number of admissible window
     ends; a window needs at least ``min_context`` observed context points, and contexts
@@ -32,7 +39,8 @@ class TrainingWindows(IterableDataset):
 
     def __init__(self, dataset: SeriesDataset, context_length: int, horizon: int,
                  seed: int = 0, min_context: int | None = None, patch_length: int = 1,
-                 partial_patch_prob: float = 0.0):
+                 partial_patch_prob: float = 0.0, rank: int = 0, world_size: int = 1):
+        self.rank, self.world_size = rank, world_size
         self.patch_length = patch_length
         self.partial_patch_prob = partial_patch_prob if patch_length > 1 else 0.0
         self.targets = [s.target.astype(np.float32) for s in dataset]
@@ -47,7 +55,14 @@ class TrainingWindows(IterableDataset):
                             f"context")
         self.weights = counts / counts.sum()
 
-    def window(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    def shard(self, rank: int, world_size: int) -> "TrainingWindows":
+        """The same stream, keeping every ``world_size``-th window from ``rank``."""
+
+        out = copy.copy(self)
+        out.rank, out.world_size = rank, world_size
+        return out
+
+    def window(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         i = rng.choice(len(self.targets), p=self.weights)
         t = self.targets[i]
         end = int(rng.integers(self.min_context + self.horizon, len(t) + 1))  # exclusive end of target
@@ -58,11 +73,16 @@ class TrainingWindows(IterableDataset):
         context = last_context(t[:split], self.context_length - pad)
         if pad:
             context = np.concatenate([context, np.full(pad, np.nan, dtype=np.float32)])
-        return context, t[split:end]
+        draws = np.concatenate([rng.random(1), rng.standard_normal(self.horizon)]).astype(np.float32)
+        return context, t[split:end], draws
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker = 0 if info is None else info.id
         rng = np.random.default_rng([self.seed, worker])
+        index = 0
         while True:
-            yield self.window(rng)
+            window = self.window(rng)
+            if index % self.world_size == self.rank:
+                yield window
+            index += 1

@@ -62,8 +62,8 @@ class DiffusionForecaster(nn.Module):
     def block_index(self, sigma: float) -> int:
         return int(block_for_sigma(float(sigma), self.edges.cpu()))
 
-    def prepare(self, context: Tensor, target: Tensor | None = None):
-        """Normalize a raw batch with context statistics.
+    def prepare(self, context: Tensor, target: Tensor | None = None, draws: Tensor | None = None):
+        """Normalize a raw batch with context statistics (``draws`` pass through untouched).
 
         Returns ``(features, target_normalized, target_observed, loc, scale)``; NaN targets
         become 0 with observed mask 0 so they carry no loss.

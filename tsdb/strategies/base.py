@@ -18,7 +18,9 @@ from torch import Tensor, nn
 from ..config import ModelConfig
 from ..diffusion import NoiseDistribution, Preconditioning
 
-Batch = tuple[Tensor, Tensor]  # (context [b, C] raw with NaN, target [b, H] raw with NaN)
+# (context [b, C] raw with NaN, target [b, H] raw with NaN[, draws [b, 1 + H]]): draws are the
+# step's random numbers (u ~ U[0,1), then eps ~ N(0,1) per lead time), drawn with the data.
+Batch = tuple[Tensor, ...]
 
 
 def masked_mean(values: Tensor, observed: Tensor) -> Tensor:

@@ -40,7 +40,8 @@ class DepthStrategy(Strategy):
     def _block_loss(model: DiffusionForecaster, block: BlockDenoiser, loss: EDMLoss):
         def block_loss(batch: Batch) -> Tensor:
             features, y, observed, _, _ = model.prepare(*batch)
-            return loss(block, features, y, target_mask=observed).mean()
+            return loss(block, features, y, draws=batch[2] if len(batch) > 2 else None,
+                        target_mask=observed).mean()
         return block_loss
 
     def forecast(self, model, context, num_samples, num_steps=None, noise=None, generator=None):

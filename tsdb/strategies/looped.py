@@ -49,7 +49,11 @@ def fair_crps(x1: Tensor, x2: Tensor, y: Tensor) -> Tensor:
 
 
 def unrolled_crps(model: DiffusionForecaster, batch: Batch, iters: int) -> Tensor:
-    """Mean fair CRPS of two ``iters``-step Euler trajectories per series, differentiable end to end."""
+    """Mean fair CRPS of two ``iters``-step Euler trajectories per series, differentiable end to end.
+
+    Two trajectories need twice the random numbers a batch's ``draws`` carry, so they come
+    from torch's (seeded) generator.
+    """
     features, y, observed, _, _ = model.prepare(*batch)
     denoise = model.denoiser([e.repeat(2) for e in model.encode(features)])  # prelude once per series
     sigmas = shifted_grid(iters, torch.rand(2 * y.shape[0], device=y.device), model.noise)

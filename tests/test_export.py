@@ -1,0 +1,317 @@
+"""ONNX export (tsdb.export), the torch-free runtime (streaming/tsdb_streaming) and
+``tsdb stream`` (tsdb.stream_cli): parity with the PyTorch streaming state."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tsdb import streaming as st
+from tsdb.config import ExperimentConfig, ModelConfig
+from tsdb.diffusion import sigma_grid
+from tsdb.errors import TsdbError
+from tsdb.export import export_run, load_metadata
+from tsdb.strategies import get_strategy
+from tsdb.stream_cli import import_runtime, run_stream
+
+rt = import_runtime()
+REPO = Path(__file__).resolve().parents[1]
+P, C, H = 4, 32, 16
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A tiny depth run (random weights, adaLN-Zero layers randomized), exported."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(strategy="depth", context_length=C, horizon=H, patch_length=P, d_model=32, n_heads=4,
+                      n_layers=4, n_blocks=2, num_steps=4)
+    strat = get_strategy(cfg)
+    model = strat.build().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.abs().sum():
+                p.normal_(0, 0.1)
+    run = tmp_path_factory.mktemp("run")
+    ExperimentConfig(model=cfg).to_yaml(run / "config.yaml")
+    torch.save(model.state_dict(), run / "model.pt")
+    out = export_run(run, run / "onnx")
+    return strat, model, out
+
+
+def torch_stream(model, history: np.ndarray, t0: int, chunks) -> st.StreamingState:
+    h = torch.from_numpy(history)[None]
+    state = st.init_state(model, h[:, :t0])
+    t = t0
+    for n in chunks:
+        state = st.update(model, state, h[:, t:t + n])
+        t += n
+    return state
+
+
+def test_metadata_and_graphs(exported):
+    strat, model, out = exported
+    meta = load_metadata(out)
+    assert meta["strategy"] == "depth" and meta["shapes"]["window_tokens"] == C // P
+    assert meta["shapes"]["init_tokens"] == 2 * C // P
+    assert meta["sigmas"] == pytest.approx(sigma_grid(4, strat.noise).tolist())
+    assert meta["normalization"]["rule"] == "frozen-at-init"
+    assert sorted(p.name for p in out.iterdir()) == ["denoise_0.onnx", "denoise_1.onnx", "tsdb_model.json",
+                                                     "update.onnx"]
+    assert not list(out.glob("*.data"))  # external_data=False
+    f = rt.StreamingForecaster(out)
+    shapes = {i.name: i.shape for i in f._update.get_inputs()}
+    assert isinstance(shapes["features"][0], str) and isinstance(shapes["features"][1], str)
+    assert isinstance(shapes["cache_k_0"][1], str) and isinstance(shapes["cache_k_0"][3], str)
+    z = {i.name: i.shape for i in f._denoise[0].get_inputs()}["z"]
+    assert isinstance(z[0], str) and isinstance(z[1], str)
+
+
+@pytest.mark.parametrize("b,c,m", [(1, 0, 5), (3, C // P, 1), (2, 3, 2)])
+def test_update_graph_dynamic_axes(exported, b, c, m):
+    _, model, out = exported
+    f = rt.StreamingForecaster(out)
+    g = torch.Generator().manual_seed(b + c + m)
+    feats = torch.stack([torch.randn(b, m, P, generator=g), torch.ones(b, m, P)], -1)
+    start = torch.arange(b) * 7 + c
+    caches = [torch.randn(2, b, 4, c, 8, generator=g) for _ in range(4)]
+    got = f._run_update(feats.numpy(), start.numpy(), [x.numpy() for x in caches[0::2]],
+                        [x.numpy() for x in caches[1::2]])
+    with torch.no_grad():
+        for i, block in enumerate(model.blocks):
+            k, v = st.encode_tokens(block, feats, start, caches[2 * i], caches[2 * i + 1])
+            assert got[0][i].shape == tuple(k.shape) == (2, b, 4, min(C // P, c + m), 8)
+            assert np.abs(got[0][i] - k.numpy()).max() < 1e-5
+            assert np.abs(got[1][i] - v.numpy()).max() < 1e-5
+
+
+def test_runtime_matches_pytorch_streaming(exported):
+    """Several series, different history lengths, chunked updates past the window, ending
+    mid-patch: ORT runtime vs PyTorch streaming vs full recompute, same noise."""
+    strat, model, out = exported
+    rng = np.random.default_rng(0)
+    total = 170
+    histories = (rng.normal(size=(3, total)).cumsum(-1) * 4 + 50).astype(np.float32)
+    t0s = [3, 41, 120]
+    f = rt.StreamingForecaster(out, refresh="none")
+    ids = ["a", "b", 7]
+    f.update(ids, [histories[j, :t0s[j]] for j in range(3)])
+    states = [st.init_state(model, torch.from_numpy(histories[j:j + 1, :t0s[j]])) for j in range(3)]
+    t = list(t0s)
+    while min(t) < total:
+        vals = []
+        for j in range(3):
+            n = int(min(rng.integers(0, 6), total - t[j]))
+            vals.append(histories[j, t[j]:t[j] + n])
+            if n:
+                states[j] = st.update(model, states[j], torch.from_numpy(histories[j:j + 1, t[j]:t[j] + n]))
+            t[j] += n
+        f.update(ids, vals)
+    noise = rng.normal(size=(3, 20, H)).astype(np.float32)
+    fc = f.forecast(ids, noise=noise, normalized=True)
+    sigmas = sigma_grid(4, strat.noise)
+    worst = 0.0
+    for j in range(3):
+        assert f.observation_count(ids[j]) == total
+        want = st.forecast(model, states[j], torch.from_numpy(noise[j:j + 1]), sigmas, normalized=True)
+        worst = max(worst, float(np.abs(fc.samples[j] - want[0].numpy()).max()))
+        ref = st.recompute_forecast(model, torch.from_numpy(histories[j:j + 1]), torch.from_numpy(noise[j:j + 1]),
+                                    sigmas, pending=(total - t0s[j]) % P, loc=states[j].loc,
+                                    scale=states[j].scale, next_token=int(states[j].tokens[0]), normalized=True)
+        assert (want - ref).abs().max().item() < TOL
+    assert worst < TOL, worst
+    raw = f.forecast(ids, num_samples=50, seed=1, quantiles=(0.1, 0.5, 0.9))
+    assert raw.samples.shape == (3, 50, H) and raw.quantiles.shape == (3, 3, H)
+    assert np.all(np.diff(raw.quantiles, axis=1) >= 0)
+
+
+def test_warmup_refresh_equals_init_from_the_history(exported):
+    """Fed from scratch one value at a time, a series is re-initialised at 2, 4, ..., C
+    observations; afterwards its statistics are frozen."""
+    strat, model, out = exported
+    history = (np.random.default_rng(1).normal(size=45).cumsum() * 3 + 20).astype(np.float32)
+    f = rt.StreamingForecaster(out)
+    for x in history:
+        f.update(["s"], [x])
+    state = torch_stream(model, history, C, [1] * (45 - C))
+    slot = f._slot["s"]
+    assert f.loc[slot] == pytest.approx(state.loc[0].numpy(), abs=1e-5)
+    noise = np.random.default_rng(2).normal(size=(1, 10, H)).astype(np.float32)
+    got = f.forecast(["s"], noise=noise, normalized=True).samples
+    want = st.forecast(model, state, torch.from_numpy(noise), sigma_grid(4, strat.noise), normalized=True)
+    assert np.abs(got - want.numpy()).max() < TOL
+
+
+def test_save_and_load_state(exported, tmp_path):
+    _, _, out = exported
+    f = rt.StreamingForecaster(out)
+    f.update(["x", "y"], [np.arange(50, dtype=np.float32), np.ones(7, np.float32)])
+    f.update(["x"], [np.float32(3.5)])
+    f.save_state(tmp_path / "state.npz", extra={"note": 1})
+    g = rt.StreamingForecaster(out)
+    assert g.load_state(tmp_path / "state.npz") == {"note": 1}
+    assert g.item_ids == ["x", "y"]
+    a = f.forecast(["x", "y"], num_samples=8, seed=3).samples
+    b = g.forecast(["x", "y"], num_samples=8, seed=3).samples
+    assert np.array_equal(a, b)
+    with pytest.raises(rt.StreamingError, match="unknown series"):
+        g.forecast(["z"])
+    (tmp_path / "bad.npz").write_bytes(b"not a state")
+    with pytest.raises(rt.StreamingError, match="not a tsdb-streaming state"):
+        g.load_state(tmp_path / "bad.npz")
+
+
+def test_metadata_is_validated_on_load(exported, tmp_path):
+    _, _, out = exported
+    copy = tmp_path / "m"
+    shutil.copytree(out, copy)
+    meta = json.loads((copy / "tsdb_model.json").read_text())
+    (copy / "tsdb_model.json").write_text(json.dumps({**meta, "format_version": 99}))
+    with pytest.raises(rt.StreamingError, match="format version 99"):
+        rt.StreamingForecaster(copy)
+    (copy / "tsdb_model.json").write_text(json.dumps(meta))
+    with open(copy / "denoise_1.onnx", "ab") as fh:
+        fh.write(b"\0")
+    with pytest.raises(rt.StreamingError, match="checksum"):
+        rt.StreamingForecaster(copy)
+    with pytest.raises(rt.StreamingError, match="no tsdb_model.json"):
+        rt.StreamingForecaster(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------
+# tsdb stream
+# ---------------------------------------------------------------------------------------
+
+def records(n=30, items=("a", "b")):
+    rng = np.random.default_rng(0)
+    out = []
+    for t in range(n):
+        for item in items:
+            ts = f"2021-03-01 {t // 4:02d}:{(t % 4) * 15:02d}:00" if item == "a" else t
+            out.append({"item_id": item, "timestamp": ts, "value": round(float(rng.normal() + t), 4)})
+    return out
+
+
+def ndjson(recs):
+    return "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in recs)
+
+
+def stream(out_dir, recs, **kw):
+    buf = io.StringIO()
+    counts = run_stream(out_dir, io.StringIO(ndjson(recs)), buf, num_samples=16, **kw)
+    return counts, [json.loads(line) for line in buf.getvalue().splitlines()]
+
+
+def test_stream_writes_one_line_per_record_and_rejects_bad_ones(exported):
+    _, _, out = exported
+    good = records(12)
+    bad = [
+        {"item_id": "a", "timestamp": good[-2]["timestamp"], "value": 1.0},        # duplicate
+        {"item_id": "a", "timestamp": "2021-03-01 00:15:00", "value": 1.0},        # out of order
+        {"item_id": "a", "timestamp": "2021-03-01 05:00:00", "value": 1.0},        # gap
+        {"item_id": "b", "timestamp": 12, "value": float("nan")},                   # NaN
+        {"item_id": "b", "timestamp": 12, "value": "high"},                         # not a number
+        {"item_id": "b", "timestamp": 12},                                          # missing field
+        "{not json",
+    ]
+    follow = [{"item_id": "a", "timestamp": "2021-03-01 03:00:00", "value": 9.0},
+              {"item_id": "b", "timestamp": 12, "value": 9.0}]
+    counts, lines = stream(out, good + bad + follow)
+    assert counts == {"records": 33, "forecasts": 26, "errors": 7, "series": 2}
+    errors = [line["error"] for line in lines[24:31]]
+    for e, word in zip(errors, ["duplicate", "out-of-order", "gap", "finite number", "finite number",
+                                "missing field", "invalid JSON"]):
+        assert word in e
+    assert lines[24]["line"] == 25 and lines[24]["item_id"] == "a"
+    fc = lines[-1]
+    assert fc["item_id"] == "b" and fc["observations"] == 13 and len(fc["mean"]) == H
+    assert fc["forecast_timestamps"][:2] == [13, 14]
+    assert sorted(fc["quantiles"]) == ["0.1", "0.5", "0.9"]
+    assert lines[-2]["forecast_timestamps"][0] == "2021-03-01 03:15:00"
+    # the bad records left the state alone: same forecasts as without them
+    _, clean = stream(out, good + follow)
+    assert clean[-2:] == lines[-2:]
+
+
+def test_stream_checkpoint_resume_and_replay(exported, tmp_path):
+    _, _, out = exported
+    recs = records(25)
+    _, full = stream(out, recs)
+    state = tmp_path / "state.npz"
+    _, first = stream(out, recs[:21], state_path=state, checkpoint_every=4)
+    _, second = stream(out, recs[21:], state_path=state)
+    assert first + second == full
+    # replaying everything after a restart applies nothing twice
+    counts, again = stream(out, recs, state_path=state)
+    assert counts["forecasts"] == 0 and counts["errors"] == len(recs)
+    # batching consecutive records does not change anything
+    _, batched = stream(out, recs, batch_size=8)
+    assert batched == full
+
+
+def test_stream_rejects_a_state_from_another_model(exported, tmp_path):
+    _, _, out = exported
+    state = tmp_path / "s.npz"
+    stream(out, records(3), state_path=state)
+    other = tmp_path / "other"
+    shutil.copytree(out, other)
+    meta = json.loads((other / "tsdb_model.json").read_text())
+    (other / "tsdb_model.json").write_text(json.dumps({**meta, "model_id": "0" * 16}))
+    with pytest.raises(TsdbError, match="saved for model"):
+        stream(other, records(3), state_path=state)
+
+
+# ---------------------------------------------------------------------------------------
+# the runtime without torch
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_runtime_in_a_fresh_venv_without_torch(exported, tmp_path):
+    """Build a plain venv, install onnxruntime + numpy + streaming/ (no torch), serve the model."""
+    strat, model, out = exported
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    py = venv / "bin" / "python"
+    pkg = tmp_path / "pkg"
+    shutil.copytree(REPO / "streaming", pkg, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    pip = subprocess.run([str(py), "-m", "pip", "install", "-q", "onnxruntime", "numpy", str(pkg)],
+                         capture_output=True, text=True, timeout=80)
+    if pip.returncode and "No matching distribution" in pip.stderr:
+        pytest.skip(f"onnxruntime/numpy not installable here: {pip.stderr[-300:]}")
+    assert pip.returncode == 0, pip.stderr[-2000:]
+    history = (np.random.default_rng(4).normal(size=77).cumsum() + 5).astype(np.float32)
+    noise = np.random.default_rng(5).normal(size=(1, 12, H)).astype(np.float32)
+    np.save(tmp_path / "history.npy", history)
+    np.save(tmp_path / "noise.npy", noise)
+    script = textwrap.dedent(f"""
+        import importlib.util, sys
+        import numpy as np
+        assert importlib.util.find_spec("torch") is None, "torch is importable"
+        from tsdb_streaming import StreamingForecaster
+        f = StreamingForecaster({str(out)!r}, refresh="none")
+        h = np.load({str(tmp_path / "history.npy")!r})
+        f.update(["s"], [h[:50]])
+        for x in h[50:]:
+            f.update(["s"], [x])
+        fc = f.forecast(["s"], noise=np.load({str(tmp_path / "noise.npy")!r}), normalized=True)
+        np.save({str(tmp_path / "samples.npy")!r}, fc.samples)
+        assert "torch" not in sys.modules
+        print("ok")
+    """)
+    run = subprocess.run([str(py), "-c", script], capture_output=True, text=True, timeout=60,
+                         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
+    state = torch_stream(model, history, 50, [1] * 27)
+    want = st.forecast(model, state, torch.from_numpy(noise), sigma_grid(4, strat.noise), normalized=True)
+    assert np.abs(np.load(tmp_path / "samples.npy") - want.numpy()).max() < TOL

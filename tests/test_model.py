@@ -1,0 +1,118 @@
+"""The forecaster network: normalization, masking, causality, sigma-free context, routing."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from tsdb.config import ModelConfig
+from tsdb.data.series import Series, SeriesDataset
+from tsdb.data.windows import TrainingWindows
+from tsdb.diffusion import sigma_grid
+from tsdb.nn import instance_stats
+from tsdb.strategies import get_strategy
+
+CFG = ModelConfig(context_length=32, horizon=16, patch_length=8, d_model=32, n_heads=4, n_layers=4, n_blocks=2)
+
+
+def trained_like(model):
+    """Randomize every weight (zero-initialised heads included) so outputs are informative."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    return model
+
+
+def test_instance_stats_ignore_nan():
+    x = torch.tensor([[1.0, float("nan"), 3.0, 5.0], [2.0, 2.0, 2.0, float("nan")]])
+    loc, scale = instance_stats(x)
+    assert loc[:, 0].tolist() == pytest.approx([3.0, 2.0])
+    assert scale[0, 0] == pytest.approx(math.sqrt(8 / 3))
+    assert scale[1, 0] == 1.0  # constant context: scale 1, not 0
+
+
+def test_missing_values_are_masked_not_fed():
+    """A NaN becomes (value 0, observed 0), never a NaN or a fill value inside the network."""
+    strategy = get_strategy(CFG)
+    model = trained_like(strategy.build()).eval()
+    ctx = torch.randn(2, 32)
+    ctx[:, 5] = float("nan")
+    noise = torch.randn(2, 4, 16)
+    out_nan = strategy.forecast(model, ctx, 4, noise=noise)
+    features, *_ = model.prepare(ctx)
+    assert torch.equal(features[:, 5], torch.zeros(2, 2))  # value 0, observed 0
+    assert torch.isfinite(out_nan).all()
+
+
+def test_context_tokens_are_causal_and_sigma_free():
+    strategy = get_strategy(CFG)
+    model = trained_like(strategy.build()).eval()
+    block = model.blocks[0]
+    ctx = torch.randn(1, 32)
+    features, *_ = model.prepare(ctx)
+    enc = block.encode_context(features)
+    changed = features.clone()
+    changed[:, 24:, 0] += 5.0  # alter only the last patch
+    enc2 = block.encode_context(changed)
+    for kv1, kv2 in zip(enc.kv, enc2.kv):
+        assert torch.allclose(kv1.k[:, :, :3], kv2.k[:, :, :3])  # earlier tokens unchanged
+        assert not torch.allclose(kv1.k[:, :, 3], kv2.k[:, :, 3])
+    # the encoding has no sigma input at all; the future path does
+    z = torch.randn(1, 16)
+    f1 = block.denoise_future(enc, z, torch.tensor([0.1]))
+    f2 = block.denoise_future(enc, z, torch.tensor([0.9]))
+    assert not torch.allclose(f1, f2)
+
+
+def test_untrained_block_is_the_skip_connection():
+    """adaLN-Zero: a fresh block outputs F = 0, so D(z, sigma) = c_skip(sigma) z."""
+    strategy = get_strategy(CFG)
+    model = strategy.build()
+    features, *_ = model.prepare(torch.randn(3, 32))
+    z = torch.randn(3, 16)
+    sigma = torch.full((3,), 0.5)
+    d = model.denoiser([b.encode_context(features) for b in model.blocks])(z, sigma)
+    assert torch.allclose(d, z * 1.0 / (0.25 + 1.0))
+
+
+def test_each_sampler_step_uses_the_block_owning_its_sigma():
+    strategy = get_strategy(CFG.model_copy(update={"n_blocks": 2, "num_steps": 4}))
+    model = strategy.build()
+    calls = []
+    for i, block in enumerate(model.blocks):
+        original = block.denoise_future
+        block.denoise_future = (lambda ctx, z, cn, i=i, f=original: calls.append(i) or f(ctx, z, cn))
+    strategy.cfg = strategy.cfg.model_copy(update={"sampler": "euler"})
+    strategy.forecast(model, torch.randn(1, 32), 2)
+    grid = sigma_grid(4, model.noise)[:-1]
+    want = [model.block_index(s) for s in grid]
+    assert calls == want == [0, 0, 1, 1]
+
+
+def test_forecast_is_reproducible_with_given_noise_and_chunking():
+    strategy = get_strategy(CFG)
+    model = trained_like(strategy.build()).eval()
+    ctx = torch.randn(5, 32) * 10 + 100
+    noise = torch.randn(5, 3, 16)
+    a = model.sample(ctx, 3, sigma_grid(4, model.noise), noise=noise)
+    b = model.sample(ctx, 3, sigma_grid(4, model.noise), noise=noise, max_batch=3)  # 1 series per chunk
+    assert torch.allclose(a, b, atol=1e-5)
+    assert a.shape == (5, 3, 16)
+
+
+def test_training_windows_short_series_and_partial_patches():
+    rng = np.random.default_rng(0)
+    s = Series("a", np.arange(60, dtype=np.float32), pd.Period("2024-01-01", "h"), "h")
+    windows = TrainingWindows(SeriesDataset("d", [s], "h"), context_length=48, horizon=16, patch_length=8,
+                              partial_patch_prob=1.0)
+    for _ in range(50):
+        ctx, tgt, draws = windows.window(rng)
+        assert draws.shape == (17,) and 0 <= draws[0] < 1
+        assert ctx.shape == (48,) and tgt.shape == (16,)
+        pad = int(np.isnan(ctx[::-1]).argmin())  # trailing NaN = unobserved part of the last patch
+        assert 1 <= pad < 8
+        last = ctx[~np.isnan(ctx)][-1]
+        assert tgt[0] == last + 1  # the target starts right after the last observed value

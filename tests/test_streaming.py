@@ -1,0 +1,188 @@
+"""Streaming state (tsdb.streaming): update-then-forecast equals recompute-from-full-history."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tsdb import streaming as st
+from tsdb.config import ModelConfig
+from tsdb.diffusion import sigma_grid
+from tsdb.errors import TsdbError
+from tsdb.strategies import get_strategy
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+P, C, H = 4, 32, 16
+TOL = 1e-4  # normalized scale: float32 rounding of x ~ 80 * noise (ulp ~1e-5) through K sampler steps
+
+
+def tiny(strategy: str = "depth", seed: int = 0, **kw):
+    """A small model whose adaLN-Zero layers are randomized so the network is not F = 0."""
+    torch.manual_seed(seed)
+    cfg = ModelConfig(strategy=strategy, context_length=C, horizon=H, patch_length=P, d_model=32, n_heads=4,
+                      n_layers=4, n_blocks=2, num_steps=4, **kw)
+    strat = get_strategy(cfg)
+    model = strat.build().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.abs().sum():
+                p.normal_(0, 0.1)
+    return strat, model
+
+
+def stream(model, history: torch.Tensor, t0: int, chunks) -> st.StreamingState:
+    state = st.init_state(model, history[:, :t0])
+    t = t0
+    for n in chunks:
+        state = st.update(model, state, history[:, t:t + n])
+        t += n
+    assert t == history.shape[1]
+    return state
+
+
+def reference(model, history, state, t0, noise, sigmas):
+    return st.recompute_forecast(model, history, noise, sigmas, pending=(history.shape[1] - t0) % P,
+                                 loc=state.loc, scale=state.scale, next_token=int(state.tokens[0]),
+                                 normalized=True)
+
+
+def random_chunks(rng, total):
+    out = []
+    while total:
+        n = int(min(rng.integers(1, 2 * P + 2), total))
+        out.append(n)
+        total -= n
+    return out
+
+
+@pytest.mark.parametrize("strategy", ["depth", "e2e"])
+@pytest.mark.parametrize("t0,total", [(6, 90), (40, 161), (150, 300)])
+def test_update_then_forecast_equals_recompute(strategy, t0, total):
+    """Short/medium/long initial histories, random chunk sizes, far past the window
+    (eviction), ending mid-patch or on a boundary."""
+    strat, model = tiny(strategy)
+    rng = np.random.default_rng(t0)
+    history = torch.from_numpy(rng.normal(size=(3, total)).cumsum(-1).astype(np.float32)) * 3 + 10
+    history[1, 20:23] = float("nan")  # missing values stream through too
+    state = stream(model, history, t0, random_chunks(rng, total - t0))
+    assert state.k[0].shape[3] == C // P  # the cache stays bounded
+    sigmas = sigma_grid(4, strat.noise)
+    noise = torch.randn(3, 8, H, generator=torch.Generator().manual_seed(1))
+    got = st.forecast(model, state, noise, sigmas, normalized=True)
+    want = reference(model, history, state, t0, noise, sigmas)
+    assert got.shape == (3, 8, H)
+    err = (got - want).abs().max().item()
+    assert err < TOL, err
+
+
+@pytest.mark.parametrize("end", [0, 1, 3])
+def test_every_phase_of_the_patch(end):
+    strat, model = tiny()
+    history = torch.randn(2, 100 + end).cumsum(-1)
+    state = stream(model, history, 50, [1] * (50 + end))
+    assert int(state.pending_count[0]) == (50 + end) % P
+    sigmas = sigma_grid(4, strat.noise)
+    noise = torch.randn(2, 4, H)
+    err = (st.forecast(model, state, noise, sigmas, normalized=True)
+           - reference(model, history, state, 50, noise, sigmas)).abs().max().item()
+    assert err < TOL, err
+
+
+@pytest.mark.skipif(not (SHARED / "ETTh1.csv").exists(), reason="../shared/datasets/ETTh1.csv is missing")
+def test_real_data_etth1():
+    import pandas as pd
+
+    strat, model = tiny("depth", seed=3)
+    df = pd.read_csv(SHARED / "ETTh1.csv")
+    history = torch.tensor(df[["OT", "HUFL"]].to_numpy(np.float32)[:500].T.copy())
+    t0 = 333  # ends mid-patch relative to the final length: 167 updates, 167 % 4 == 3
+    state = stream(model, history, t0, random_chunks(np.random.default_rng(0), 500 - t0))
+    sigmas = sigma_grid(4, strat.noise)
+    noise = torch.randn(2, 16, H)
+    got = st.forecast(model, state, noise, sigmas, normalized=True)
+    err = (got - reference(model, history, state, t0, noise, sigmas)).abs().max().item()
+    assert err < TOL, err
+    raw = st.forecast(model, state, noise, sigmas)
+    assert torch.isfinite(raw).all()
+
+
+def test_short_history_equals_the_library_sampler():
+    """With at most context_length values, init + forecast is exactly DiffusionForecaster.sample."""
+    strat, model = tiny()
+    sigmas = sigma_grid(4, strat.noise)
+    noise = torch.randn(2, 5, H)
+    for n in (22, 24, 32):
+        history = torch.randn(2, n).cumsum(-1) * 4 + 7
+        context = torch.full((2, C), float("nan"))
+        context[:, C - n:] = history
+        want = model.sample(context, 5, sigmas, noise=noise)
+        got = st.forecast(model, st.init_state(model, history), noise, sigmas)
+        err = (got - want).abs().max().item()
+        assert err < 1e-5 * (1 + want.abs().max().item()), (n, err)
+
+
+def test_refresh_equals_init_from_the_full_history():
+    strat, model = tiny()
+    history = torch.randn(2, 230).cumsum(-1) * 5
+    state = stream(model, history, 7, [5] * 44 + [3])
+    fresh = st.init_state(model, history)
+    refreshed = st.refresh(model, state)
+    for a, b in zip(refreshed.k + refreshed.v, fresh.k + fresh.v):
+        assert torch.allclose(a, b, atol=1e-6)
+    for name in ("tokens", "pending_count", "count", "loc", "scale"):
+        assert torch.equal(getattr(refreshed, name), getattr(fresh, name)), name
+    sigmas = sigma_grid(4, strat.noise)
+    noise = torch.randn(2, 4, H)
+    assert torch.allclose(st.forecast(model, refreshed, noise, sigmas), st.forecast(model, fresh, noise, sigmas))
+    # the statistics moved to the recent data
+    assert not torch.allclose(refreshed.loc, state.loc)
+
+
+def test_mixed_phases_and_lengths_in_one_batch():
+    """Series of different history lengths and patch phases batch together and match
+    their single runs."""
+    strat, model = tiny()
+    rng = np.random.default_rng(5)
+    histories = [torch.from_numpy(rng.normal(size=n).cumsum().astype(np.float32)) for n in (9, 45, 130)]
+    t = max(len(h) for h in histories)
+    padded = torch.full((3, t), float("nan"))
+    for i, h in enumerate(histories):
+        padded[i, t - len(h):] = h
+    batch = st.init_state(model, padded, lengths=torch.tensor([len(h) for h in histories]))
+    singles = [st.init_state(model, h[None]) for h in histories]
+    for a, b in zip(batch.k, st.StreamingState.cat(singles).k):
+        assert torch.allclose(a, b, atol=1e-6)
+    # bring the series to different phases, then update them together
+    extra = [torch.randn(1, n) for n in (1, 2, 0)]
+    singles = [st.update(model, s, e) for s, e in zip(singles, extra)]
+    batch = st.StreamingState.cat(singles)
+    assert batch.pending_count.tolist() == [1, 2, 0]
+    new = torch.randn(3, 7)
+    batch = st.update(model, batch, new)
+    singles = [st.update(model, s, new[i:i + 1]) for i, s in enumerate(singles)]
+    assert batch.pending_count.tolist() == [0, 1, 3]
+    sigmas = sigma_grid(4, strat.noise)
+    noise = torch.randn(3, 4, H)
+    got = st.forecast(model, batch, noise, sigmas, normalized=True)
+    for i, s in enumerate(singles):
+        assert torch.allclose(got[i:i + 1], st.forecast(model, s, noise[i:i + 1], sigmas, normalized=True),
+                              atol=1e-5)
+
+
+def test_update_is_pure_and_bounded():
+    strat, model = tiny()
+    state = st.init_state(model, torch.randn(1, 40))
+    before = [k.clone() for k in state.k]
+    later = st.update(model, state, torch.randn(1, 1000))
+    assert all(torch.equal(a, b) for a, b in zip(before, state.k))
+    assert later.k[0].shape == state.k[0].shape
+    assert later.recent.shape == state.recent.shape
+    assert int(later.count[0]) == 1040 and int(later.tokens[0]) == int(state.tokens[0]) + 250
+
+
+def test_rejects_other_models():
+    with pytest.raises(TsdbError, match="streaming supports"):
+        st.init_state(torch.nn.Linear(2, 2), torch.randn(1, 4))

@@ -1,0 +1,291 @@
+"""sktime integration: :class:`TsdbForecaster`, a global probabilistic forecaster.
+
+One model is trained on every series it is given: a ``pd.Series``, every column of a
+``pd.DataFrame``, and every instance (and column) of a panel or hierarchical frame are
+all series of one global tsdb model, trained block by block with
+:func:`tsdb.train.train_model`. Point forecasts are the sample median; quantiles and
+intervals come from the same sample paths (same seed, same paths).
+
+State after ``fit``: the trained model, the history (``_cur_y``) and, for the strategies
+that stream (``depth``, ``e2e``), a :mod:`tsdb.streaming` state built from the last
+``context_length`` values of each series, so that a forecast right after ``fit`` equals
+tsdb's own forecast of that context. ``update(y, update_params=False)`` feeds only the
+new values through ``tsdb.streaming.update`` (cost independent of the history length;
+normalization statistics stay frozen at ``fit``, the streaming rule); the other
+strategies forecast from the last ``context_length`` values of the extended history.
+``update_params=True`` retrains on all data seen so far, as sktime's default does.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from sktime.forecasting.base import BaseForecaster, ForecastingHorizon
+
+from tsdb import streaming
+from tsdb.config import ExperimentConfig
+from tsdb.data.series import Series, SeriesDataset
+from tsdb.data.validate import validate_dataset
+from tsdb.data.windows import last_context
+from tsdb.diffusion import sigma_grid
+from tsdb.strategies import get_strategy
+from tsdb.train import train_model
+
+# sktime indexes may be plain integers; tsdb models read values only, so the series get a
+# mock start (as M4 does) that nothing downstream reads
+_MOCK_START = pd.Period("2000-01-01", "D")
+
+
+class TsdbForecaster(BaseForecaster):
+    """DiffusionBlocks probabilistic forecaster: one global model for all series given.
+
+    Parameters
+    ----------
+    config : dict, str, ExperimentConfig or None, default=None
+        tsdb ``ExperimentConfig``: a dict of its sections (e.g.
+        ``{"model": {"n_blocks": 2}, "train": {"lr": 3e-4}}``), a YAML path, or the object;
+        None uses tsdb's defaults. The parameters below override it.
+    context_length : int or None, default=None
+        Values the model reads before the forecast; None keeps the config's.
+    horizon : int or None, default=None
+        Model horizon, rounded up to whole patches. None: the largest step of ``fh``
+        passed to ``fit`` (the config's horizon when ``fit`` gets no ``fh``). Forecasts
+        reach at most this many steps past the cutoff.
+    steps_per_block : int or None, default=None
+        Training steps per block; None keeps the config's.
+    num_samples : int or None, default=None
+        Sample paths behind every forecast; None keeps the config's.
+    random_state : int or None, default=None
+        Seed of training and sampling; None keeps the config's ``train.seed``. Results
+        are deterministic for a given seed.
+    verbose : bool, default=False
+        Show training progress bars.
+
+    Examples
+    --------
+    >>> from sktime.datasets import load_airline
+    >>> from tsdb.integrations.sktime import TsdbForecaster
+    >>> y = load_airline()
+    >>> forecaster = TsdbForecaster(
+    ...     config={"model": {"patch_length": 4, "d_model": 16, "n_heads": 2, "n_layers": 2,
+    ...                       "n_blocks": 2}},
+    ...     context_length=24, steps_per_block=5, num_samples=20)
+    >>> forecaster.fit(y, fh=[1, 2, 3])
+    TsdbForecaster(...)
+    >>> y_pred = forecaster.predict()
+    >>> y_quantiles = forecaster.predict_quantiles(alpha=[0.1, 0.9])
+    """
+
+    _tags = {
+        "authors": ["tsdb developers"],
+        "maintainers": ["tsdb developers"],
+        "y_inner_mtype": ["pd.DataFrame", "pd-multiindex", "pd_multiindex_hier"],
+        "X_inner_mtype": ["pd.DataFrame", "pd-multiindex", "pd_multiindex_hier"],
+        "capability:exogenous": False,
+        "capability:multivariate": True,  # each column is one more series of the global model
+        "capability:missing_values": True,  # NaN is masked in the model, never fed as a value
+        "capability:insample": False,
+        "capability:pred_int": True,
+        "capability:pred_int:insample": False,
+        "capability:update": True,
+        "capability:unequal_length": True,
+        "capability:random_state": True,
+        "property:randomness": "derandomized",
+        "requires-fh-in-fit": False,
+    }
+
+    def __init__(self, config=None, context_length=None, horizon=None, steps_per_block=None,
+                 num_samples=None, random_state=None, verbose=False):
+        self.config = config
+        self.context_length = context_length
+        self.horizon = horizon
+        self.steps_per_block = steps_per_block
+        self.num_samples = num_samples
+        self.random_state = random_state
+        self.verbose = verbose
+        super().__init__()
+
+    # ------------------------------------------------------------------ sktime API
+
+    def _fit(self, y, X=None, fh=None):
+        """Train one global model on every series of ``y``."""
+        self.config_ = self._experiment_config(fh)
+        self.strategy_ = get_strategy(self.config_.model)
+        self._cur_y = y
+        series = _series(y)
+        self._keys = list(series)  # the model's batch order
+        dataset = validate_dataset(SeriesDataset("sktime", [
+            Series(str(key), values, _MOCK_START, _MOCK_START.freqstr)
+            for key, (values, _) in series.items()], _MOCK_START.freqstr))
+        with tempfile.TemporaryDirectory(prefix="tsdb-sktime-") as run_dir:
+            self.model_, _ = train_model(self.config_, dataset, run_dir, strategy=self.strategy_)
+        self.model_.eval()
+        self._stream_state = None
+        if self.config_.model.strategy in streaming.STREAMING_STRATEGIES:
+            self._stream_state = streaming.init_state(self.model_, torch.from_numpy(self._contexts()))
+        return self
+
+    def _update(self, y, X=None, update_params=True):
+        """Extend the history by ``y``; retrain on all of it if ``update_params``."""
+        new = _series(y)
+        unknown = [key for key in new if key not in self._keys]
+        if unknown:
+            raise ValueError(f"update got series {unknown[0]} that fit did not see; fit again to "
+                             "add series to the model")
+        last = {(*instance, column): frame.index[-1]
+                for instance, frame in _instances(self._cur_y) for column in frame.columns}
+        new_values = []
+        for key in self._keys:
+            values, index = new.get(key, (np.empty(0, np.float32), pd.Index([])))
+            new_values.append(values[index > last[key]])
+        self._cur_y = _append(self._cur_y, y)
+        if update_params:
+            return self._fit(self._cur_y, fh=self._fh)
+        if self._stream_state is not None:
+            self._stream_state = self._stream(new_values)
+        return self
+
+    def _predict(self, fh, X=None):
+        """Sample median per step."""
+        point = np.median(self._sample_paths(), axis=1)[:, :, None]  # [series, H, 1]
+        return self._frame(fh, point, self._get_columns("predict"))
+
+    def _predict_quantiles(self, fh, X, alpha):
+        """Empirical quantiles of the sample paths."""
+        q = np.quantile(self._sample_paths(), alpha, axis=1)  # [alpha, series, H]
+        return self._frame(fh, q.transpose(1, 2, 0), self._get_columns("predict_quantiles", alpha=alpha))
+
+    @classmethod
+    def get_test_params(cls, parameter_set="default"):
+        """Two tiny configurations: a streaming ``depth`` model and a ``looped`` one."""
+        # horizon from fh (the config's 6 when fit gets none): fits sktime's 10-point panels
+        tiny = {"patch_length": 2, "horizon": 6, "d_model": 8, "n_heads": 2, "n_layers": 2, "num_steps": 2}
+        train = {"batch_size": 8, "warmup_steps": 0, "accelerator": "cpu"}
+        common = {"context_length": 4, "steps_per_block": 2, "num_samples": 8}
+        return [
+            {"config": {"model": {**tiny, "n_blocks": 2}, "train": train}, **common},
+            {"config": {"model": {**tiny, "strategy": "looped", "loop_iters": 2}, "train": train},
+             **common, "random_state": 1},
+        ]
+
+    # ------------------------------------------------------------------ helpers
+
+    def _experiment_config(self, fh) -> ExperimentConfig:
+        """``config`` with this forecaster's parameters applied."""
+        cfg = self.config
+        if cfg is None:
+            cfg = ExperimentConfig()
+        elif isinstance(cfg, (str, Path)):
+            cfg = ExperimentConfig.from_yaml(cfg)
+        elif isinstance(cfg, dict):
+            cfg = ExperimentConfig.model_validate(cfg)
+        horizon = self.horizon
+        if horizon is None:
+            horizon = int(max(fh.to_relative(self.cutoff))) if fh is not None else cfg.model.horizon
+        patch = cfg.model.patch_length
+        model = {"horizon": -(-horizon // patch) * patch, "context_length": self.context_length,
+                 "num_samples": self.num_samples}
+        train = {"progress": bool(self.verbose), "steps_per_block": self.steps_per_block,
+                 "seed": self.random_state}
+        return cfg.with_overrides(model=_given(model), train=_given(train))
+
+    def _contexts(self) -> np.ndarray:
+        """The last ``context_length`` values of every series, NaN-left-padded, ``[series, C]``."""
+        c = self.config_.model.context_length
+        series = _series(self._cur_y)
+        return np.stack([last_context(series[key][0], c) for key in self._keys])
+
+    def _stream(self, new_values: list[np.ndarray]) -> streaming.StreamingState:
+        """The state after ``tsdb.streaming.update`` with each series' new values."""
+        by_length: dict[int, list[int]] = {}
+        for i, values in enumerate(new_values):
+            by_length.setdefault(len(values), []).append(i)
+        parts, order = [], []
+        for n, idx in by_length.items():
+            values = torch.from_numpy(np.stack([new_values[i] for i in idx]).reshape(len(idx), n))
+            parts.append(streaming.update(self.model_, self._stream_state.select(idx), values))
+            order.extend(idx)
+        state = parts[0] if len(parts) == 1 else streaming.StreamingState.cat(parts)
+        return state.select(torch.argsort(torch.tensor(order)))
+
+    def _sample_paths(self) -> np.ndarray:
+        """Raw-scale sample paths ``[series, S, H]``; the same for the same seed and state."""
+        cfg = self.config_.model
+        generator = torch.Generator().manual_seed(self.config_.train.seed)
+        with torch.inference_mode():
+            if self._stream_state is None:
+                contexts = torch.from_numpy(self._contexts())
+                return self.strategy_.forecast(self.model_, contexts, cfg.num_samples,
+                                               generator=generator).numpy()
+            noise = torch.randn(self._stream_state.batch_size, cfg.num_samples, cfg.horizon, generator=generator)
+            sigmas = sigma_grid(cfg.inference_steps, self.strategy_.noise)
+            return streaming.forecast(self.model_, self._stream_state, noise, sigmas, cfg.sampler).numpy()
+
+    def _frame(self, fh, values: np.ndarray, columns: pd.Index) -> pd.DataFrame:
+        """Forecast table from per-series, per-step values ``[series, H, k]``.
+
+        Columns are ``columns`` (variables, then the ``k`` entries of each); rows are the
+        steps of ``fh`` counted from each instance's own last time point.
+        """
+        horizon = values.shape[1]
+        row = {key: i for i, key in enumerate(self._keys)}
+        frames, keys = [], []
+        for instance, history in _instances(self._cur_y):
+            last, fh_i = history.index[-1], _with_freq(fh, history.index, instance)
+            steps = fh_i.to_relative(last).to_numpy()
+            if steps.max() > horizon:
+                raise ValueError(f"fh reaches {steps.max()} steps past the cutoff, the model's horizon is "
+                                 f"{horizon}; refit with horizon >= {steps.max()} (or pass fh to fit)")
+            block = values[[row[(*instance, column)] for column in history.columns]][:, steps - 1]
+            frames.append(pd.DataFrame(block.transpose(1, 0, 2).reshape(len(steps), -1), columns=columns,
+                                       index=fh_i.to_absolute_index(last)))
+            keys.append(instance)
+        if keys == [()]:
+            return frames[0]
+        out = pd.concat(frames, keys=keys)
+        out.index.names = self._cur_y.index.names
+        return out
+
+
+def _instances(y: pd.DataFrame) -> list[tuple[tuple, pd.DataFrame]]:
+    """``(instance key, frame indexed by time)`` per instance; ``((), y)`` for one series."""
+    if not isinstance(y.index, pd.MultiIndex):
+        return [((), y)]
+    levels = list(range(y.index.nlevels - 1))
+    return [(key if isinstance(key, tuple) else (key,), frame.droplevel(levels))
+            for key, frame in y.groupby(level=levels, sort=False)]
+
+
+def _series(y: pd.DataFrame) -> dict[tuple, tuple[np.ndarray, pd.Index]]:
+    """``{instance key + (column,): (float32 values, time index)}`` for every series of ``y``."""
+    return {(*instance, column): (frame[column].to_numpy(dtype=np.float32), frame.index)
+            for instance, frame in _instances(y) for column in frame.columns}
+
+
+def _with_freq(fh: ForecastingHorizon, index: pd.Index, instance: tuple) -> ForecastingHorizon:
+    """``fh`` with the frequency of a datetime ``index`` (sktime leaves it unset for panels)."""
+    if fh.freq is not None or not isinstance(index, pd.DatetimeIndex):
+        return fh
+    freq = index.freq or (pd.infer_freq(index) if len(index) >= 3 else None)
+    if freq is None:
+        raise ValueError(f"cannot tell the frequency of the time index of {instance or 'y'}; give it a "
+                         "regular DatetimeIndex (or a PeriodIndex)")
+    return ForecastingHorizon(fh.to_pandas(), is_relative=fh.is_relative, freq=freq)
+
+
+def _given(values: dict) -> dict:
+    """The entries that are not None."""
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def _append(history: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
+    """``history`` extended by ``new``; rows of ``new`` replace rows with the same index."""
+    both = pd.concat([history, new])
+    return both[~both.index.duplicated(keep="last")].sort_index()
+
+
+__all__ = ["TsdbForecaster"]
