@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(BIN)/tsdb demo --out runs/demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest -n 2 --dist loadfile tests
 
 clean:
 	rm -rf $(VENV) runs

@@ -116,5 +116,7 @@ def test_heun_exact_on_gaussian_data():
     x = torch.randn(4, 2, generator=torch.Generator().manual_seed(0)) * 80
     grid = torch.cat([torch.exp(torch.linspace(math.log(80.0), math.log(0.002), 100)), torch.zeros(1)])
     want = x * sd / math.sqrt(80.0**2 + sd**2) * math.sqrt(0.0**2 + sd**2)
-    assert torch.allclose(sample_heun(d, x, grid), want, rtol=1e-3, atol=1e-3)
-    assert not torch.allclose(sample_euler(d, x, grid), want, rtol=1e-3, atol=1e-3)  # first order is worse
+    heun_err = float(((sample_heun(d, x, grid) - want) / want).abs().max())
+    euler_err = float(((sample_euler(d, x, grid) - want) / want).abs().max())
+    assert heun_err < 5e-3
+    assert euler_err > 5 * heun_err  # second order beats first order on the same grid

@@ -32,9 +32,13 @@ TOL = 1e-4
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """A tiny depth run (random weights, adaLN-Zero layers randomized), exported."""
+    return tiny_run(tmp_path_factory, "depth")
+
+
+def tiny_run(tmp_path_factory, strategy: str):
+    """A tiny run (random weights, adaLN-Zero layers randomized), exported."""
     torch.manual_seed(0)
-    cfg = ModelConfig(strategy="depth", context_length=C, horizon=H, patch_length=P, d_model=32, n_heads=4,
+    cfg = ModelConfig(strategy=strategy, context_length=C, horizon=H, patch_length=P, d_model=32, n_heads=4,
                       n_layers=4, n_blocks=2, num_steps=4)
     strat = get_strategy(cfg)
     model = strat.build().eval()
@@ -42,7 +46,7 @@ def exported(tmp_path_factory):
         for p in model.parameters():
             if not p.abs().sum():
                 p.normal_(0, 0.1)
-    run = tmp_path_factory.mktemp("run")
+    run = tmp_path_factory.mktemp(strategy)
     ExperimentConfig(model=cfg).to_yaml(run / "config.yaml")
     torch.save(model.state_dict(), run / "model.pt")
     out = export_run(run, run / "onnx")
@@ -188,6 +192,28 @@ def test_metadata_is_validated_on_load(exported, tmp_path):
         rt.StreamingForecaster(tmp_path)
 
 
+def test_looped_core_is_one_graph_looped_on_the_host(tmp_path_factory):
+    """The looped strategy exports one core application (prelude caches in the state) and
+    the runtime takes K Euler steps with it."""
+    strat, model, out = tiny_run(tmp_path_factory, "looped")
+    meta = load_metadata(out)
+    assert meta["sampler"] == "euler" and len(meta["graphs"]["denoise"]) == 1
+    assert meta["shapes"]["layers_per_block"] == [4] and meta["shapes"]["core_layers"] == [2]
+    history = (np.random.default_rng(3).normal(size=140).cumsum() + 9).astype(np.float32)
+    f = rt.StreamingForecaster(out, refresh="none")
+    f.update(["s"], [history[:60]])
+    f.update(["s"], [history[60:139]])
+    f.update(["s"], [history[139:]])
+    state = torch_stream(model, history, 60, [79, 1])
+    noise = np.random.default_rng(4).normal(size=(1, 9, H)).astype(np.float32)
+    got = f.forecast(["s"], noise=noise, normalized=True).samples
+    want = st.forecast(model, state, torch.from_numpy(noise), sigma_grid(4, strat.noise), sampler="euler",
+                       normalized=True)
+    assert np.abs(got - want.numpy()).max() < TOL
+    # K is a runtime knob: another exported grid
+    assert f.forecast(["s"], num_samples=4, seed=0, num_steps=8).samples.shape == (1, 4, H)
+
+
 # ---------------------------------------------------------------------------------------
 # tsdb stream
 # ---------------------------------------------------------------------------------------
@@ -315,3 +341,16 @@ def test_runtime_in_a_fresh_venv_without_torch(exported, tmp_path):
     state = torch_stream(model, history, 50, [1] * 27)
     want = st.forecast(model, state, torch.from_numpy(noise), sigma_grid(4, strat.noise), normalized=True)
     assert np.abs(np.load(tmp_path / "samples.npy") - want.numpy()).max() < TOL
+
+
+def test_streaming_bench_smoke(tmp_path):
+    from tsdb.bench_streaming import run_streaming_bench
+
+    cfg = dict(strategy="e2e", context_length=C, horizon=H, patch_length=P, d_model=16, n_heads=2, n_layers=1,
+               n_blocks=1, num_steps=2)
+    res = run_streaming_bench(tmp_path, context_lengths=(32, 96), extra_lengths=(), num_samples=4, updates=2,
+                              warmup=1, model_cfg=cfg)
+    assert [r["history"] for r in res["rows"]] == [32, 96]
+    assert res["summary"]["parity_ort_vs_torch"] < TOL and res["summary"]["parity_stream_vs_recompute"] < TOL
+    assert {p.name for p in tmp_path.iterdir()} == {"results.json", "report.md", "latency.png"}
+    assert "ORT streaming" in (tmp_path / "report.md").read_text()

@@ -15,7 +15,7 @@ from tsdb.data.windows import last_context  # noqa: E402
 from tsdb.diffusion import sigma_grid  # noqa: E402
 from tsdb.integrations.sktime import TsdbForecaster  # noqa: E402
 
-DEPTH, LOOPED = TsdbForecaster.get_test_params()
+DEPTH = TsdbForecaster.get_test_params()[0]  # the depth split
 
 
 @pytest.fixture(autouse=True)
@@ -106,7 +106,10 @@ def test_update_with_params_retrains_on_all_data():
 
 def test_non_streaming_strategy_forecasts_from_the_extended_history():
     y = panel(n_instances=1, length=50).droplevel("item")["y"]
-    forecaster = TsdbForecaster(**LOOPED).fit(y.iloc[:40], fh=[1, 2])
+    model = {**DEPTH["config"]["model"], "strategy": "horizon"}
+    params = {**DEPTH, "config": {**DEPTH["config"], "model": model}, "context_length": 8}
+    forecaster = TsdbForecaster(**params).fit(y.iloc[:40], fh=[1, 2])
+    assert forecaster.config_.model.horizon == 4  # whole chunks of n_blocks patches
     assert forecaster._stream_state is None
     before = forecaster.predict()
     forecaster.update(y.iloc[40:45], update_params=False)
@@ -124,3 +127,14 @@ def test_fh_beyond_the_model_horizon_is_a_clear_error():
     forecaster = TsdbForecaster(**DEPTH).fit(y)  # no fh: the config's horizon, 6
     with pytest.raises(ValueError, match="horizon is 6"):
         forecaster.predict(fh=[7])
+
+
+def test_long_pandas_frame_with_datetimes_and_unequal_ends():
+    stamps = pd.date_range("2024-01-01", periods=30, freq="h")
+    long = pd.DataFrame({"item_id": np.repeat(["a", "b"], 30), "timestamp": np.tile(stamps, 2),
+                         "load": np.sin(np.arange(60) / 4)})
+    y = long.set_index(["item_id", "timestamp"]).drop(index=[("b", stamps[-1]), ("b", stamps[-2])])
+    pred = TsdbForecaster(**DEPTH).fit(y, fh=[1, 2]).predict_interval(coverage=0.8)
+    assert pred.loc["a"].index.tolist() == list(pd.date_range("2024-01-02 06:00", periods=2, freq="h"))
+    assert pred.loc["b"].index.tolist() == list(pd.date_range("2024-01-02 04:00", periods=2, freq="h"))
+    assert (pred[("load", 0.8, "lower")] <= pred[("load", 0.8, "upper")]).all()

@@ -58,8 +58,8 @@ def random_chunks(rng, total):
     return out
 
 
-@pytest.mark.parametrize("strategy", ["depth", "e2e"])
-@pytest.mark.parametrize("t0,total", [(6, 90), (40, 161), (150, 300)])
+@pytest.mark.parametrize("strategy,t0,total", [("depth", 6, 90), ("depth", 40, 161), ("depth", 150, 300),
+                                                ("e2e", 40, 161), ("looped", 6, 90), ("looped", 150, 300)])
 def test_update_then_forecast_equals_recompute(strategy, t0, total):
     """Short/medium/long initial histories, random chunk sizes, far past the window
     (eviction), ending mid-patch or on a boundary."""
@@ -71,8 +71,11 @@ def test_update_then_forecast_equals_recompute(strategy, t0, total):
     assert state.k[0].shape[3] == C // P  # the cache stays bounded
     sigmas = sigma_grid(4, strat.noise)
     noise = torch.randn(3, 8, H, generator=torch.Generator().manual_seed(1))
-    got = st.forecast(model, state, noise, sigmas, normalized=True)
-    want = reference(model, history, state, t0, noise, sigmas)
+    sampler = st.sampler_for(strat)
+    got = st.forecast(model, state, noise, sigmas, sampler=sampler, normalized=True)
+    want = st.recompute_forecast(model, history, noise, sigmas, sampler=sampler, pending=(total - t0) % P,
+                                 loc=state.loc, scale=state.scale, next_token=int(state.tokens[0]),
+                                 normalized=True)
     assert got.shape == (3, 8, H)
     err = (got - want).abs().max().item()
     assert err < TOL, err
@@ -109,17 +112,18 @@ def test_real_data_etth1():
     assert torch.isfinite(raw).all()
 
 
-def test_short_history_equals_the_library_sampler():
-    """With at most context_length values, init + forecast is exactly DiffusionForecaster.sample."""
-    strat, model = tiny()
+@pytest.mark.parametrize("strategy", ["depth", "looped"])
+def test_short_history_equals_the_library_sampler(strategy):
+    """With at most context_length values, init + forecast is exactly the strategy's own forecast."""
+    strat, model = tiny(strategy)
     sigmas = sigma_grid(4, strat.noise)
     noise = torch.randn(2, 5, H)
     for n in (22, 24, 32):
         history = torch.randn(2, n).cumsum(-1) * 4 + 7
         context = torch.full((2, C), float("nan"))
         context[:, C - n:] = history
-        want = model.sample(context, 5, sigmas, noise=noise)
-        got = st.forecast(model, st.init_state(model, history), noise, sigmas)
+        want = strat.forecast(model, context, 5, noise=noise)
+        got = st.forecast(model, st.init_state(model, history), noise, sigmas, sampler=st.sampler_for(strat))
         err = (got - want).abs().max().item()
         assert err < 1e-5 * (1 + want.abs().max().item()), (n, err)
 

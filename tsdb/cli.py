@@ -120,6 +120,10 @@ def cmd_bench(args) -> None:
         from .bench_streaming import run_streaming_bench
         run_streaming_bench(args.out or "reports/streaming")
         return
+    if args.name == "parallel":
+        from .bench_parallel import run_parallel_bench
+        run_parallel_bench(args.out or "reports/parallel")
+        return
     path = Path(args.config) if args.config else CONFIGS / "bench" / f"{args.name}-{args.tier}.yaml"
     if not path.exists():
         known = sorted({p.stem.rsplit("-", 1)[0] for p in (CONFIGS / "bench").glob("*.yaml")})
@@ -218,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  ("ablate", cmd_ablate, "train and evaluate a grid of split strategies")):
         s = sub.add_parser(name, help=helptext)
         if name == "bench":
-            s.add_argument("name", help="m4-hourly, etth1 or streaming")
+            s.add_argument("name", help="m4-hourly, etth1, parallel or streaming")
             s.add_argument("--tier", default="quick", choices=["quick", "full"])
             s.add_argument("--config", help="override the benchmark's YAML")
         else:

@@ -63,6 +63,8 @@ class ExperimentSpec(BaseModel):
     # extra inference-time evaluations: {arm: [K, ...]} -> figures "crps_k" per K
     steps_sweep: dict[str, list[int]] = Field(default_factory=dict)
     anchors: dict[str, dict[str, float]] = Field(default_factory=dict)  # published numbers, cited
+    # memory-only sweep: {arm: [K, ...]} -> training-state bytes of one step with loop_iters = K
+    memory_sweep: dict[str, list[int]] = Field(default_factory=dict)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "ExperimentSpec":
@@ -149,7 +151,26 @@ def run_arm(spec: ExperimentSpec, name: str, task: EvalTask, out: Path) -> dict:
         m = evaluate_predictor(task, torch_predictor(strategy, model, num_steps=k, seed=cfg.train.seed),
                                cfg.model.context_length, spec.num_samples)
         figures.setdefault("crps_by_steps", {})[str(k)] = m["crps"]
+    if name in spec.memory_sweep:
+        figures["saved_activation_bytes_by_iters"] = memory_at_iters(spec, name, spec.memory_sweep[name], task)
     return figures
+
+
+def memory_at_iters(spec: ExperimentSpec, name: str, iters: list[int], task: EvalTask) -> dict:
+    """Saved-activation bytes of one training step of a fresh model with ``loop_iters = K``."""
+    from .data.windows import TrainingWindows
+    from .memory import measure_training_step
+    from .train import make_optimizer
+    out = {}
+    for k in iters:
+        cfg = spec.arm_config(name).with_overrides(model={"loop_iters": k})
+        windows = TrainingWindows(task.train, cfg.model.context_length, cfg.model.horizon, seed=cfg.train.seed)
+        batch = next(iter(torch.utils.data.DataLoader(windows, batch_size=cfg.train.batch_size)))
+        strategy = get_strategy(cfg.model)
+        unit = strategy.units(strategy.build())[0]
+        stats = measure_training_step(unit.module, lambda: unit.loss(batch), lambda p: make_optimizer(p, cfg.train))
+        out[str(k)] = stats["saved_activation_bytes"]
+    return out
 
 
 def run_baseline(spec: ExperimentSpec, name: str, task: EvalTask) -> dict:
@@ -254,6 +275,21 @@ def write_report(spec: ExperimentSpec, results: dict, out: Path, command: str | 
         plots.line_chart({n: ([int(k) for k in d], list(d.values())) for n, d in sweeps.items()},
                          out / "crps_vs_steps.png", "inference steps K", "CRPS", spec.name, logx=True)
         lines += ["", "![CRPS vs K](crps_vs_steps.png)"]
+    mem_sweeps = {n: f["saved_activation_bytes_by_iters"] for n, f in arms.items()
+                  if "saved_activation_bytes_by_iters" in f}
+    if mem_sweeps:
+        lines += ["", "Saved-activation MiB of one training step against training iterations K "
+                  "(a fresh model, same batch):", ""]
+        for n, d in mem_sweeps.items():
+            lines.append(f"- {n}: " + ", ".join(f"K={k}: {v / 2**20:.2f}" for k, v in d.items()))
+    depth_by_b = {int(n.split("-b")[1]): f["crps"] for n, f in arms.items()
+                  if n.startswith("depth-b") and n.split("-b")[1].isdigit()}
+    if depth_by_b and e2e.get("crps"):
+        depth_by_b[1] = e2e["crps"]  # B = 1 is the e2e arm
+        xs = sorted(depth_by_b)
+        plots.line_chart({"depth (equiprob, gamma 0.05)": (xs, [depth_by_b[b] for b in xs])},
+                         out / "crps_vs_blocks.png", "blocks B (B = 1 is e2e)", "CRPS", spec.name)
+        lines += ["", "![CRPS vs B](crps_vs_blocks.png)"]
     plots.bar_chart({n: f["crps"] for n, f in arms.items()}, out / "crps.png", "CRPS (lower is better)",
                     spec.name, reference=e2e.get("crps"), reference_label="e2e")
     ours = {n: f["train_state_bytes"] / 2**20 for n, f in arms.items() if f.get("train_state_bytes")}

@@ -13,7 +13,8 @@ inputs/outputs, dynamic ``batch``, ``new_tokens``, ``cache`` and ``samples`` axe
 ``update``
     inputs ``features [batch, new_tokens, P, 2]`` (normalized value, observed mask),
     ``start [batch]`` int64 (absolute position of the first new token) and, for every block
-    ``i``, ``cache_k_<i>``/``cache_v_<i>`` ``[layers, batch, heads, cache, head_dim]``;
+    ``i``, ``cache_k_<i>``/``cache_v_<i>`` ``[layers, batch, heads, cache, head_dim]`` (``layers``:
+    a looped block's prelude layers, then its own);
     outputs ``new_cache_k_<i>``/``new_cache_v_<i>``: the last ``min(W, cache + new_tokens)``
     tokens. Initialisation runs it with an empty cache (``cache = 0``); the partial token of
     a forecast is the last entry of its output for the NaN-padded unfinished patch.
@@ -28,7 +29,8 @@ sampler steps): the block a step uses is chosen by its sigma, so a single graph 
 bake one sigma grid (K, sampler) into the file and, after constant folding, duplicate a
 block's weights at every step that calls it; with a host loop the file holds each
 weight once, K and the sampler stay runtime knobs, the runtime is ~30 lines of numpy
-(Euler/Heun), and the same design serves the looped strategy (one core step, looped).
+(Euler/Heun), and for the looped strategy ``denoise_0`` is exactly one application of the
+weight-tied core, looped K times on the host.
 The cost is ~2K small ``session.run`` calls per forecast (tens of microseconds each).
 """
 
@@ -46,8 +48,8 @@ from .diffusion import sigma_grid
 from .errors import TsdbError
 from .nn.denoiser import CONTEXT_CHANNELS
 from .nn.forecaster import DiffusionForecaster
-from .streaming import (NORMALIZATION_RULE, STREAMING_STRATEGIES, denoise_step, encode_tokens, init_tokens,
-                        window_tokens)
+from .streaming import (NORMALIZATION_RULE, STREAMING_STRATEGIES, context_layers, denoise_step, encode_tokens,
+                        init_tokens, sampler_for, window_tokens)
 
 FORMAT = "tsdb-streaming-onnx"
 FORMAT_VERSION = 1
@@ -106,14 +108,18 @@ def _export(module: nn.Module, args: tuple, path: Path, input_names, output_name
         raise TsdbError(f"ONNX export did not write {path}")
 
 
-def export_model(model: DiffusionForecaster, strategy, out_dir: str | Path, sampler: str = "heun",
+def export_model(model: DiffusionForecaster, strategy, out_dir: str | Path, sampler: str | None = None,
                  num_steps: int | None = None, arm: str | None = None) -> dict:
-    """Export ``model`` (a depth/e2e ``DiffusionForecaster``) to ``out_dir``; returns the metadata."""
+    """Export ``model`` (a depth/e2e/looped ``DiffusionForecaster``) to ``out_dir``; returns the metadata.
+
+    ``sampler`` defaults to the strategy's (Euler for looped, ``cfg.sampler`` otherwise).
+    """
     if not isinstance(model, DiffusionForecaster) or strategy.name not in STREAMING_STRATEGIES:
         raise TsdbError(f"ONNX export supports the {'/'.join(STREAMING_STRATEGIES)} strategies; "
                         f"got {strategy.name!r}")
     from torch.export import Dim
 
+    sampler = sampler or sampler_for(strategy)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = model.eval().float()
@@ -121,9 +127,10 @@ def export_model(model: DiffusionForecaster, strategy, out_dir: str | Path, samp
     p, w = shape.patch_length, window_tokens(model)
     heads, hd = shape.n_heads, shape.d_model // shape.n_heads
     nb = len(model.blocks)
-    layers = [len(b.layers) for b in model.blocks]
+    layers = [len(context_layers(b)) for b in model.blocks]
     b_ex, m_ex, c_ex, s_ex = 2, 3, max(2, w - 1), 3
-    batch, new, cache, samples = Dim("batch", min=1), Dim("new_tokens", min=1), Dim("cache", min=0), Dim("samples", min=1)
+    batch, new = Dim("batch", min=1), Dim("new_tokens", min=1)
+    cache, samples = Dim("cache", min=0), Dim("samples", min=1)
     g = torch.Generator().manual_seed(0)
 
     def rand(*s):
@@ -168,6 +175,7 @@ def export_model(model: DiffusionForecaster, strategy, out_dir: str | Path, samp
         "arm": arm or strategy.arm_name(),
         "opset": OPSET,
         "shapes": {
+            "core_layers": [len(b.layers) for b in model.blocks],
             "context_length": shape.context_length, "horizon": shape.horizon, "patch_length": p,
             "context_channels": CONTEXT_CHANNELS, "d_model": shape.d_model, "n_heads": heads,
             "head_dim": hd, "n_blocks": nb, "layers_per_block": layers, "window_tokens": w,
@@ -210,7 +218,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
 
     cfg, strategy, model = load_model(run_dir)
     out = Path(out_dir) if out_dir is not None else Path(run_dir) / "onnx"
-    export_model(model, strategy, out, sampler=cfg.model.sampler, num_steps=cfg.model.inference_steps)
+    export_model(model, strategy, out, num_steps=cfg.model.inference_steps)
     return out
 
 

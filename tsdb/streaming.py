@@ -1,4 +1,4 @@
-"""Online streaming inference with explicit-tensor state (``depth`` and ``e2e`` strategies).
+"""Online streaming inference with explicit-tensor state (``depth``, ``e2e``, ``looped``).
 
 Observations arrive one (or a few) at a time; each should update the model cheaply and
 yield a fresh probabilistic forecast. The context path of every block is causal and
@@ -33,6 +33,10 @@ Normalization rule (``frozen-at-init``)
     it also rebases token positions to 0. The torch-free runtime refreshes automatically
     while a series is young (see ``tsdb_streaming``).
 
+Looped models cache their prelude layers' keys/values too (the core's context path
+reads the prelude's output), and forecast with Euler steps (one core application each).
+The ``horizon`` strategy (rolling noisy windows) is not covered here.
+
 Everything here is a free function of the model and a :class:`StreamingState`; the model
 holds no state. The same per-block functions (:func:`encode_tokens`,
 :func:`denoise_step`) are what :mod:`tsdb.export` exports to ONNX.
@@ -52,7 +56,7 @@ from .nn.forecaster import DiffusionForecaster, context_features, instance_stats
 from .nn.layers import KV, modulate, rope_angles
 from .samplers import SAMPLERS
 
-STREAMING_STRATEGIES = ("depth", "e2e")
+STREAMING_STRATEGIES = ("depth", "e2e", "looped", "looped-bptt")
 NORMALIZATION_RULE = "frozen-at-init"
 
 
@@ -109,6 +113,20 @@ def _check_model(model: DiffusionForecaster) -> None:
                         f"(a DiffusionForecaster); got {type(model).__name__}")
 
 
+def context_layers(block: BlockDenoiser) -> list:
+    """The layers whose context keys/values the state caches: a looped block's prelude
+    (context-only) layers, then the block's own layers. The future path reads only the
+    keys/values of the block's own (last ``len(block.layers)``) layers."""
+    return [*getattr(block, "prelude", ()), *block.layers]
+
+
+def sampler_for(strategy, default: str | None = None) -> str:
+    """The sampler a strategy forecasts with (the looped core takes Euler steps)."""
+    if strategy.name.startswith("looped"):
+        return "euler"
+    return default or strategy.cfg.sampler
+
+
 def window_tokens(model: DiffusionForecaster) -> int:
     """W: context tokens the cache keeps (the training context)."""
     return model.blocks[0].shape.context_tokens
@@ -116,7 +134,7 @@ def window_tokens(model: DiffusionForecaster) -> int:
 
 def init_tokens(model: DiffusionForecaster) -> int:
     """R: tokens whose receptive field covers the cache exactly (``layers * W``)."""
-    return max(len(b.layers) for b in model.blocks) * window_tokens(model)
+    return max(len(context_layers(b)) for b in model.blocks) * window_tokens(model)
 
 
 # ---------------------------------------------------------------------------------------
@@ -156,8 +174,9 @@ def encode_tokens(block: BlockDenoiser, features: Tensor, start: Tensor,
     rel = torch.arange(c + m, device=h.device)[None, :] - c - torch.arange(m, device=h.device)[:, None]
     mask = (rel <= 0) & (rel > -w)
     ks, vs = [], []
-    last = len(block.layers) - 1
-    for i, layer in enumerate(block.layers):
+    layers = context_layers(block)
+    last = len(layers) - 1
+    for i, layer in enumerate(layers):
         q, k, v = layer._heads(layer.ctx_norm1(h))
         k = _rope_apply(k, rope)
         if k_cache is not None:
@@ -202,10 +221,11 @@ def denoise_step(block: BlockDenoiser, precond, k_cache: Tensor, v_cache: Tensor
                  z: Tensor, sigma: Tensor) -> Tensor:
     """One preconditioned denoiser call ``D(z, sigma | state)`` of one block.
 
-    k_cache, v_cache: ``[layers, batch, heads, c, head_dim]``; k_partial, v_partial:
-    ``[layers, batch, heads, 1, head_dim]`` (ignored where ``has_partial`` is False);
-    tokens: ``[batch]`` complete tokens; z: ``[batch, S, H]`` noisy future;
-    sigma: ``[batch]`` (one noise level for all samples of a series, as the samplers use).
+    k_cache, v_cache: ``[layers, batch, heads, c, head_dim]`` (all context layers, see
+    :func:`context_layers`); k_partial, v_partial: ``[layers, batch, heads, 1, head_dim]``
+    (ignored where ``has_partial`` is False); tokens: ``[batch]`` complete tokens;
+    z: ``[batch, S, H]`` noisy future; sigma: ``[batch]`` (one noise level for all samples
+    of a series, as the samplers use).
     Returns the denoised future ``[batch, S, H]`` (normalized scale).
 
     The sigma conditioning is computed once per series, and the queries of all samples
@@ -230,7 +250,9 @@ def denoise_step(block: BlockDenoiser, precond, k_cache: Tensor, v_cache: Tensor
     rope = (cos[:, :, None], sin[:, :, None])                                # [b, 1, 1, nf, hd/2]
     key_ok = context_key_mask(has_partial, c, w)[:, None, None, None, :]     # [b, 1, 1, 1, c+1]
     scale = 1.0 / math.sqrt(head_dim)
-    for i, layer in enumerate(block.layers):
+    first = len(context_layers(block)) - len(block.layers)  # skip a looped prelude's caches
+    for j, layer in enumerate(block.layers):
+        i = first + j
         shift1, scale1, gate1, shift2, scale2, gate2 = layer.ada(cond).chunk(6, dim=-1)
         x = modulate(layer.fut_norm1(h), shift1, scale1)
         qkv = layer.qkv(x).reshape(b, s, nf, 3, n_heads, head_dim).permute(3, 0, 4, 1, 2, 5)
@@ -473,4 +495,4 @@ def recompute_forecast(model: DiffusionForecaster, history: Tensor, noise: Tenso
 
 __all__ = ["NORMALIZATION_RULE", "STREAMING_STRATEGIES", "StreamingState", "denoise_step", "encode_tokens",
            "forecast", "init_state", "init_tokens", "partial_kv", "recompute_forecast", "refresh", "update",
-           "window_tokens"]
+           "window_tokens", "context_layers", "sampler_for"]

@@ -63,7 +63,7 @@ def load_metadata(model_dir: str | os.PathLike) -> dict:
                            "sampler", "model_id") if k not in meta]
     if missing:
         raise StreamingError(f"{path}: missing keys {missing}")
-    if meta["strategy"] not in ("depth", "e2e"):
+    if meta["strategy"] not in ("depth", "e2e", "looped", "looped-bptt"):
         raise StreamingError(f"{path}: strategy {meta['strategy']!r} is not supported by this runtime")
     if meta["normalization"].get("rule") != "frozen-at-init":
         raise StreamingError(f"{path}: unknown normalization rule {meta['normalization'].get('rule')!r}")

@@ -44,6 +44,7 @@ from torch import Tensor, nn
 
 from tsdb.config import ExperimentConfig, ModelConfig
 from tsdb.data.readers import from_gluonts
+from tsdb.integrations import model_horizon
 from tsdb.strategies import get_strategy
 from tsdb.train import train_model
 
@@ -90,8 +91,8 @@ class TsdbEstimator(PyTorchLightningEstimator):
     Parameters
     ----------
     prediction_length
-        Forecast length. The model's horizon is this, rounded up to whole patches;
-        forecasts are cut to ``prediction_length``.
+        Forecast length. The model's horizon is this, rounded up to whole patches (to
+        whole chunks for the ``horizon`` strategy); forecasts are cut to ``prediction_length``.
     context_length
         Context the model reads; ``None`` keeps the config's ``model.context_length``.
     config
@@ -212,8 +213,7 @@ def _resolve_config(config: Optional[dict], prediction_length: int, context_leng
                     num_samples: Optional[int], trainer_kwargs: dict) -> ExperimentConfig:
     """The ``ExperimentConfig`` an estimator trains: ``config`` plus the estimator's arguments."""
     cfg = ExperimentConfig.model_validate(config or {})
-    patch = cfg.model.patch_length
-    model = {"horizon": -(-prediction_length // patch) * patch}
+    model = {"horizon": model_horizon(cfg.model, prediction_length)}
     if context_length is not None:
         model["context_length"] = context_length
     if num_samples is not None:

@@ -7,7 +7,7 @@ all series of one global tsdb model, trained block by block with
 intervals come from the same sample paths (same seed, same paths).
 
 State after ``fit``: the trained model, the history (``_cur_y``) and, for the strategies
-that stream (``depth``, ``e2e``), a :mod:`tsdb.streaming` state built from the last
+that stream (``tsdb.streaming.STREAMING_STRATEGIES``), a streaming state built from the last
 ``context_length`` values of each series, so that a forecast right after ``fit`` equals
 tsdb's own forecast of that context. ``update(y, update_params=False)`` feeds only the
 new values through ``tsdb.streaming.update`` (cost independent of the history length;
@@ -32,6 +32,7 @@ from tsdb.data.series import Series, SeriesDataset
 from tsdb.data.validate import validate_dataset
 from tsdb.data.windows import last_context
 from tsdb.diffusion import sigma_grid
+from tsdb.integrations import model_horizon
 from tsdb.strategies import get_strategy
 from tsdb.train import train_model
 
@@ -52,9 +53,10 @@ class TsdbForecaster(BaseForecaster):
     context_length : int or None, default=None
         Values the model reads before the forecast; None keeps the config's.
     horizon : int or None, default=None
-        Model horizon, rounded up to whole patches. None: the largest step of ``fh``
-        passed to ``fit`` (the config's horizon when ``fit`` gets no ``fh``). Forecasts
-        reach at most this many steps past the cutoff.
+        Model horizon, rounded up to whole patches (whole chunks for the ``horizon``
+        strategy). None: the largest step of the ``fh`` passed to ``fit`` (the config's
+        horizon when ``fit`` gets no ``fh``). Forecasts reach at most this many steps
+        past the cutoff.
     steps_per_block : int or None, default=None
         Training steps per block; None keeps the config's.
     num_samples : int or None, default=None
@@ -130,7 +132,8 @@ class TsdbForecaster(BaseForecaster):
         return self
 
     def _update(self, y, X=None, update_params=True):
-        """Extend the history by ``y``; retrain on all of it if ``update_params``."""
+        """Extend the history by ``y``; retrain on all of it if ``update_params``, else stream
+        the values past each series' last seen time point into the state."""
         new = _series(y)
         unknown = [key for key in new if key not in self._keys]
         if unknown:
@@ -161,7 +164,7 @@ class TsdbForecaster(BaseForecaster):
 
     @classmethod
     def get_test_params(cls, parameter_set="default"):
-        """Two tiny configurations: a streaming ``depth`` model and a ``looped`` one."""
+        """Two tiny configurations: a ``depth`` model and a ``looped`` one."""
         # horizon from fh (the config's 6 when fit gets none): fits sktime's 10-point panels
         tiny = {"patch_length": 2, "horizon": 6, "d_model": 8, "n_heads": 2, "n_layers": 2, "num_steps": 2}
         train = {"batch_size": 8, "warmup_steps": 0, "accelerator": "cpu"}
@@ -186,8 +189,7 @@ class TsdbForecaster(BaseForecaster):
         horizon = self.horizon
         if horizon is None:
             horizon = int(max(fh.to_relative(self.cutoff))) if fh is not None else cfg.model.horizon
-        patch = cfg.model.patch_length
-        model = {"horizon": -(-horizon // patch) * patch, "context_length": self.context_length,
+        model = {"horizon": model_horizon(cfg.model, horizon), "context_length": self.context_length,
                  "num_samples": self.num_samples}
         train = {"progress": bool(self.verbose), "steps_per_block": self.steps_per_block,
                  "seed": self.random_state}
@@ -223,7 +225,8 @@ class TsdbForecaster(BaseForecaster):
                                                generator=generator).numpy()
             noise = torch.randn(self._stream_state.batch_size, cfg.num_samples, cfg.horizon, generator=generator)
             sigmas = sigma_grid(cfg.inference_steps, self.strategy_.noise)
-            return streaming.forecast(self.model_, self._stream_state, noise, sigmas, cfg.sampler).numpy()
+            sampler = streaming.sampler_for(self.strategy_)
+            return streaming.forecast(self.model_, self._stream_state, noise, sigmas, sampler).numpy()
 
     def _frame(self, fh, values: np.ndarray, columns: pd.Index) -> pd.DataFrame:
         """Forecast table from per-series, per-step values ``[series, H, k]``.
@@ -256,8 +259,8 @@ def _instances(y: pd.DataFrame) -> list[tuple[tuple, pd.DataFrame]]:
     if not isinstance(y.index, pd.MultiIndex):
         return [((), y)]
     levels = list(range(y.index.nlevels - 1))
-    return [(key if isinstance(key, tuple) else (key,), frame.droplevel(levels))
-            for key, frame in y.groupby(level=levels, sort=False)]
+    groups = y.groupby(level=levels if len(levels) > 1 else 0, sort=False)
+    return [(key if isinstance(key, tuple) else (key,), frame.droplevel(levels)) for key, frame in groups]
 
 
 def _series(y: pd.DataFrame) -> dict[tuple, tuple[np.ndarray, pd.Index]]:
