@@ -24,6 +24,8 @@ from tsdb.export import export_run, load_metadata
 from tsdb.strategies import get_strategy
 from tsdb.stream_cli import import_runtime, run_stream
 
+from conftest import randomized_model
+
 rt = import_runtime()
 REPO = Path(__file__).resolve().parents[1]
 P, C, H = 4, 32, 16
@@ -37,17 +39,9 @@ def exported(tmp_path_factory):
 
 def tiny_run(tmp_path_factory, strategy: str):
     """A tiny run (random weights, adaLN-Zero layers randomized), exported."""
-    torch.manual_seed(0)
-    cfg = ModelConfig(strategy=strategy, context_length=C, horizon=H, patch_length=P, d_model=32, n_heads=4,
-                      n_layers=4, n_blocks=2, num_steps=4)
-    strat = get_strategy(cfg)
-    model = strat.build().eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if not p.abs().sum():
-                p.normal_(0, 0.1)
+    strat, model = randomized_model(strategy, 0, context_length=C, horizon=H, patch_length=P)
     run = tmp_path_factory.mktemp(strategy)
-    ExperimentConfig(model=cfg).to_yaml(run / "config.yaml")
+    ExperimentConfig(model=strat.cfg).to_yaml(run / "config.yaml")
     torch.save(model.state_dict(), run / "model.pt")
     out = export_run(run, run / "onnx")
     return strat, model, out

@@ -21,15 +21,6 @@ TINY = dict(strategy="horizon", context_length=32, horizon=16, patch_length=4, d
             n_layers=2, n_blocks=2)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and the CPU is shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def sines(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Raw (context [n, 32], target [n, 16]) of period-16 sines, random phase and amplitude."""
     t0 = 16 * torch.rand(n, 1, generator=generator)

@@ -19,15 +19,6 @@ from tsdb.train import train_model
 TINY = dict(context_length=32, horizon=16, patch_length=4, d_model=16, n_heads=2, n_layers=2, n_blocks=2)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and the CPU is shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def batch(n=8):
     g = torch.Generator().manual_seed(0)
     return torch.randn(n, 32, generator=g) + 5, torch.randn(n, 16, generator=g) + 5

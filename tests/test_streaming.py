@@ -14,23 +14,15 @@ from tsdb.diffusion import sigma_grid
 from tsdb.errors import TsdbError
 from tsdb.strategies import get_strategy
 
+from conftest import randomized_model
+
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 P, C, H = 4, 32, 16
 TOL = 1e-4  # normalized scale: float32 rounding of x ~ 80 * noise (ulp ~1e-5) through K sampler steps
 
 
 def tiny(strategy: str = "depth", seed: int = 0, **kw):
-    """A small model whose adaLN-Zero layers are randomized so the network is not F = 0."""
-    torch.manual_seed(seed)
-    cfg = ModelConfig(strategy=strategy, context_length=C, horizon=H, patch_length=P, d_model=32, n_heads=4,
-                      n_layers=4, n_blocks=2, num_steps=4, **kw)
-    strat = get_strategy(cfg)
-    model = strat.build().eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if not p.abs().sum():
-                p.normal_(0, 0.1)
-    return strat, model
+    return randomized_model(strategy, seed, context_length=C, horizon=H, patch_length=P, **kw)
 
 
 def stream(model, history: torch.Tensor, t0: int, chunks) -> st.StreamingState:
