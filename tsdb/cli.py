@@ -25,6 +25,7 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", message=".*json-handling.*")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" notices
     for name in ("lightning.pytorch", "lightning.fabric", "lightning", "gluonts"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
@@ -158,7 +159,10 @@ def cmd_export(args) -> None:
 def cmd_stream(args) -> None:
     from .stream_cli import run_stream
     src = open(args.input) if args.input else sys.stdin
-    run_stream(args.model_dir, src, sys.stdout, state_path=args.state)
+    quantiles = tuple(float(q) for q in args.quantiles.split(","))
+    run_stream(args.model_dir, src, sys.stdout, state_path=args.state, quantiles=quantiles,
+               num_samples=args.num_samples, seed=args.seed, freq=args.freq,
+               checkpoint_every=args.checkpoint_every, batch_size=args.batch_size)
 
 
 # -- parser -------------------------------------------------------------------------------
@@ -242,6 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model_dir")
     s.add_argument("--input", help="NDJSON file (default: stdin)")
     s.add_argument("--state", help="state checkpoint file (resumed if it exists)")
+    s.add_argument("--quantiles", default="0.1,0.5,0.9", help="comma-separated quantile levels")
+    s.add_argument("--num-samples", type=int, default=100)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--freq", default=None, help="expected step between timestamps (default: from the data)")
+    s.add_argument("--checkpoint-every", type=int, default=100, help="records between state checkpoints")
+    s.add_argument("--batch-size", type=int, default=1, help="records grouped into one update")
     s.set_defaults(func=cmd_stream)
     return p
 
