@@ -102,7 +102,8 @@ def cmd_evaluate(args) -> None:
                                lookback=cfg.model.context_length, windows=args.windows, stride=args.stride or
                                cfg.model.horizon))
     metrics = evaluate_predictor(task, torch_predictor(strategy, model, num_steps=args.steps),
-                                 cfg.model.context_length, args.num_samples)
+                                 cfg.model.context_length, args.num_samples,
+                                 num_covariates=cfg.model.num_covariates)
     path = Path(args.run) / "metrics.json"
     path.write_text(json.dumps(metrics, indent=2))
     print(f"{task.name}: CRPS {metrics['crps']:.4f}  MASE {metrics['mase']:.3f}  MSE {metrics['mse']:.4f}  "
@@ -124,6 +125,13 @@ def cmd_bench(args) -> None:
     if args.name == "parallel":
         from .bench_parallel import run_parallel_bench
         run_parallel_bench(args.out or "reports/parallel")
+        return
+    if args.name == "covariates":
+        from .bench_covariates import covariates_spec, run_covariates_bench
+        out = Path(args.out or "reports/covariates")
+        run_covariates_bench(out, covariates_spec(args.config), root=args.data_root, only=args.arms,
+                             progress=not args.no_progress)
+        print(f"results in {out / 'results.json'}, report in {out / 'report.md'}")
         return
     path = Path(args.config) if args.config else CONFIGS / "bench" / f"{args.name}-{args.tier}.yaml"
     if not path.exists():
@@ -226,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  ("ablate", cmd_ablate, "train and evaluate a grid of split strategies")):
         s = sub.add_parser(name, help=helptext)
         if name == "bench":
-            s.add_argument("name", help="m4-hourly, etth1, parallel or streaming")
+            s.add_argument("name", help="m4-hourly, etth1, parallel, streaming or covariates")
             s.add_argument("--tier", default="quick", choices=["quick", "full"])
             s.add_argument("--config", help="override the benchmark's YAML")
         else:

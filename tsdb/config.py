@@ -44,6 +44,11 @@ class ModelConfig(_Strict):
     # looped / looped-bptt
     loop_iters: int = Field(8, gt=0)  # K unrolled in BPTT training
     core_layers: int = Field(0, ge=0)  # L_c of the weight-tied core; 0 means n_layers // 2 (rest: prelude)
+    # dynamic real covariates known over context AND horizon (calendar features, a temperature
+    # forecast): extra context channels and future-token inputs. 0 = none (the data's covariates,
+    # if any, are ignored). A past-only covariate can be fed by shifting it forward by the
+    # horizon, so that its value at t + H is the observed value at t (see docs/covariates.md).
+    num_covariates: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _check_shapes(self) -> "ModelConfig":

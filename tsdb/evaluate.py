@@ -19,6 +19,12 @@ Metric keys returned by :meth:`EvalTask.evaluate`:
 - ``coverage80``: share of targets inside the [q0.1, q0.9] sample interval (nominal 0.8);
 - ``num_windows`` plus the protocol facts in ``EvalTask.info`` (lookback, stride, split).
 
+Covariates: a model with ``num_covariates > 0`` gets, per window, the covariates over its
+context and horizon (:meth:`EvalTask.covariates`). The horizon part is the covariates'
+*observed* future values, so a benchmark with e.g. vic_elec's temperature scores the model
+with a perfect (oracle) temperature forecast: an upper bound on what a real weather
+forecast would give, not a deployable accuracy figure.
+
 Quantiles of a ``SampleForecast`` are order statistics (sample ``round((S-1) q)`` of the
 sorted samples), not interpolated.
 """
@@ -45,11 +51,12 @@ from gluonts.model.forecast import SampleForecast
 from tsdb.data.series import Series, SeriesDataset
 from tsdb.errors import DataError
 
-SamplePredictor = Callable[[np.ndarray, int], np.ndarray]
+SamplePredictor = Callable[..., np.ndarray]
 """The contract of every arm: ``(contexts [N, C] float32, num_samples) -> samples [N, S, H]``.
 
 Contexts are in the task's scale (raw for protocol A, standardized for protocol B); NaN
-marks a missing value or the left padding of a series shorter than C."""
+marks a missing value or the left padding of a series shorter than C. An arm with
+covariates is also called with ``covariates=[N, n_cov, C + H]`` (see ``evaluate_predictor``)."""
 
 QUANTILE_LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -129,6 +136,33 @@ class EvalTask:
             row[context_length - len(tail):] = tail
         return out
 
+    def covariates(self, context_length: int) -> np.ndarray:
+        """Every window's covariates over its last ``context_length`` input points and its
+        horizon, ``[N, n_cov, C + H]`` float32 (the context part NaN-left-padded like
+        :meth:`contexts`).
+
+        The horizon part is the covariates' observed values in the label window: for a
+        benchmark this is an oracle forecast of the covariate (e.g. the actual future
+        temperature), not what a deployed model would have.
+        """
+        rows = []
+        for entry, label in zip(self.test_data.input, self.test_data.label):
+            past, future = entry.get("past_feat_dynamic_real"), label.get("past_feat_dynamic_real")
+            who = f"{self.name}: series {entry.get('item_id')!r}"
+            if past is None or future is None:
+                raise DataError(f"{who} has no covariates (past_feat_dynamic_real); load the dataset with "
+                                "its covariate columns or use a model with num_covariates: 0")
+            past, future = np.asarray(past, np.float32), np.asarray(future, np.float32)
+            if future.shape[-1] != self.horizon or not np.isfinite(future).all() or np.isinf(past).any():
+                raise DataError(f"{who}: covariates of the window starting {label['start']} are incomplete "
+                                f"or not finite; covariates must be complete over context and horizon")
+            row = np.full((past.shape[0], context_length + self.horizon), np.nan, dtype=np.float32)
+            tail = past[:, -context_length:]
+            row[:, context_length - tail.shape[1]:context_length] = tail
+            row[:, context_length:] = future
+            rows.append(row)
+        return np.stack(rows) if rows else np.zeros((0, 0, context_length + self.horizon), np.float32)
+
     def evaluate(self, samples: np.ndarray | Iterable[np.ndarray]) -> dict:
         """Score sample paths against the labels; returns the metrics in the module doc.
 
@@ -182,28 +216,41 @@ def evaluate_predictor(
     context_length: int,
     num_samples: int = 100,
     batch_size: int = 256,
+    num_covariates: int = 0,
 ) -> dict:
     """Run ``predictor`` over all windows in batches and score it.
 
+    With ``num_covariates > 0`` the predictor also gets ``covariates=`` the windows'
+    :meth:`EvalTask.covariates` (observed future values: an oracle covariate forecast).
     Adds ``predict_seconds`` (time inside the predictor only), ``context_length`` and
     ``num_samples`` to the metrics.
     """
     contexts = task.contexts(context_length)
+    covariates = task.covariates(context_length) if num_covariates else None
+    if covariates is not None and len(covariates) and covariates.shape[1] != num_covariates:
+        raise DataError(f"{task.name}: the data has {covariates.shape[1]} covariate(s), the model takes "
+                        f"{num_covariates}")
     timer = {"seconds": 0.0}
 
     def batches() -> Iterator[np.ndarray]:
         for start in range(0, len(contexts), batch_size):
             t0 = time.perf_counter()
-            samples = predictor(contexts[start:start + batch_size], num_samples)
+            if covariates is None:
+                samples = predictor(contexts[start:start + batch_size], num_samples)
+            else:
+                samples = predictor(contexts[start:start + batch_size], num_samples,
+                                    covariates=covariates[start:start + batch_size])
             timer["seconds"] += time.perf_counter() - t0
             yield samples
 
     metrics = task.evaluate(batches())
+    extra = {"num_covariates": num_covariates, "covariate_future": "observed (oracle)"} if num_covariates else {}
     return {
         **metrics,
         "predict_seconds": timer["seconds"],
         "context_length": context_length,
         "num_samples": num_samples,
+        **extra,
     }
 
 

@@ -124,10 +124,11 @@ def torch_predictor(strategy, model, num_steps: int | None = None, seed: int = 0
     """Wrap a trained strategy model as the ``SamplePredictor`` contract of ``evaluate``."""
     generator = torch.Generator().manual_seed(seed)
 
-    def predict(contexts: np.ndarray, num_samples: int) -> np.ndarray:
+    def predict(contexts: np.ndarray, num_samples: int, covariates: np.ndarray | None = None) -> np.ndarray:
+        kw = {} if covariates is None else {"covariates": torch.from_numpy(covariates)}
         with torch.inference_mode():
             out = strategy.forecast(model, torch.from_numpy(contexts), num_samples, num_steps=num_steps,
-                                    generator=generator)
+                                    generator=generator, **kw)
         return out.numpy()
 
     return predict
@@ -143,13 +144,14 @@ def run_arm(spec: ExperimentSpec, name: str, task: EvalTask, out: Path) -> dict:
     figures["peak_rss_bytes"] = peak_rss_bytes()
     model.eval()
     metrics = evaluate_predictor(task, torch_predictor(strategy, model, seed=cfg.train.seed),
-                                 cfg.model.context_length, spec.num_samples)
+                                 cfg.model.context_length, spec.num_samples,
+                                 num_covariates=cfg.model.num_covariates)
     figures.update(metrics)
     figures["arm"] = strategy.arm_name()
     figures["num_steps"] = cfg.model.inference_steps
     for k in spec.steps_sweep.get(name, []):
         m = evaluate_predictor(task, torch_predictor(strategy, model, num_steps=k, seed=cfg.train.seed),
-                               cfg.model.context_length, spec.num_samples)
+                               cfg.model.context_length, spec.num_samples, num_covariates=cfg.model.num_covariates)
         figures.setdefault("crps_by_steps", {})[str(k)] = m["crps"]
     if name in spec.memory_sweep:
         figures["saved_activation_bytes_by_iters"] = memory_at_iters(spec, name, spec.memory_sweep[name], task)
@@ -164,7 +166,8 @@ def memory_at_iters(spec: ExperimentSpec, name: str, iters: list[int], task: Eva
     out = {}
     for k in iters:
         cfg = spec.arm_config(name).with_overrides(model={"loop_iters": k})
-        windows = TrainingWindows(task.train, cfg.model.context_length, cfg.model.horizon, seed=cfg.train.seed)
+        windows = TrainingWindows(task.train, cfg.model.context_length, cfg.model.horizon, seed=cfg.train.seed,
+                                  covariates=cfg.model.num_covariates)
         batch = next(iter(torch.utils.data.DataLoader(windows, batch_size=cfg.train.batch_size)))
         strategy = get_strategy(cfg.model)
         unit = strategy.units(strategy.build())[0]

@@ -24,6 +24,13 @@ inputs/outputs, dynamic ``batch``, ``new_tokens``, ``cache`` and ``samples`` axe
     ``tokens [batch]`` int64, ``z [batch, samples, H]``, ``sigma [batch]``;
     output ``denoised [batch, samples, H]`` (normalized scale).
 
+Covariates (``model.num_covariates = n > 0``): ``features`` carries them as channels
+``2 .. 2 + n`` (each normalized with its own frozen statistics, NaN -> 0, so the update graph
+takes the covariate patches with the values) and every ``denoise_<i>`` graph has one more
+input, ``future_covariates [batch, H, n]`` (the normalized known-future covariates). The
+metadata then says ``shapes.num_covariates`` and ``normalization.covariates``. A model
+without covariates exports exactly the graphs and metadata it did before.
+
 Why one denoiser call per block, looped on the host (rather than one graph with all K
 sampler steps): the block a step uses is chosen by its sigma, so a single graph would
 bake one sigma grid (K, sampler) into the file and, after constant folding, duplicate a
@@ -46,7 +53,6 @@ from torch import Tensor, nn
 
 from .diffusion import sigma_grid
 from .errors import TsdbError
-from .nn.denoiser import CONTEXT_CHANNELS
 from .nn.forecaster import DiffusionForecaster
 from .streaming import (NORMALIZATION_RULE, STREAMING_STRATEGIES, context_layers, denoise_step, encode_tokens,
                         init_tokens, sampler_for, window_tokens)
@@ -80,9 +86,9 @@ class DenoiseGraph(nn.Module):
         self.block = model.blocks[index]
         self.precond = model.precond
 
-    def forward(self, cache_k, cache_v, partial_k, partial_v, has_partial, tokens, z, sigma):
+    def forward(self, cache_k, cache_v, partial_k, partial_v, has_partial, tokens, z, sigma, future_covariates=None):
         return denoise_step(self.block, self.precond, cache_k, cache_v, partial_k, partial_v, has_partial,
-                            tokens, z, sigma)
+                            tokens, z, sigma, future_covariates)
 
 
 def _tsdb_version() -> str:
@@ -128,6 +134,7 @@ def export_model(model: DiffusionForecaster, strategy, out_dir: str | Path, samp
     heads, hd = shape.n_heads, shape.d_model // shape.n_heads
     nb = len(model.blocks)
     layers = [len(context_layers(b)) for b in model.blocks]
+    n_cov = shape.covariates
     b_ex, m_ex, c_ex, s_ex = 2, 3, max(2, w - 1), 3
     batch, new = Dim("batch", min=1), Dim("new_tokens", min=1)
     cache, samples = Dim("cache", min=0), Dim("samples", min=1)
@@ -138,6 +145,8 @@ def export_model(model: DiffusionForecaster, strategy, out_dir: str | Path, samp
 
     # -- update graph ------------------------------------------------------------------
     feats = torch.stack([rand(b_ex, m_ex, p), (rand(b_ex, m_ex, p) > 0).float()], dim=-1)
+    if n_cov:
+        feats = torch.cat([feats, rand(b_ex, m_ex, p, n_cov)], dim=-1)
     start = torch.tensor([5, 9], dtype=torch.long)
     caches = []
     for nl in layers:
@@ -151,6 +160,8 @@ def export_model(model: DiffusionForecaster, strategy, out_dir: str | Path, samp
 
     # -- denoise graphs ----------------------------------------------------------------
     denoise_in = ["cache_k", "cache_v", "partial_k", "partial_v", "has_partial", "tokens", "z", "sigma"]
+    if n_cov:
+        denoise_in.append("future_covariates")
     denoise_files = []
     for i, nl in enumerate(layers):
         args = (rand(nl, b_ex, heads, c_ex, hd), rand(nl, b_ex, heads, c_ex, hd),
@@ -159,6 +170,9 @@ def export_model(model: DiffusionForecaster, strategy, out_dir: str | Path, samp
                 rand(b_ex, s_ex, shape.horizon), rand(b_ex).abs() + 0.1)
         dyn = ({1: batch, 3: cache}, {1: batch, 3: cache}, {1: batch}, {1: batch}, {0: batch}, {0: batch},
                {0: batch, 1: samples}, {0: batch})
+        if n_cov:
+            args += (rand(b_ex, shape.horizon, n_cov),)
+            dyn += ({0: batch},)
         name = f"denoise_{i}.onnx"
         with torch.no_grad():
             _export(DenoiseGraph(model, i), args, out / name, denoise_in, ["denoised"], dyn)
@@ -177,7 +191,7 @@ def export_model(model: DiffusionForecaster, strategy, out_dir: str | Path, samp
         "shapes": {
             "core_layers": [len(b.layers) for b in model.blocks],
             "context_length": shape.context_length, "horizon": shape.horizon, "patch_length": p,
-            "context_channels": CONTEXT_CHANNELS, "d_model": shape.d_model, "n_heads": heads,
+            "context_channels": shape.context_channels, "d_model": shape.d_model, "n_heads": heads,
             "head_dim": hd, "n_blocks": nb, "layers_per_block": layers, "window_tokens": w,
             "init_tokens": init_tokens(model), "future_tokens": shape.future_tokens,
         },
@@ -202,6 +216,13 @@ def export_model(model: DiffusionForecaster, strategy, out_dir: str | Path, samp
             "denoise": [{"file": f, "inputs": denoise_in, "outputs": ["denoised"]} for f in denoise_files],
         },
     }
+    if n_cov:
+        meta["shapes"]["num_covariates"] = n_cov
+        meta["normalization"]["covariates"] = (
+            "each covariate: NaN-aware mean/std of its own last context_length values at initialisation, with "
+            "the target's scale floor and freezing; update features channels 2.. hold the normalized covariates "
+            "of the same steps (NaN -> 0, as the unfinished patch's empty slots); future_covariates "
+            "[batch, horizon, num_covariates] are the normalized covariates of the horizon")
     for entry in [meta["graphs"]["update"], *meta["graphs"]["denoise"]]:
         entry["sha256"] = _sha256(out / entry["file"])
     meta["model_id"] = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
@@ -218,6 +239,10 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
 
     cfg, strategy, model = load_model(run_dir)
     out = Path(out_dir) if out_dir is not None else Path(run_dir) / "onnx"
+    if strategy.name == "horizon":  # per-token sigma graphs and a rolling-window state
+        from .export_horizon import export_horizon_model
+        export_horizon_model(model, strategy, out, num_steps=cfg.model.inference_steps)
+        return out
     export_model(model, strategy, out, num_steps=cfg.model.inference_steps)
     return out
 

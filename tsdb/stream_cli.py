@@ -253,6 +253,10 @@ def run_stream(model_dir: str | Path, input_stream: IO[str], output_stream: IO[s
         raise TsdbError(f"quantiles must lie in (0, 1), got {list(quantiles)}")
     forecaster = rt.StreamingForecaster(resolve_model_dir(model_dir), intra_op_num_threads=intra_op_num_threads,
                                         refresh=refresh)
+    if getattr(forecaster, "num_covariates", 0):
+        raise TsdbError(f"{model_dir}: the model takes {forecaster.num_covariates} covariate(s), which `tsdb stream` "
+                        "records do not carry yet; use tsdb_streaming.StreamingForecaster.update/forecast "
+                        "with covariates= from Python")
     clocks = Clocks(freq)
     state_path = Path(state_path) if state_path is not None else None
     if state_path is not None and state_path.exists():

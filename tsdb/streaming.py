@@ -35,7 +35,15 @@ Normalization rule (``frozen-at-init``)
 
 Looped models cache their prelude layers' keys/values too (the core's context path
 reads the prelude's output), and forecast with Euler steps (one core application each).
-The ``horizon`` strategy (rolling noisy windows) is not covered here.
+The ``horizon`` strategy (rolling noisy windows) streams through ``tsdb.streaming_horizon``.
+
+Covariates (models with ``num_covariates > 0``)
+    Every call that brings values brings the covariates of the same time steps
+    (``init_state(history, covariates=[b, n, T])``, ``update(values, covariates=[b, n, m])``);
+    they become extra context channels, normalized with their own statistics, frozen at
+    init like the target's. ``forecast(..., covariates=[b, n, H])`` takes the known-future
+    covariates of the H steps after the last observed value. The unfinished patch's empty
+    slots are NaN for the covariates too, as in training.
 
 Everything here is a free function of the model and a :class:`StreamingState`; the model
 holds no state. The same per-block functions (:func:`encode_tokens`,
@@ -44,6 +52,7 @@ holds no state. The same per-block functions (:func:`encode_tokens`,
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, fields
 
@@ -52,7 +61,8 @@ from torch import Tensor
 
 from .errors import TsdbError
 from .nn.denoiser import BlockDenoiser, ContextEncoding
-from .nn.forecaster import DiffusionForecaster, context_features, instance_stats
+from .nn.denoiser import CovariateFeatures
+from .nn.forecaster import DiffusionForecaster, context_features, instance_stats, normalize_covariates
 from .nn.layers import KV, modulate, rope_angles
 from .samplers import SAMPLERS
 
@@ -76,6 +86,9 @@ class StreamingState:
     loc, scale: ``[batch, 1]`` frozen normalization statistics.
     count: ``[batch]`` int64, values ingested (history at init plus updates).
     recent: ``[batch, R * P]`` the last raw values (NaN-left-padded), for :func:`refresh`.
+    cov_pending, cov_recent: ``[batch, n_cov, P]`` / ``[batch, n_cov, R * P]`` the raw
+        covariates of ``pending`` / ``recent`` (``None`` for a model without covariates).
+    cov_loc, cov_scale: ``[batch, n_cov, 1]`` frozen covariate statistics (or ``None``).
     """
 
     k: tuple[Tensor, ...]
@@ -87,6 +100,10 @@ class StreamingState:
     scale: Tensor
     count: Tensor
     recent: Tensor
+    cov_pending: Tensor | None = None
+    cov_loc: Tensor | None = None
+    cov_scale: Tensor | None = None
+    cov_recent: Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -95,7 +112,7 @@ class StreamingState:
     def select(self, idx) -> "StreamingState":
         """The state of a subset of series (index tensor, list or slice)."""
         return StreamingState(tuple(k[:, idx] for k in self.k), tuple(v[:, idx] for v in self.v),
-                              *(getattr(self, f.name)[idx] for f in fields(self)[2:]))
+                              *(_pick(getattr(self, f.name), idx) for f in fields(self)[2:]))
 
     @staticmethod
     def cat(states: list["StreamingState"]) -> "StreamingState":
@@ -104,7 +121,12 @@ class StreamingState:
         return StreamingState(
             tuple(torch.cat([s.k[i] for s in states], 1) for i in range(nb)),
             tuple(torch.cat([s.v[i] for s in states], 1) for i in range(nb)),
-            *(torch.cat([getattr(s, f.name) for s in states], 0) for f in fields(StreamingState)[2:]))
+            *(None if getattr(states[0], f.name) is None else torch.cat([getattr(s, f.name) for s in states], 0)
+              for f in fields(StreamingState)[2:]))
+
+
+def _pick(x: Tensor | None, idx) -> Tensor | None:
+    return None if x is None else x[idx]
 
 
 def _check_model(model: DiffusionForecaster) -> None:
@@ -218,14 +240,15 @@ def context_key_mask(has_partial: Tensor, c: int, w: int) -> Tensor:
 
 def denoise_step(block: BlockDenoiser, precond, k_cache: Tensor, v_cache: Tensor,
                  k_partial: Tensor, v_partial: Tensor, has_partial: Tensor, tokens: Tensor,
-                 z: Tensor, sigma: Tensor) -> Tensor:
+                 z: Tensor, sigma: Tensor, future_covariates: Tensor | None = None) -> Tensor:
     """One preconditioned denoiser call ``D(z, sigma | state)`` of one block.
 
     k_cache, v_cache: ``[layers, batch, heads, c, head_dim]`` (all context layers, see
     :func:`context_layers`); k_partial, v_partial: ``[layers, batch, heads, 1, head_dim]``
     (ignored where ``has_partial`` is False); tokens: ``[batch]`` complete tokens;
     z: ``[batch, S, H]`` noisy future; sigma: ``[batch]`` (one noise level for all samples
-    of a series, as the samplers use).
+    of a series, as the samplers use); future_covariates: ``[batch, H, n_cov]`` normalized
+    known-future covariates (models with covariates only).
     Returns the denoised future ``[batch, S, H]`` (normalized scale).
 
     The sigma conditioning is computed once per series, and the queries of all samples
@@ -243,6 +266,8 @@ def denoise_step(block: BlockDenoiser, precond, k_cache: Tensor, v_cache: Tensor
     sig = sigma.reshape(b, 1, 1)
     scaled = precond.c_in(sig) * z
     h = block.future_embed(scaled.reshape(b, s, nf, p)) + block.lead_time   # [b, s, nf, d]
+    if future_covariates is not None:
+        h = h + block.embed_future_covariates(future_covariates)[:, None]    # same for every sample
     cond = block.cond(precond.c_noise(sigma))[:, :, None, :]                 # [b, 1, 1, d]
     start = tokens + has_partial.to(tokens.dtype)
     pos = start[:, None] + torch.arange(nf, device=z.device)
@@ -279,10 +304,40 @@ def denoise_step(block: BlockDenoiser, precond, k_cache: Tensor, v_cache: Tensor
 # Public API
 # ---------------------------------------------------------------------------------------
 
-def _features(values: Tensor, loc: Tensor, scale: Tensor, p: int) -> Tensor:
-    """Raw values ``[batch, m*P]`` -> features ``[batch, m, P, 2]``."""
+def _features(values: Tensor, loc: Tensor, scale: Tensor, p: int, cov: Tensor | None = None,
+              cov_loc: Tensor | None = None, cov_scale: Tensor | None = None) -> Tensor:
+    """Raw values ``[batch, m*P]`` (and covariates ``[batch, n_cov, m*P]``) -> features
+    ``[batch, m, P, 2 + n_cov]``."""
     f = context_features(values, loc, scale)
+    if cov is not None:
+        f = torch.cat([f, normalize_covariates(cov, cov_loc, cov_scale)], dim=-1)
     return f.reshape(values.shape[0], values.shape[1] // p, p, f.shape[-1])
+
+
+def _align_cov(cov: Tensor, p: int, min_tokens: int, max_tokens: int) -> Tensor:
+    """``_align`` for covariates ``[batch, n_cov, T]`` (each row as its series' values)."""
+    b, n, t = cov.shape
+    return _align(cov.reshape(b * n, t), p, min_tokens, max_tokens).reshape(b, n, -1)
+
+
+def _check_covariates(model: DiffusionForecaster, covariates, values: Tensor, what: str,
+                      finite: bool = True) -> Tensor | None:
+    """``covariates`` as float32 ``[batch, n_cov, T]`` matching ``values [batch, T]``, or a
+    one-line error; ``None`` for a model without covariates."""
+    n = model.num_covariates
+    if covariates is None:
+        if n:
+            raise TsdbError(f"{what}: this model takes {n} covariate(s); pass covariates [batch, {n}, T] "
+                            "aligned with the values")
+        return None
+    covariates = torch.as_tensor(covariates, dtype=torch.float32)
+    expected = [values.shape[0], n, values.shape[1]]
+    if not n or list(covariates.shape) != expected:
+        raise TsdbError(f"{what}: covariates must be [batch, num_covariates, T] = {expected} "
+                        f"(model.num_covariates = {n}), got {list(covariates.shape)}")
+    if torch.isinf(covariates).any() or (finite and torch.isnan(covariates).any()):
+        raise TsdbError(f"{what}: covariates must be finite (they are known at every observed step)")
+    return covariates
 
 
 def _align(history: Tensor, p: int, min_tokens: int, max_tokens: int) -> Tensor:
@@ -298,19 +353,24 @@ def _align(history: Tensor, p: int, min_tokens: int, max_tokens: int) -> Tensor:
 
 
 @torch.no_grad()
-def init_state(model: DiffusionForecaster, history: Tensor, lengths: Tensor | None = None) -> StreamingState:
+def init_state(model: DiffusionForecaster, history: Tensor, lengths: Tensor | None = None,
+               covariates: Tensor | None = None) -> StreamingState:
     """State after observing ``history [batch, T]`` (raw scale, NaN = missing).
 
     ``lengths [batch]`` (optional) says how many trailing values of each row are real
     history (the rest is left padding); rows of different lengths are encoded separately
     so each gets exactly the state its own history gives. The history ends on a patch
     boundary (the patch grid is anchored at its end); the normalization statistics are
-    computed from its last ``context_length`` values and frozen.
+    computed from its last ``context_length`` values and frozen. ``covariates``
+    ``[batch, n_cov, T]``: the covariates of the history's time steps (models with
+    covariates).
     """
     _check_model(model)
     history = torch.as_tensor(history, dtype=torch.float32)
     if history.dim() != 2:
         raise TsdbError(f"history must be [batch, T], got shape {tuple(history.shape)}")
+    # with ``lengths`` the rows' left padding may be NaN
+    covariates = _check_covariates(model, covariates, history, "init_state", finite=lengths is None)
     t = history.shape[1]
     if lengths is None:
         lengths = torch.full((history.shape[0],), t, dtype=torch.long)
@@ -320,7 +380,7 @@ def init_state(model: DiffusionForecaster, history: Tensor, lengths: Tensor | No
         groups.setdefault(n, []).append(i)
     parts, order = [], []
     for n, idx in groups.items():
-        parts.append(_init_equal(model, history[idx, t - n:]))
+        parts.append(_init_equal(model, history[idx, t - n:], None if covariates is None else covariates[idx, :, t - n:]))
         order.extend(idx)
     state = parts[0] if len(parts) == 1 else StreamingState.cat(parts)
     if order != list(range(len(order))):
@@ -328,14 +388,21 @@ def init_state(model: DiffusionForecaster, history: Tensor, lengths: Tensor | No
     return state
 
 
-def _init_equal(model: DiffusionForecaster, history: Tensor) -> StreamingState:
+def _init_equal(model: DiffusionForecaster, history: Tensor, cov: Tensor | None = None) -> StreamingState:
     b, t = history.shape
     p = model.blocks[0].shape.patch_length
     w, r = window_tokens(model), init_tokens(model)
     loc, scale = instance_stats(_align(history, p, w, w))   # the last C values, as in training
     values = _align(history, p, w, r)
     n = values.shape[1] // p
-    feats = _features(values, loc, scale, p)
+    cov_state = {}
+    if cov is None:
+        feats = _features(values, loc, scale, p)
+    else:
+        cov_loc, cov_scale = instance_stats(_align_cov(cov, p, w, w))
+        feats = _features(values, loc, scale, p, _align_cov(cov, p, w, r), cov_loc, cov_scale)
+        cov_state = dict(cov_pending=cov.new_full((b, cov.shape[1], p), float("nan")), cov_loc=cov_loc,
+                         cov_scale=cov_scale, cov_recent=_align_cov(cov, 1, r * p, r * p))
     start = torch.zeros(b, dtype=torch.long)
     ks, vs = zip(*(encode_tokens(block, feats, start) for block in model.blocks))
     recent = history.new_full((b, r * p), float("nan"))
@@ -344,15 +411,18 @@ def _init_equal(model: DiffusionForecaster, history: Tensor) -> StreamingState:
         recent[:, r * p - keep:] = history[:, t - keep:]
     return StreamingState(tuple(ks), tuple(vs), torch.full((b,), n, dtype=torch.long),
                           history.new_full((b, p), float("nan")), torch.zeros(b, dtype=torch.long),
-                          loc, scale, torch.full((b,), t, dtype=torch.long), recent)
+                          loc, scale, torch.full((b,), t, dtype=torch.long), recent, **cov_state)
 
 
 @torch.no_grad()
-def update(model: DiffusionForecaster, state: StreamingState, new_values: Tensor) -> StreamingState:
+def update(model: DiffusionForecaster, state: StreamingState, new_values: Tensor,
+           covariates: Tensor | None = None) -> StreamingState:
     """Ingest ``new_values [batch, n]`` (raw, NaN = missing); returns a new state.
 
-    Cost is O(n) and independent of the history length: only newly completed patches go
-    through the layers, attending to the cached window. The input state is not modified.
+    ``covariates [batch, n_cov, n]``: the covariates of the same time steps (models with
+    covariates). Cost is O(n) and independent of the history length: only newly completed
+    patches go through the layers, attending to the cached window. The input state is not
+    modified.
     """
     _check_model(model)
     new_values = torch.as_tensor(new_values, dtype=torch.float32)
@@ -360,28 +430,36 @@ def update(model: DiffusionForecaster, state: StreamingState, new_values: Tensor
         new_values = new_values[:, None]
     if new_values.shape[0] != state.batch_size:
         raise TsdbError(f"update got {new_values.shape[0]} series for a state of {state.batch_size}")
+    covariates = _check_covariates(model, covariates, new_values, "update")
     if new_values.shape[1] == 0:
         return state
     phases = state.pending_count.tolist()
     if len(set(phases)) == 1:
-        return _update_equal_phase(model, state, new_values)
+        return _update_equal_phase(model, state, new_values, covariates)
     groups = {}
     for i, ph in enumerate(phases):
         groups.setdefault(ph, []).append(i)
     order = [i for idx in groups.values() for i in idx]
-    parts = [_update_equal_phase(model, state.select(idx), new_values[idx]) for idx in groups.values()]
+    parts = [_update_equal_phase(model, state.select(idx), new_values[idx], _pick(covariates, idx))
+             for idx in groups.values()]
     return StreamingState.cat(parts).select(torch.argsort(torch.tensor(order)))
 
 
-def _update_equal_phase(model: DiffusionForecaster, state: StreamingState, new_values: Tensor) -> StreamingState:
+def _update_equal_phase(model: DiffusionForecaster, state: StreamingState, new_values: Tensor,
+                        cov: Tensor | None = None) -> StreamingState:
     p = state.pending.shape[1]
     pc = int(state.pending_count[0])
     n = new_values.shape[1]
     raw = torch.cat([state.pending[:, :pc], new_values], dim=1)
+    craw = None if cov is None else torch.cat([state.cov_pending[:, :, :pc], cov], dim=2)
     m = raw.shape[1] // p
     k, v, tokens = state.k, state.v, state.tokens
     if m:
-        feats = _features(raw[:, : m * p], state.loc, state.scale, p)
+        if cov is None:
+            feats = _features(raw[:, : m * p], state.loc, state.scale, p)
+        else:
+            feats = _features(raw[:, : m * p], state.loc, state.scale, p, craw[:, :, : m * p], state.cov_loc,
+                              state.cov_scale)
         k, v = zip(*(encode_tokens(block, feats, tokens, kc, vc)
                      for block, kc, vc in zip(model.blocks, state.k, state.v)))
         tokens = tokens + m
@@ -389,25 +467,33 @@ def _update_equal_phase(model: DiffusionForecaster, state: StreamingState, new_v
     pending = state.pending.new_full(state.pending.shape, float("nan"))
     pending[:, : rest.shape[1]] = rest
     recent = torch.cat([state.recent, new_values], dim=1)[:, -state.recent.shape[1]:]
+    cov_state = {}
+    if cov is not None:
+        cov_pending = state.cov_pending.new_full(state.cov_pending.shape, float("nan"))
+        cov_pending[:, :, : rest.shape[1]] = craw[:, :, m * p:]
+        cov_recent = torch.cat([state.cov_recent, cov], dim=2)[:, :, -state.cov_recent.shape[2]:]
+        cov_state = dict(cov_pending=cov_pending, cov_loc=state.cov_loc, cov_scale=state.cov_scale,
+                         cov_recent=cov_recent)
     return StreamingState(tuple(k), tuple(v), tokens, pending,
                           torch.full_like(state.pending_count, rest.shape[1]), state.loc, state.scale,
-                          state.count + n, recent)
+                          state.count + n, recent, **cov_state)
 
 
 @torch.no_grad()
-def refresh(model: DiffusionForecaster, state: StreamingState, history: Tensor | None = None) -> StreamingState:
+def refresh(model: DiffusionForecaster, state: StreamingState, history: Tensor | None = None,
+            covariates: Tensor | None = None) -> StreamingState:
     """Recompute the normalization statistics and rebuild the cache.
 
-    With ``history`` this is ``init_state(model, history)``. Without, the state's own
-    ``recent`` values are used, which gives exactly the state ``init_state`` would build
-    from the full history observed so far (positions are rebased to 0).
+    With ``history`` (and its ``covariates``) this is ``init_state(model, history)``.
+    Without, the state's own ``recent`` values (and covariates) are used, which gives
+    exactly the state ``init_state`` would build from the full history observed so far
+    (positions are rebased to 0).
     """
     if history is not None:
-        return init_state(model, history)
+        return init_state(model, history, covariates=covariates)
     lengths = state.count.clamp(max=state.recent.shape[1])
-    fresh = init_state(model, state.recent, lengths)
-    return StreamingState(fresh.k, fresh.v, fresh.tokens, fresh.pending, fresh.pending_count, fresh.loc,
-                          fresh.scale, state.count.clone(), fresh.recent)
+    fresh = init_state(model, state.recent, lengths, covariates=state.cov_recent)
+    return dataclasses.replace(fresh, count=state.count.clone())
 
 
 @torch.no_grad()
@@ -415,7 +501,7 @@ def partial_kv(model: DiffusionForecaster, state: StreamingState) -> tuple[list[
     """Per block the keys/values ``[layers, batch, heads, 1, head_dim]`` of the partial token
     (from the unfinished patch) and ``has_partial [batch]``."""
     p = state.pending.shape[1]
-    feats = _features(state.pending, state.loc, state.scale, p)
+    feats = _features(state.pending, state.loc, state.scale, p, state.cov_pending, state.cov_loc, state.cov_scale)
     kp, vp = [], []
     for block, kc, vc in zip(model.blocks, state.k, state.v):
         k, v = encode_tokens(block, feats, state.tokens, kc, vc)
@@ -424,23 +510,34 @@ def partial_kv(model: DiffusionForecaster, state: StreamingState) -> tuple[list[
     return kp, vp, state.pending_count > 0
 
 
+def future_covariates(model: DiffusionForecaster, state: StreamingState, covariates) -> Tensor | None:
+    """Raw future covariates ``[batch, n_cov, H]`` -> normalized ``[batch, H, n_cov]`` with the
+    state's frozen covariate statistics (``None`` for a model without covariates)."""
+    ref = state.pending.new_zeros(state.batch_size, model.horizon)
+    covariates = _check_covariates(model, covariates, ref, "forecast")
+    return None if covariates is None else normalize_covariates(covariates, state.cov_loc, state.cov_scale)
+
+
 @torch.no_grad()
 def forecast(model: DiffusionForecaster, state: StreamingState, noise: Tensor, sigmas: Tensor,
-             sampler: str = "heun", normalized: bool = False) -> Tensor:
+             sampler: str = "heun", normalized: bool = False, covariates: Tensor | None = None) -> Tensor:
     """Samples ``[batch, S, H]`` (raw scale, or normalized if ``normalized``) from the state.
 
     ``noise`` is standard normal ``[batch, S, H]``; ``sigmas`` a descending grid ending in 0
     (``tsdb.diffusion.sigma_grid``). Same noise and state give the same samples.
+    ``covariates [batch, n_cov, H]`` (models with covariates): the known-future covariates of
+    the H steps after the last observed value.
     """
     _check_model(model)
     b, s, hz = noise.shape
+    future = future_covariates(model, state, covariates)
     kp, vp, has_p = partial_kv(model, state)
     x = noise.reshape(b * s, hz) * sigmas[0]
 
     def denoise(z: Tensor, sigma: Tensor) -> Tensor:
         i = model.block_index(sigma[0])
         d = denoise_step(model.blocks[i], model.precond, state.k[i], state.v[i], kp[i], vp[i], has_p,
-                         state.tokens, z.reshape(b, s, hz), sigma.reshape(b, s)[:, 0])
+                         state.tokens, z.reshape(b, s, hz), sigma.reshape(b, s)[:, 0], future)
         return d.reshape(b * s, hz)
 
     y = SAMPLERS[sampler](denoise, x, sigmas).reshape(b, s, hz)
@@ -457,7 +554,8 @@ def forecast(model: DiffusionForecaster, state: StreamingState, noise: Tensor, s
 def recompute_forecast(model: DiffusionForecaster, history: Tensor, noise: Tensor, sigmas: Tensor,
                        sampler: str = "heun", pending: int = 0, loc: Tensor | None = None,
                        scale: Tensor | None = None, next_token: int | None = None,
-                       normalized: bool = False) -> Tensor:
+                       normalized: bool = False, covariates: Tensor | None = None,
+                       cov_loc: Tensor | None = None, cov_scale: Tensor | None = None) -> Tensor:
     """Forecast by encoding the whole ``history [batch, T]`` with the library's own code path.
 
     The last ``pending`` values form the partial patch; the rest is left-padded with NaN to
@@ -465,11 +563,14 @@ def recompute_forecast(model: DiffusionForecaster, history: Tensor, noise: Tenso
     ``context_length`` complete-patch values. ``next_token`` sets the absolute position of
     the token after the last complete one (default: its index), so positions can be made
     identical to a streaming state's (RoPE is relative; this only removes float rounding).
+    ``covariates [batch, n_cov, T + H]`` (models with covariates): over the history and the
+    horizon after it; ``cov_loc``/``cov_scale`` default like ``loc``/``scale``.
     """
     history = torch.as_tensor(history, dtype=torch.float32)
     p = model.blocks[0].shape.patch_length
     w = window_tokens(model)
-    full = history[:, : history.shape[1] - pending]
+    t = history.shape[1]
+    full = history[:, : t - pending]
     values = _align(full, p, w, 1 << 40)
     n = values.shape[1] // p
     if loc is None or scale is None:
@@ -479,13 +580,25 @@ def recompute_forecast(model: DiffusionForecaster, history: Tensor, noise: Tenso
         tail[:, :pending] = history[:, -pending:]
         values = torch.cat([values, tail], dim=1)
     feats = context_features(values, loc, scale)
+    if covariates is not None or model.num_covariates:
+        ref = history.new_zeros(history.shape[0], t + model.horizon)
+        covariates = _check_covariates(model, covariates, ref, "recompute_forecast")
+        cov = _align_cov(covariates[:, :, : t - pending], p, w, 1 << 40)
+        if cov_loc is None or cov_scale is None:
+            cov_loc, cov_scale = instance_stats(cov[:, :, -w * p:])
+        if pending:
+            cov_tail = cov.new_full((cov.shape[0], cov.shape[1], p), float("nan"))
+            cov_tail[:, :, :pending] = covariates[:, :, t - pending:t]
+            cov = torch.cat([cov, cov_tail], dim=2)
+        feats = CovariateFeatures(torch.cat([feats, normalize_covariates(cov, cov_loc, cov_scale)], dim=-1),
+                                  normalize_covariates(covariates[:, :, t:], cov_loc, cov_scale))
     offset = 0 if next_token is None else next_token - n
     b, s, hz = noise.shape
     encodings = []
     for block in model.blocks:
         enc = block.encode_context(feats, window=w, position_offset=offset)
         kv = [KV(kk[:, :, -w:], vv[:, :, -w:]) for kk, vv in enc.kv]
-        encodings.append(ContextEncoding(kv, enc.num_tokens).repeat(s))
+        encodings.append(ContextEncoding(kv, enc.num_tokens, enc.future).repeat(s))
     x = noise.reshape(b * s, hz) * sigmas[0]
     y = SAMPLERS[sampler](model.denoiser(encodings), x, sigmas).reshape(b, s, hz)
     if normalized:
@@ -494,5 +607,5 @@ def recompute_forecast(model: DiffusionForecaster, history: Tensor, noise: Tenso
 
 
 __all__ = ["NORMALIZATION_RULE", "STREAMING_STRATEGIES", "StreamingState", "denoise_step", "encode_tokens",
-           "forecast", "init_state", "init_tokens", "partial_kv", "recompute_forecast", "refresh", "update",
-           "window_tokens", "context_layers", "sampler_for"]
+           "forecast", "future_covariates", "init_state", "init_tokens", "partial_kv", "recompute_forecast",
+           "refresh", "update", "window_tokens", "context_layers", "sampler_for"]

@@ -191,7 +191,8 @@ def train_model(cfg: ExperimentConfig, dataset: SeriesDataset, run_dir: str | Pa
         _check_blocks(blocks, units)
     windows = TrainingWindows(dataset, cfg.model.context_length, cfg.model.horizon, seed=cfg.train.seed,
                               patch_length=cfg.model.patch_length,
-                              partial_patch_prob=cfg.model.partial_patch_prob)
+                              partial_patch_prob=cfg.model.partial_patch_prob,
+                              covariates=cfg.model.num_covariates)
     probe = next(iter(_loader(windows, cfg.train)))
     if cfg.train.schedule == "interleaved" and len(units) > 1:
         summary = _train_interleaved(units, windows, probe, cfg.train, run_dir)

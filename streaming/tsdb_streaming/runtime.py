@@ -8,6 +8,9 @@ Mirrors ``tsdb.streaming`` (the PyTorch reference) operation for operation:
   unfinished patch.
 - ``denoise_<i>`` graphs: one preconditioned denoiser call of block ``i``; the Euler/Heun
   sampler loops on the host and routes each sigma to the block owning it.
+- covariates (models exported with ``shapes.num_covariates = n > 0``): ``update`` takes the
+  covariates of the new values (extra feature channels), ``forecast`` the known-future
+  covariates of the horizon (the ``future_covariates`` graph input).
 """
 
 from __future__ import annotations
@@ -113,12 +116,23 @@ def instance_stats(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return loc.astype(np.float32), scale.astype(np.float32)
 
 
-def features(values: np.ndarray, loc: np.ndarray, scale: np.ndarray, p: int) -> np.ndarray:
-    """Raw ``[batch, m*P]`` -> ``[batch, m, P, 2]`` (normalized value, observed mask)."""
+def features(values: np.ndarray, loc: np.ndarray, scale: np.ndarray, p: int, cov: np.ndarray | None = None,
+             cov_loc: np.ndarray | None = None, cov_scale: np.ndarray | None = None) -> np.ndarray:
+    """Raw ``[batch, m*P]`` -> ``[batch, m, P, 2]`` (normalized value, observed mask), plus one
+    channel per covariate when ``cov [batch, n, m*P]`` is given (normalized with ``cov_loc``/
+    ``cov_scale [batch, n, 1]``, NaN -> 0)."""
     observed = ~np.isnan(values)
     normed = np.where(observed, (values - loc) / scale, np.float32(0)).astype(np.float32)
     f = np.stack([normed, observed.astype(np.float32)], axis=-1)
-    return f.reshape(values.shape[0], values.shape[1] // p, p, 2)
+    if cov is not None:
+        f = np.concatenate([f, normalize_covariates(cov, cov_loc, cov_scale)], axis=-1)
+    return f.reshape(values.shape[0], values.shape[1] // p, p, f.shape[-1])
+
+
+def normalize_covariates(cov: np.ndarray, loc: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Raw ``[batch, n, T]`` -> normalized ``[batch, T, n]`` (NaN -> 0)."""
+    normed = np.where(np.isnan(cov), np.float32(0), (cov - loc) / scale).astype(np.float32)
+    return normed.transpose(0, 2, 1)
 
 
 def align(history: np.ndarray, p: int, min_tokens: int, max_tokens: int) -> np.ndarray:
@@ -190,6 +204,7 @@ class StreamingForecaster:
         self.init_tokens = int(sh["init_tokens"])
         self.layers = [int(n) for n in sh["layers_per_block"]]
         self.heads, self.head_dim = int(sh["n_heads"]), int(sh["head_dim"])
+        self.num_covariates = n_cov = int(sh.get("num_covariates", 0))
         self.edges = np.asarray(meta["band_edges"], dtype=np.float64)
         self.sigmas = np.asarray(meta["sigmas"], dtype=np.float32)
         self.sampler = meta["sampler"]
@@ -203,7 +218,7 @@ class StreamingForecaster:
         g = meta["graphs"]
         self._update = ort.InferenceSession(str(self.model_dir / g["update"]["file"]), opts, providers=providers)
         cache_shape = lambda nl: [nl, None, self.heads, None, self.head_dim]  # noqa: E731
-        fixed = {"features": [None, None, p, 2]}
+        fixed = {"features": [None, None, p, 2 + n_cov]}
         for i, nl in enumerate(self.layers):
             fixed[f"cache_k_{i}"] = fixed[f"cache_v_{i}"] = cache_shape(nl)
         _check_io(self._update, g["update"]["inputs"], fixed, "update graph")
@@ -232,8 +247,19 @@ class StreamingForecaster:
         self.scale = np.ones((capacity, 1), np.float32)
         self.count = np.zeros(capacity, np.int64)
         self.recent = np.full((capacity, r * p), np.nan, np.float32)
+        n = self.num_covariates
+        if n:
+            self.cov_pending = np.full((capacity, n, p), np.nan, np.float32)
+            self.cov_loc = np.zeros((capacity, n, 1), np.float32)
+            self.cov_scale = np.ones((capacity, n, 1), np.float32)
+            self.cov_recent = np.full((capacity, n, r * p), np.nan, np.float32)
 
-    _FIELDS = ("tokens", "pending", "pending_count", "loc", "scale", "count", "recent")
+    _STATE_FIELDS = ("tokens", "pending", "pending_count", "loc", "scale", "count", "recent")
+    _COV_FIELDS = ("cov_pending", "cov_loc", "cov_scale", "cov_recent")
+
+    @property
+    def _FIELDS(self) -> tuple:
+        return self._STATE_FIELDS + (self._COV_FIELDS if self.num_covariates else ())
 
     def _grow(self, need: int) -> None:
         cap = self.tokens.shape[0]
@@ -282,8 +308,9 @@ class StreamingForecaster:
         return z, [a.copy() for a in z]
 
     # -- init / refresh ----------------------------------------------------------------------
-    def _init_slots(self, slots: np.ndarray, histories: list[np.ndarray]) -> None:
-        """(Re)initialise the given slots from their full (or recent) raw histories."""
+    def _init_slots(self, slots: np.ndarray, histories: list[np.ndarray], covs: list[np.ndarray] | None = None) -> None:
+        """(Re)initialise the given slots from their full (or recent) raw histories (and
+        their covariates ``[n_cov, T]``)."""
         p, w, r = self.patch_length, self.window, self.init_tokens
         groups: dict[int, list[int]] = {}
         for j, h in enumerate(histories):
@@ -292,7 +319,12 @@ class StreamingForecaster:
             aligned = np.stack([align(histories[j], p, n, n) for j in js])
             stats = np.stack([align(histories[j], p, w, w) for j in js])
             loc, scale = instance_stats(stats)
-            feats = features(aligned, loc, scale, p)
+            if covs is None:
+                feats = features(aligned, loc, scale, p)
+            else:
+                cov_aligned = np.stack([[align(row, p, n, n) for row in covs[j]] for j in js])
+                cov_loc, cov_scale = instance_stats(np.stack([[align(row, p, w, w) for row in covs[j]] for j in js]))
+                feats = features(aligned, loc, scale, p, cov_aligned, cov_loc, cov_scale)
             ks, vs = self._run_update(feats, np.zeros(len(js), np.int64), *self._empty_cache(len(js)))
             s = slots[js]
             for i in range(len(self.layers)):
@@ -302,6 +334,9 @@ class StreamingForecaster:
             self.pending[s] = np.nan
             self.pending_count[s] = 0
             self.loc[s], self.scale[s] = loc, scale
+            if covs is not None:
+                self.cov_pending[s] = np.nan
+                self.cov_loc[s], self.cov_scale[s] = cov_loc, cov_scale
             for jj, slot in zip(js, s):
                 h = histories[jj]
                 self.count[slot] = len(h)
@@ -309,16 +344,27 @@ class StreamingForecaster:
                 keep = min(len(h), r * p)
                 if keep:
                     self.recent[slot, r * p - keep:] = h[len(h) - keep:]
+                if covs is not None:
+                    self.cov_recent[slot] = np.nan
+                    if keep:
+                        self.cov_recent[slot, :, r * p - keep:] = covs[jj][:, len(h) - keep:]
 
     def _recent_history(self, slot: int) -> np.ndarray:
         n = int(min(self.count[slot], self.recent.shape[1]))
         return self.recent[slot, self.recent.shape[1] - n:].copy()
 
+    def _recent_covariates(self, slot: int) -> np.ndarray:
+        n = int(min(self.count[slot], self.recent.shape[1]))
+        return self.cov_recent[slot, :, self.recent.shape[1] - n:].copy()
+
+    def _reinit(self, slots: np.ndarray) -> None:
+        covs = [self._recent_covariates(int(s)) for s in slots] if self.num_covariates else None
+        self._init_slots(slots, [self._recent_history(int(s)) for s in slots], covs)
+
     def refresh_series(self, item_ids: Sequence) -> None:
         """Recompute statistics and rebuild the caches from each series' recent raw values
         (equal to initialising from its whole history)."""
-        slots = self._slots(item_ids)
-        self._init_slots(slots, [self._recent_history(int(s)) for s in slots])
+        self._reinit(self._slots(item_ids))
 
     def _refresh_points(self, before: int, after: int) -> bool:
         if self.refresh == "warmup":
@@ -335,11 +381,38 @@ class StreamingForecaster:
         return False
 
     # -- public API ----------------------------------------------------------------------------
-    def update(self, item_ids: Sequence, values: Iterable) -> None:
+    def _covariate_arrays(self, covariates, arrays: list[np.ndarray]) -> list[np.ndarray] | None:
+        """``covariates[j]`` as float32 ``[n_cov, len(arrays[j])]``, checked; None without covariates."""
+        n = self.num_covariates
+        if covariates is None:
+            if n:
+                raise StreamingError(f"this model takes {n} covariate(s): pass covariates=[...] with one "
+                                     f"[{n}, len(values)] array per series")
+            return None
+        if not n:
+            raise StreamingError("covariates given, but this model was exported without covariates")
+        covariates = list(covariates)
+        if len(covariates) != len(arrays):
+            raise StreamingError(f"{len(arrays)} series but {len(covariates)} covariate arrays")
+        out = []
+        for c, a in zip(covariates, arrays):
+            c = np.asarray(c, dtype=np.float32)
+            if c.ndim <= 1 and c.size == n * len(a) and (n == 1 or len(a) == 1):  # one covariate's values, or one step's covariates
+                c = c.reshape(n, len(a))
+            if c.shape != (n, len(a)):
+                raise StreamingError(f"covariates must be [{n}, {len(a)}] for {len(a)} value(s), got shape "
+                                     f"{np.shape(c)}")
+            if not np.isfinite(c).all():
+                raise StreamingError("covariates must be finite numbers (they are known at every step)")
+            out.append(c.astype(np.float32))
+        return out
+
+    def update(self, item_ids: Sequence, values: Iterable, covariates: Iterable | None = None) -> None:
         """Ingest new values per series: ``values[j]`` is a number or a 1-D array (NaN = missing).
 
-        Unknown series are initialised from their values (their history). The cost per
-        series does not depend on how much history it has seen.
+        ``covariates[j]`` (models with covariates): the covariates of those values,
+        ``[n_cov, len(values[j])]``. Unknown series are initialised from their values (their
+        history). The cost per series does not depend on how much history it has seen.
         """
         item_ids = list(item_ids)
         values = list(values) if not isinstance(values, np.ndarray) else list(values)
@@ -348,6 +421,8 @@ class StreamingForecaster:
         if len(set(item_ids)) != len(item_ids):
             raise StreamingError("item_ids must be unique within one update")
         arrays = [np.atleast_1d(np.asarray(v, dtype=np.float32)).reshape(-1) for v in values]
+        covs = self._covariate_arrays(covariates, arrays)
+        cov_of = {i: (None if covs is None else c) for i, c in zip(item_ids, covs or [None] * len(arrays))}
         new_ids = [(i, a) for i, a in zip(item_ids, arrays) if i not in self._slot]
         if new_ids:
             self._grow(self._n + len(new_ids))
@@ -355,42 +430,50 @@ class StreamingForecaster:
             for (i, _), s in zip(new_ids, slots):
                 self._slot[i] = int(s)
             self._n += len(new_ids)
-            self._init_slots(slots, [a for _, a in new_ids])
+            self._init_slots(slots, [a for _, a in new_ids], None if covs is None else [cov_of[i] for i, _ in new_ids])
         fresh = {i for i, _ in new_ids}
-        old = [(self._slot[i], a) for i, a in zip(item_ids, arrays) if i not in fresh and len(a)]
+        old = [(self._slot[i], a, cov_of[i]) for i, a in zip(item_ids, arrays) if i not in fresh and len(a)]
         if not old:
             return
         p = self.patch_length
-        groups: dict[int, list[tuple[int, np.ndarray]]] = {}
+        groups: dict[int, list[tuple[int, np.ndarray, Any]]] = {}
         rests = []
-        for slot, a in old:
+        for slot, a, c in old:
             raw = np.concatenate([self.pending[slot, : self.pending_count[slot]], a])
+            craw = None if c is None else np.concatenate([self.cov_pending[slot, :, : self.pending_count[slot]], c], 1)
             m = len(raw) // p
             if m:
-                groups.setdefault(m, []).append((slot, raw[: m * p]))
-            rests.append((slot, raw[m * p:], a))
+                groups.setdefault(m, []).append((slot, raw[: m * p], None if c is None else craw[:, : m * p]))
+            rests.append((slot, raw[m * p:], a, None if c is None else craw[:, m * p:], c))
         for m, items in groups.items():
-            s = np.asarray([slot for slot, _ in items])
-            raw = np.stack([r for _, r in items])
-            feats = features(raw, self.loc[s], self.scale[s], p)
+            s = np.asarray([slot for slot, _, _ in items])
+            raw = np.stack([r for _, r, _ in items])
+            if covs is None:
+                feats = features(raw, self.loc[s], self.scale[s], p)
+            else:
+                feats = features(raw, self.loc[s], self.scale[s], p, np.stack([c for _, _, c in items]),
+                                 self.cov_loc[s], self.cov_scale[s])
             ks, vs = self._run_update(feats, self.tokens[s], [k[:, s] for k in self.k], [v[:, s] for v in self.v])
             for i in range(len(self.layers)):
                 self.k[i][:, s] = ks[i]
                 self.v[i][:, s] = vs[i]
             self.tokens[s] += m
         refresh = []
-        for slot, rest, a in rests:
+        for slot, rest, a, crest, c in rests:
             self.pending[slot] = np.nan
             self.pending[slot, : len(rest)] = rest
             self.pending_count[slot] = len(rest)
             before = int(self.count[slot])
             self.count[slot] = before + len(a)
             self.recent[slot] = np.concatenate([self.recent[slot], a])[-self.recent.shape[1]:]
+            if c is not None:
+                self.cov_pending[slot] = np.nan
+                self.cov_pending[slot, :, : len(rest)] = crest
+                self.cov_recent[slot] = np.concatenate([self.cov_recent[slot], c], 1)[:, -self.recent.shape[1]:]
             if self._refresh_points(before, before + len(a)):
                 refresh.append(slot)
         if refresh:
-            slots = np.asarray(refresh)
-            self._init_slots(slots, [self._recent_history(int(s)) for s in slots])
+            self._reinit(np.asarray(refresh))
 
     def _partial(self, s: np.ndarray) -> tuple[list, list, np.ndarray]:
         b = len(s)
@@ -399,7 +482,11 @@ class StreamingForecaster:
         vp = [a.copy() for a in kp]
         if has.any():
             sp = s[has]
-            feats = features(self.pending[sp], self.loc[sp], self.scale[sp], self.patch_length)
+            if self.num_covariates:
+                feats = features(self.pending[sp], self.loc[sp], self.scale[sp], self.patch_length,
+                                 self.cov_pending[sp], self.cov_loc[sp], self.cov_scale[sp])
+            else:
+                feats = features(self.pending[sp], self.loc[sp], self.scale[sp], self.patch_length)
             ks, vs = self._run_update(feats, self.tokens[sp], [k[:, sp] for k in self.k], [v[:, sp] for v in self.v])
             for i in range(len(self.layers)):
                 kp[i][:, has] = ks[i][:, :, :, -1:]
@@ -413,8 +500,12 @@ class StreamingForecaster:
     def forecast(self, item_ids: Sequence, num_samples: int = 100, seed=None,
                  quantiles: Sequence[float] = DEFAULT_QUANTILES, noise: np.ndarray | None = None,
                  sigmas: Sequence[float] | None = None, num_steps: int | None = None,
-                 sampler: str | None = None, normalized: bool = False) -> Forecast:
+                 sampler: str | None = None, normalized: bool = False,
+                 covariates: np.ndarray | None = None) -> Forecast:
         """Sample ``num_samples`` futures per series and their quantiles.
+
+        ``covariates [b, n_cov, H]`` (models with covariates): the known-future covariates
+        of the H steps after each series' last observed value.
 
         ``seed``: an int (one generator for the batch), a list with one seed (int or tuple of
         ints) per series (reproducible whatever the batch), or None. ``noise [b, S, H]``
@@ -440,6 +531,17 @@ class StreamingForecaster:
             sigmas = grids[str(num_steps)]
         sig = self.sigmas if sigmas is None else np.asarray(sigmas, dtype=np.float32)
         sampler = sampler or self.sampler
+        extra = {}
+        if self.num_covariates or covariates is not None:
+            n = self.num_covariates
+            if covariates is None or not n or np.shape(covariates) != (b, n, hz):
+                raise StreamingError(f"this model takes {n} covariate(s): forecast needs covariates "
+                                     f"[{b}, {n}, {hz}] (the known future), got "
+                                     f"{None if covariates is None else np.shape(covariates)}")
+            covariates = np.asarray(covariates, dtype=np.float32)
+            if not np.isfinite(covariates).all():
+                raise StreamingError("future covariates must be finite numbers")
+            extra["future_covariates"] = normalize_covariates(covariates, self.cov_loc[s], self.cov_scale[s])
         kp, vp, has = self._partial(s)
         ks = [k[:, s] for k in self.k]
         vs = [v[:, s] for v in self.v]
@@ -449,7 +551,7 @@ class StreamingForecaster:
             i = self._block(sigma)
             return self._denoise[i].run(["denoised"], {
                 "cache_k": ks[i], "cache_v": vs[i], "partial_k": kp[i], "partial_v": vp[i], "has_partial": has,
-                "tokens": tokens, "z": z, "sigma": np.full(b, sigma, np.float32)})[0]
+                "tokens": tokens, "z": z, "sigma": np.full(b, sigma, np.float32), **extra})[0]
 
         x = noise * sig[0]
         for i in range(len(sig) - 1):

@@ -90,6 +90,21 @@ def _check_no_inf(who: str, what: str, values: np.ndarray, start: pd.Period) -> 
                         "with NaN (= missing) or fix the source")
 
 
+def require_covariates(series: Series, num_covariates: int) -> np.ndarray:
+    """The series' covariates ``[num_covariates, T]``, complete and finite, or a `DataError`
+    naming the series."""
+    who = f"series {series.item_id!r}"
+    cov = series.past_covariates
+    if cov is None:
+        raise DataError(f"{who} has no covariates, but the model takes {num_covariates}; load them with "
+                        f"the data (read_long(..., covariates=[...])) or set model.num_covariates: 0")
+    _check_covariates(who, series)
+    if cov.shape[0] != num_covariates:
+        raise DataError(f"{who} has {cov.shape[0]} covariate(s), but the model takes {num_covariates}; "
+                        "set model.num_covariates to the number of covariate columns")
+    return cov
+
+
 def _check_covariates(who: str, series: Series) -> None:
     cov = series.past_covariates
     if cov.ndim != 2 or cov.shape[1] != len(series) or cov.dtype.kind != "f":

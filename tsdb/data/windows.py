@@ -10,6 +10,7 @@ from torch.utils.data import IterableDataset
 
 from ..errors import DataError
 from .series import SeriesDataset
+from .validate import require_covariates
 
 
 def last_context(target: np.ndarray, context_length: int) -> np.ndarray:
@@ -21,7 +22,8 @@ def last_context(target: np.ndarray, context_length: int) -> np.ndarray:
 
 
 class TrainingWindows(IterableDataset):
-    """An endless, seeded stream of ``(context [C], target [H], draws [1 + H])`` float32 windows.
+    """An endless, seeded stream of ``(context [C], target [H], draws [1 + H])`` float32 windows,
+    plus ``covariates [n_cov, C + H]`` when ``covariates = n_cov > 0``.
 
     ``draws`` are the diffusion step's random numbers for this window (u ~ U[0,1), then
     eps ~ N(0,1) per lead time). Drawn here, they make every arm see the same noise and
@@ -35,12 +37,22 @@ class TrainingWindows(IterableDataset):
     With probability ``partial_patch_prob`` the context ends inside its last patch: the last
     ``pad`` slots (1 <= pad < patch_length) are NaN and the target starts right after the
     last observed value. This is what a streaming model sees between patch boundaries.
+
+    Covariates (``series.past_covariates``, every series must have exactly ``covariates``
+    complete rows) are cut at the same positions as context and target: the context part
+    is NaN where the context is (left padding, the unobserved slots of a partial patch),
+    the horizon part holds the covariates of the target's time steps. They use no random
+    numbers, so the stream of windows and draws is the same with and without them.
     """
 
     def __init__(self, dataset: SeriesDataset, context_length: int, horizon: int,
                  seed: int = 0, min_context: int | None = None, patch_length: int = 1,
-                 partial_patch_prob: float = 0.0, rank: int = 0, world_size: int = 1):
+                 partial_patch_prob: float = 0.0, rank: int = 0, world_size: int = 1,
+                 covariates: int = 0):
         self.rank, self.world_size = rank, world_size
+        self.num_covariates = covariates
+        self.covariates = ([require_covariates(s, covariates).astype(np.float32) for s in dataset]
+                           if covariates else None)
         self.patch_length = patch_length
         self.partial_patch_prob = partial_patch_prob if patch_length > 1 else 0.0
         self.targets = [s.target.astype(np.float32) for s in dataset]
@@ -62,7 +74,7 @@ class TrainingWindows(IterableDataset):
         out.rank, out.world_size = rank, world_size
         return out
 
-    def window(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def window(self, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
         i = rng.choice(len(self.targets), p=self.weights)
         t = self.targets[i]
         end = int(rng.integers(self.min_context + self.horizon, len(t) + 1))  # exclusive end of target
@@ -74,7 +86,12 @@ class TrainingWindows(IterableDataset):
         if pad:
             context = np.concatenate([context, np.full(pad, np.nan, dtype=np.float32)])
         draws = np.concatenate([rng.random(1), rng.standard_normal(self.horizon)]).astype(np.float32)
-        return context, t[split:end], draws
+        if self.covariates is None:
+            return context, t[split:end], draws
+        cov = self.covariates[i]
+        past = np.stack([last_context(row[:split], self.context_length - pad) for row in cov])
+        pads = np.full((len(cov), pad), np.nan, dtype=np.float32)
+        return context, t[split:end], draws, np.concatenate([past, pads, cov[:, split:end]], axis=1)
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()

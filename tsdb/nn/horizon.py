@@ -34,8 +34,9 @@ from torch import Tensor, nn
 
 from ..diffusion import NoiseDistribution, Preconditioning
 from ..samplers import SAMPLERS
-from .denoiser import BlockDenoiser, ContextEncoding
-from .forecaster import DiffusionForecaster, context_features, instance_stats
+from .denoiser import BlockDenoiser, ContextEncoding, CovariateFeatures
+from .forecaster import (DiffusionForecaster, check_covariates, context_features, instance_stats,
+                         normalize_covariates)
 
 
 def staircase(phase: Tensor | float, num_chunks: int, noise: NoiseDistribution) -> Tensor:
@@ -60,6 +61,7 @@ class HorizonForecaster(nn.Module):
 
     horizon = DiffusionForecaster.horizon
     context_length = DiffusionForecaster.context_length
+    num_covariates = DiffusionForecaster.num_covariates
     prepare = DiffusionForecaster.prepare
     encode = DiffusionForecaster.encode
 
@@ -100,6 +102,16 @@ class HorizonForecaster(nn.Module):
                               for j, (block, ctx) in enumerate(zip(self.blocks, encodings))], dim=-1)
         return denoise
 
+    def features(self, history: Tensor, loc: Tensor, scale: Tensor, covariates: Tensor | None = None):
+        """Context features of raw ``history`` ``[N, T]``; with ``covariates`` (normalized,
+        ``[N, >= T + H, n_cov]`` from the history's first position) a ``CovariateFeatures``
+        whose future part covers the window right after the history."""
+        f = context_features(history, loc, scale)
+        if covariates is None:
+            return f
+        t = history.shape[1]
+        return CovariateFeatures(torch.cat([f, covariates[:, :t]], dim=-1), covariates[:, t:t + self.horizon])
+
     # -- the state machine ----------------------------------------------------------------
     def advance(self, window: Tensor, encodings: list[ContextEncoding], phase: float, phase_next: float,
                 substeps: int, sampler: str = "heun") -> Tensor:
@@ -126,28 +138,33 @@ class HorizonForecaster(nn.Module):
         return z[:, :c], torch.cat([z[:, c:], top * fresh], dim=-1)
 
     def observe(self, window: Tensor, history: Tensor, values: Tensor, loc: Tensor, scale: Tensor,
-                fresh: Tensor, substeps: int, sampler: str = "heun") -> tuple[Tensor, Tensor]:
+                fresh: Tensor, substeps: int, sampler: str = "heun",
+                covariates: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """A teacher-forced roll: chunk 0 is replaced by the observed ``values`` ``[n, c]``.
 
         ``history`` ``[n, C]`` raw values right before the window, one row per series;
         ``window`` ``[n * S, H]`` holds S sample windows per series (series-major), which
-        share the series' context encoding. Returns the next ``(window, history)``.
+        share the series' context encoding. ``covariates``: normalized ``[n, C + H, n_cov]``
+        over history and window (models with covariates). Returns the next ``(window, history)``.
         """
         samples = window.shape[0] // history.shape[0]
-        encodings = [e.repeat(samples) for e in self.encode(context_features(history, loc, scale))]
+        encodings = [e.repeat(samples) for e in self.encode(self.features(history, loc, scale, covariates))]
         _, window = self.roll(window, encodings, fresh, substeps, sampler)
         return window, torch.cat([history[:, self.chunk_length:], values], dim=-1)
 
     def forecast_rolls(self, window: Tensor, history: Tensor, loc: Tensor, scale: Tensor, fresh: Tensor,
-                       substeps: int, sampler: str = "heun") -> Tensor:
+                       substeps: int, sampler: str = "heun", covariates: Tensor | None = None) -> Tensor:
         """``R = fresh.shape[1]`` rolls from a state, each emitted chunk becoming context.
 
         ``window``, ``history`` (raw), ``loc``, ``scale`` have one row per trajectory;
-        ``fresh`` is ``[N, R, c]``. Returns raw samples ``[N, R * c]``.
+        ``fresh`` is ``[N, R, c]``. ``covariates`` (models with covariates): normalized
+        ``[N, C + H + (R - 1) c, n_cov]`` from the history's first position. Returns raw
+        samples ``[N, R * c]``.
         """
         out = []
         for r in range(fresh.shape[1]):
-            encodings = self.encode(context_features(history, loc, scale))
+            cov = None if covariates is None else covariates[:, r * self.chunk_length:]
+            encodings = self.encode(self.features(history, loc, scale, cov))
             emitted, window = self.roll(window, encodings, fresh[:, r], substeps, sampler)
             emitted = emitted * scale + loc
             history = torch.cat([history[:, self.chunk_length:], emitted], dim=-1)
@@ -157,38 +174,55 @@ class HorizonForecaster(nn.Module):
     @torch.no_grad()
     def sample(self, context: Tensor, num_samples: int, substeps: int, sampler: str = "heun",
                noise: Tensor | None = None, generator: torch.Generator | None = None,
-               max_batch: int = 4096) -> Tensor:
+               max_batch: int = 4096, covariates: Tensor | None = None) -> Tensor:
         """Raw-scale samples ``[n, num_samples, H]`` for raw contexts ``[n, C]`` (C >= H).
 
         ``noise`` ``[n, num_samples, 3H]`` standard normal: the initial window's staircase
-        noise (H values), then the chunk appended by each of the 2B rolls.
+        noise (H values), then the chunk appended by each of the 2B rolls. ``covariates``
+        ``[n, n_cov, C + H]`` raw (models with covariates).
         """
         n = context.shape[0]
+        check_covariates(covariates, context, self.num_covariates, self.horizon)
         if noise is None:
             noise = torch.randn(n, num_samples, 3 * self.horizon, generator=generator,
                                 device=context.device, dtype=context.dtype)
         per_chunk = max(1, max_batch // num_samples)
-        return torch.cat([self._cold_start(context[i:i + per_chunk], noise[i:i + per_chunk], substeps, sampler)
+        return torch.cat([self._cold_start(context[i:i + per_chunk], noise[i:i + per_chunk], substeps, sampler,
+                                           None if covariates is None else covariates[i:i + per_chunk])
                           for i in range(0, n, per_chunk)])
 
-    def _cold_start(self, context: Tensor, noise: Tensor, substeps: int, sampler: str) -> Tensor:
+    def _cold_start(self, context: Tensor, noise: Tensor, substeps: int, sampler: str,
+                    covariates: Tensor | None = None) -> Tensor:
         """Window over the last H observed values (truth + staircase noise), B observed
         rolls (the context grows back to ``context``), then B forecast rolls.
 
         Normalization statistics are those of the whole ``context`` and stay frozen; missing
         values in the window start at the context mean (0) and reach the context as NaN.
+        Covariates are normalized with their own context statistics (frozen too), NaN
+        before the context; the last ``H - c`` positions of the later forecast rolls' windows
+        lie past the horizon (never emitted) and hold the last known covariate values.
         """
         (n, length), samples = context.shape, noise.shape[1]
         b, c, h = self.num_chunks, self.chunk_length, self.horizon
         eps = noise.reshape(n * samples, 3 * b, c)
         loc, scale = instance_stats(context)
+        cov = None
+        if covariates is not None:  # a timeline over positions [-h, C + 2H - c)
+            cov_loc, cov_scale = instance_stats(covariates[..., :length])
+            k = covariates.shape[1]
+            timeline = torch.cat([covariates.new_full((n, k, h), float("nan")), covariates,
+                                  covariates[..., -1:].expand(n, k, h - c)], dim=-1)
+            cov = normalize_covariates(timeline, cov_loc, cov_scale)
         truth = context[:, length - h:]
         y = torch.nan_to_num((truth - loc) / scale, nan=0.0).repeat_interleave(samples, 0)
         window = self.staircase_window(y, eps[:, :b].flatten(1))
         history = F.pad(context[:, :length - h], (h, 0), value=float("nan"))
         for r in range(b):
             window, history = self.observe(window, history, truth[:, self.chunk(r)], loc, scale,
-                                           eps[:, b + r], substeps, sampler)
+                                           eps[:, b + r], substeps, sampler,
+                                           None if cov is None else cov[:, r * c:r * c + length + h])
         history, loc, scale = (t.repeat_interleave(samples, 0) for t in (history, loc, scale))
-        out = self.forecast_rolls(window, history, loc, scale, eps[:, 2 * b:], substeps, sampler)
+        if cov is not None:
+            cov = cov[:, b * c:].repeat_interleave(samples, 0)
+        out = self.forecast_rolls(window, history, loc, scale, eps[:, 2 * b:], substeps, sampler, cov)
         return out.view(n, samples, h)

@@ -18,8 +18,10 @@ from torch import Tensor, nn
 from ..config import ModelConfig
 from ..diffusion import NoiseDistribution, Preconditioning
 
-# (context [b, C] raw with NaN, target [b, H] raw with NaN[, draws [b, 1 + H]]): draws are the
-# step's random numbers (u ~ U[0,1), then eps ~ N(0,1) per lead time), drawn with the data.
+# (context [b, C] raw with NaN, target [b, H] raw with NaN[, draws [b, 1 + H][, covariates
+# [b, n_cov, C + H]]]): draws are the step's random numbers (u ~ U[0,1), then eps ~ N(0,1) per
+# lead time), drawn with the data; covariates (models with num_covariates > 0) are raw values
+# over context and horizon. ``model.prepare(*batch)`` takes every form.
 Batch = tuple[Tensor, ...]
 
 
@@ -56,8 +58,12 @@ class Strategy(ABC):
     @abstractmethod
     def forecast(self, model: nn.Module, context: Tensor, num_samples: int,
                  num_steps: int | None = None, noise: Tensor | None = None,
-                 generator: torch.Generator | None = None) -> Tensor:
-        """Raw-scale samples ``[batch, num_samples, H]`` for raw contexts ``[batch, C]``."""
+                 generator: torch.Generator | None = None, covariates: Tensor | None = None) -> Tensor:
+        """Raw-scale samples ``[batch, num_samples, H]`` for raw contexts ``[batch, C]``.
+
+        ``covariates`` ``[batch, num_covariates, C + H]`` (raw; the last H steps are the known
+        future) is required by a model built with ``num_covariates > 0``.
+        """
 
     def arm_name(self) -> str:
         """Name in results tables, pattern ``strategy-bN[-variant]``."""

@@ -13,7 +13,7 @@ from .base import Batch, Strategy, TrainUnit
 
 def denoiser_shape(cfg, n_layers: int) -> DenoiserShape:
     return DenoiserShape(cfg.context_length, cfg.horizon, cfg.patch_length, cfg.d_model, cfg.n_heads,
-                         n_layers, cfg.mlp_ratio, cfg.dropout)
+                         n_layers, cfg.mlp_ratio, cfg.dropout, cfg.num_covariates)
 
 
 class DepthStrategy(Strategy):
@@ -44,9 +44,10 @@ class DepthStrategy(Strategy):
                         target_mask=observed).mean()
         return block_loss
 
-    def forecast(self, model, context, num_samples, num_steps=None, noise=None, generator=None):
+    def forecast(self, model, context, num_samples, num_steps=None, noise=None, generator=None, covariates=None):
         sigmas = sigma_grid(num_steps or self.cfg.inference_steps, self.noise)
-        return model.sample(context, num_samples, sigmas, self.cfg.sampler, noise=noise, generator=generator)
+        return model.sample(context, num_samples, sigmas, self.cfg.sampler, noise=noise, generator=generator,
+                            covariates=covariates)
 
     def arm_name(self) -> str:
         suffix = "" if self.cfg.partition == "equiprob" else f"-{self.cfg.partition}"

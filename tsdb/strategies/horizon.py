@@ -84,10 +84,10 @@ class HorizonStrategy(Strategy):
                             f"(each value takes n_blocks rolls of num_steps / n_blocks sub-steps)")
         return k // self.num_blocks
 
-    def forecast(self, model, context, num_samples, num_steps=None, noise=None, generator=None):
+    def forecast(self, model, context, num_samples, num_steps=None, noise=None, generator=None, covariates=None):
         """Samples ``[b, S, H]``; ``noise`` is ``[b, S, 3H]`` (see ``HorizonForecaster.sample``)."""
         return model.sample(context, num_samples, self.substeps(num_steps), self.cfg.sampler,
-                            noise=noise, generator=generator)
+                            noise=noise, generator=generator, covariates=covariates)
 
     def arm_name(self) -> str:
         return f"horizon-b{self.num_blocks}"

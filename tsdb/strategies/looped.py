@@ -86,10 +86,11 @@ class LoopedStrategy(DepthStrategy):
         core = LoopedDenoiser(denoiser_shape(self.cfg, self.core_layers), self.cfg.n_layers - self.core_layers)
         return DiffusionForecaster([core], self.edges(), self.noise, self.precond)
 
-    def forecast(self, model, context, num_samples, num_steps=None, noise=None, generator=None):
+    def forecast(self, model, context, num_samples, num_steps=None, noise=None, generator=None, covariates=None):
         """K Euler steps = K applications of the core."""
         sigmas = sigma_grid(num_steps or self.cfg.inference_steps, self.noise)
-        return model.sample(context, num_samples, sigmas, "euler", noise=noise, generator=generator)
+        return model.sample(context, num_samples, sigmas, "euler", noise=noise, generator=generator,
+                            covariates=covariates)
 
     def arm_name(self) -> str:
         return "looped"

@@ -1,0 +1,280 @@
+"""Streaming for the horizon strategy (tsdb.streaming_horizon): updates then forecast equal
+the replay from init over the full history with the same noise; cold start equals the
+strategy's own sampler where the two context semantics coincide."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tsdb import streaming_horizon as sh
+from tsdb.errors import TsdbError
+
+from conftest import randomized_model
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+P, C, H = 4, 32, 16          # B = 2 blocks -> chunks of c = 8 values (2 patches)
+TOL = 1e-4                   # normalized scale, as tests/test_streaming.py
+
+
+def tiny(seed: int = 0, **kw):
+    strat, model = randomized_model("horizon", seed, context_length=C, horizon=H, patch_length=P, **kw)
+    return strat, model, sh.sampler_kwargs(strat)
+
+
+def random_chunks(rng, total: int, c: int) -> list[int]:
+    out = []
+    while total:
+        n = int(min(rng.integers(1, 2 * c + 2), total))
+        out.append(n)
+        total -= n
+    return out
+
+
+def stream(model, kw, history, t0, chunks, samples, g):
+    """init on ``history[:, :t0]`` then updates; returns (state, init_noise, roll_noise)."""
+    b = history.shape[0]
+    c = model.chunk_length
+    init_noise = torch.randn(b, samples, 2 * H, generator=g)
+    state = sh.init_state(model, history[:, :t0], samples, init_noise, **kw)
+    rolls, t = [], t0
+    for n in chunks:
+        due = int(sh.rolls_due(model, state, n).max())
+        fresh = torch.randn(b, samples, due * c, generator=g)
+        rolls.append(fresh)
+        state = sh.update(model, state, history[:, t:t + n], fresh, **kw)
+        t += n
+    assert t == history.shape[1]
+    roll_noise = torch.cat(rolls, -1) if rolls else None
+    return state, init_noise, roll_noise
+
+
+def parity(model, kw, history, t0, chunks, samples=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    state, init_noise, roll_noise = stream(model, kw, history, t0, chunks, samples, g)
+    noise = torch.randn(history.shape[0], samples, H + model.chunk_length, generator=g)
+    got = sh.forecast(model, state, noise, normalized=True, **kw)
+    want = sh.recompute_forecast(model, history, t0, init_noise, roll_noise, noise, normalized=True, **kw)
+    assert got.shape == (history.shape[0], samples, H)
+    return state, (got - want).abs().max().item()
+
+
+@pytest.mark.parametrize("t0,total", [(10, 97), (40, 203), (150, 301), (45, 45)])
+def test_updates_then_forecast_equal_the_replay_from_init(t0, total):
+    """Histories shorter than H, around C, longer than the init truncation; random update
+    sizes far past the window (eviction), ending mid-chunk or on a boundary; no updates."""
+    strat, model, kw = tiny()
+    rng = np.random.default_rng(t0)
+    history = torch.from_numpy(rng.normal(size=(3, total)).cumsum(-1).astype(np.float32)) * 3 + 10
+    history[1, 5:9] = float("nan")        # missing values in the init window / context
+    history[2, total - 3] = float("nan")  # and in the pending values
+    state, err = parity(model, kw, history, t0, random_chunks(rng, total - t0, model.chunk_length))
+    assert state.k[0].shape[3] == C // P  # the cache stays bounded
+    assert err < TOL, err
+
+
+@pytest.mark.parametrize("pending", [0, 1, 5, 7])
+def test_every_position_inside_a_chunk(pending):
+    """One value per update; forecasts from every phase of the chunk."""
+    strat, model, kw = tiny(seed=1)
+    history = torch.randn(2, 64 + 24 + pending).cumsum(-1)
+    state, err = parity(model, kw, history, 64, [1] * (24 + pending))
+    assert state.pending_count.tolist() == [pending] * 2
+    assert err < TOL, err
+
+
+@pytest.mark.skipif(not (SHARED / "ETTh1.csv").exists(), reason="../shared/datasets/ETTh1.csv is missing")
+def test_real_data_etth1():
+    import pandas as pd
+
+    strat, model, kw = tiny(seed=3)
+    df = pd.read_csv(SHARED / "ETTh1.csv")
+    history = torch.tensor(df[["OT", "HUFL"]].to_numpy(np.float32)[:420].T.copy())
+    state, err = parity(model, kw, history, 181, random_chunks(np.random.default_rng(0), 420 - 181, 8))
+    assert int(state.pending_count[0]) == (420 - 181) % 8 == 7
+    assert err < TOL, err
+    raw = sh.forecast(model, state, generator=torch.Generator().manual_seed(0), **kw)
+    assert raw.shape == (2, 4, H) and torch.isfinite(raw).all()
+
+
+@pytest.mark.parametrize("n", [10, 20, 32])
+def test_cold_start_equals_the_strategy_sampler(n):
+    """init_state + forecast (no updates) == strategy.forecast on the same context and noise.
+
+    Exact where streaming's sliding-window context and the sampler's fresh C-value buffer
+    coincide: one layer per block (a token's keys/values depend on the token alone). With
+    deeper blocks they coincide at the first roll only (see the module docstring); the
+    replay reference covers that case (test above, ``t0 == total``)."""
+    strat, model, kw = tiny(n_layers=2)  # B = 2 blocks of 1 layer
+    g = torch.Generator().manual_seed(n)
+    history = torch.randn(2, n, generator=g).cumsum(-1) * 4 + 7
+    context = torch.full((2, C), float("nan"))
+    context[:, C - n:] = history
+    noise = torch.randn(2, 5, 3 * H, generator=g)
+    want = strat.forecast(model, context, 5, noise=noise)
+    state = sh.init_state(model, history, 5, noise[..., :2 * H], **kw)
+    got = sh.forecast(model, state, noise[..., 2 * H:], **kw)
+    err = (got - want).abs().max().item()
+    assert err < 1e-5 * (1 + want.abs().max().item()), err
+
+
+def test_mixed_phases_and_positions_in_one_batch():
+    strat, model, kw = tiny()
+    g = torch.Generator().manual_seed(5)
+    states = [sh.init_state(model, torch.randn(1, t, generator=g).cumsum(-1), 3, generator=g, **kw)
+              for t in (12, 45, 90)]
+    states = [sh.update(model, s, torch.randn(1, e, generator=g), generator=g, **kw)
+              for s, e in zip(states, (3, 0, 13))]
+    batch = sh.HorizonStreamingState.cat(states)
+    assert batch.pending_count.tolist() == [3, 0, 5]
+    new = torch.randn(3, 6, generator=g)
+    fresh = torch.randn(3, 3, 8, generator=g)
+    batch = sh.update(model, batch, new, fresh, **kw)
+    singles = [sh.update(model, s, new[i:i + 1], fresh[i:i + 1], **kw) for i, s in enumerate(states)]
+    assert batch.pending_count.tolist() == [1, 6, 3]
+    noise = torch.randn(3, 3, H + 8, generator=g)
+    got = sh.forecast(model, batch, noise, normalized=True, **kw)
+    for i, s in enumerate(singles):
+        one = sh.forecast(model, s, noise[i:i + 1], normalized=True, **kw)
+        assert torch.allclose(got[i:i + 1], one, atol=1e-5)
+
+
+def test_update_and_forecast_are_pure_and_bounded():
+    strat, model, kw = tiny()
+    g = torch.Generator().manual_seed(0)
+    state = sh.init_state(model, torch.randn(2, 40, generator=g), 3, generator=g, **kw)
+    before = [t.clone() for t in (*state.k, state.window, state.pending)]
+    noise = torch.randn(2, 3, H + 8, generator=g)
+    a = sh.forecast(model, state, noise, **kw)
+    later = sh.update(model, state, torch.randn(2, 203, generator=g), generator=g, **kw)
+    assert torch.equal(a, sh.forecast(model, state, noise, **kw))  # forecast left the state alone
+    assert all(torch.allclose(x, y, rtol=0, atol=0, equal_nan=True)
+               for x, y in zip(before, (*state.k, state.window, state.pending)))
+    assert later.k[0].shape == state.k[0].shape and later.window.shape == state.window.shape
+    assert later.count.tolist() == [243, 243] and later.pending_count.tolist() == [203 % 8] * 2
+    assert (later.tokens - state.tokens).tolist() == [(203 // 8) * 2] * 2
+    assert sh.rolls_due(model, later, 5).tolist() == [1, 1]
+
+
+def test_noise_shapes_and_models_are_checked():
+    strat, model, kw = tiny()
+    state = sh.init_state(model, torch.randn(1, 40), 3, torch.randn(1, 3, 2 * H), **kw)
+    with pytest.raises(TsdbError, match="update noise"):
+        sh.update(model, state, torch.randn(1, 8), torch.randn(1, 3, 4), **kw)
+    with pytest.raises(TsdbError, match="init_state noise"):
+        sh.init_state(model, torch.randn(1, 40), 3, torch.randn(1, 2, 2 * H), **kw)
+    pending = sh.update(model, state, torch.randn(1, 3), **kw)
+    with pytest.raises(TsdbError, match="forecast noise"):
+        sh.forecast(model, pending, torch.randn(1, 3, H), **kw)  # pending values need H + c
+    assert sh.forecast(model, state, torch.randn(1, 3, H), **kw).shape == (1, 3, H)
+    _, depth = randomized_model("depth", 0, context_length=C, horizon=H, patch_length=P)
+    with pytest.raises(TsdbError, match="HorizonForecaster"):
+        sh.init_state(depth, torch.randn(1, 40), 3)
+
+
+# ---------------------------------------------------------------------------------------
+# ONNX: per-token-sigma denoise graphs (tsdb.export_horizon), ONNX Runtime vs PyTorch
+# ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    pytest.importorskip("onnxruntime")
+    from tsdb.export_horizon import export_horizon_model
+
+    strat, model, kw = tiny(seed=4)
+    out = tmp_path_factory.mktemp("horizon-onnx")
+    meta = export_horizon_model(model, strat, out)
+    return strat, model, kw, out, meta
+
+
+def _sessions(out, meta):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    load = lambda f: ort.InferenceSession(str(out / f), opts, providers=["CPUExecutionProvider"])  # noqa: E731
+    return load(meta["graphs"]["update"]["file"]), [load(e["file"]) for e in meta["graphs"]["denoise"]]
+
+
+def test_onnx_denoise_graphs_match_torch(exported):
+    strat, model, kw, out, meta = exported
+    assert meta["format"] == "tsdb-streaming-onnx-horizon" and meta["substeps"] == kw["substeps"]
+    _, denoise = _sessions(out, meta)
+    g = torch.Generator().manual_seed(0)
+    state = sh.init_state(model, torch.randn(5, 70, generator=g).cumsum(-1), 4, generator=g, **kw)
+    sigma = model.window_sigma(torch.rand(5, generator=g).double())  # a different phase per series
+    z = torch.randn(5, 4, H, generator=g) * sigma[:, None]
+    for j, sess in enumerate(denoise):
+        got = sess.run(None, {"cache_k": state.k[j].numpy(), "cache_v": state.v[j].numpy(),
+                              "tokens": state.tokens.numpy(), "z": z.numpy(), "sigma": sigma.numpy()})[0]
+        with torch.no_grad():
+            want = sh.denoise_tokens(model.blocks[j], model.precond, state.k[j], state.v[j], state.tokens, z, sigma)
+            # the library's own path (uniform positions here): Preconditioning + denoise_future
+            enc = sh._encodings(state.k, state.v, state.tokens)[j].repeat(4)
+            lib = model.precond.denoise(model.blocks[j].denoise_future, enc, z.reshape(20, H),
+                                        sigma.repeat_interleave(4, 0)).reshape(5, 4, H)
+        assert (want - lib).abs().max().item() < 1e-6
+        assert np.abs(got - want.numpy()).max() <= 1e-4
+
+
+def _ort_forecast(model, meta, update, denoise, state, noise):
+    """A forecast from a PyTorch state computed with the exported graphs and numpy only
+    (what a runtime does): the metadata's roll grid, Heun sub-steps with per-token sigma,
+    the last one Euler, emitted chunks ingested with the update graph."""
+    b, s, h = state.window.shape
+    c, p, nb = meta["shapes"]["chunk_length"], meta["shapes"]["patch_length"], meta["shapes"]["n_blocks"]
+    grid = np.asarray(meta["roll_sigmas"], dtype=np.float32)
+    r = int(state.pending_count[0])
+    rep = lambda t: np.repeat(t.numpy(), s, axis=0)  # noqa: E731
+    ks = [np.repeat(k.numpy(), s, axis=1) for k in state.k]
+    vs = [np.repeat(v.numpy(), s, axis=1) for v in state.v]
+    tokens, loc, scale = rep(state.tokens), rep(state.loc), rep(state.scale)
+    x = state.window.numpy().reshape(b * s, h)
+
+    def D(z, sig):
+        sig = np.broadcast_to(sig, z.shape).astype(np.float32)
+        outs = [sess.run(None, {"cache_k": ks[j], "cache_v": vs[j], "tokens": tokens, "z": z[:, None],
+                                "sigma": sig})[0][:, 0] for j, sess in enumerate(denoise)]
+        return np.concatenate([outs[j][:, j * c:(j + 1) * c] for j in range(nb)], axis=-1)
+
+    out = []
+    for i in range(nb + (r > 0)):
+        for step in range(len(grid) - 1):
+            sg, sn = grid[step], grid[step + 1]
+            d = (x - D(x, sg)) / sg
+            xe = x + (sn - sg) * d
+            if step == len(grid) - 2 or meta["sampler"] == "euler":
+                x = xe
+            else:
+                x = x + (sn - sg) * (d + (xe - D(xe, sn)) / sn) / 2
+        emitted = x[:, :c]
+        out.append(emitted)
+        x = np.concatenate([x[:, c:], grid[0, -c:] * noise[:, :, i * c:(i + 1) * c].reshape(b * s, c)], axis=-1)
+        raw = emitted * scale + loc
+        if i == 0 and r:
+            raw[:, :r] = rep(state.pending[:, :r])
+        obs = ~np.isnan(raw)
+        feats = np.stack([np.where(obs, (raw - loc) / scale, 0), obs], -1).astype(np.float32)
+        caches = {f"cache_{kv}_{j}": (ks if kv == "k" else vs)[j] for j in range(nb) for kv in "kv"}
+        new = update.run(None, {"features": feats.reshape(b * s, c // p, p, 2), "start": tokens, **caches})
+        ks, vs, tokens = new[0::2], new[1::2], tokens + c // p
+    return np.concatenate(out, -1)[:, r:r + h].reshape(b, s, h)
+
+
+@pytest.mark.parametrize("extra", [0, 3])
+def test_onnx_forecast_matches_torch_streaming(exported, extra):
+    """The graphs plus a numpy host loop reproduce sh.forecast (normalized) within 1e-4."""
+    strat, model, kw, out, meta = exported
+    update, denoise = _sessions(out, meta)
+    g = torch.Generator().manual_seed(extra)
+    history = torch.randn(2, 100 + extra, generator=g).cumsum(-1) * 2 + 5
+    state = sh.init_state(model, history[:, :60], 3, generator=g, **kw)
+    state = sh.update(model, state, history[:, 60:], generator=g, **kw)
+    assert int(state.pending_count[0]) == extra
+    noise = torch.randn(2, 3, H + 8, generator=g)
+    want = sh.forecast(model, state, noise, normalized=True, **kw).numpy()
+    got = _ort_forecast(model, meta, update, denoise, state, noise.numpy())
+    assert np.abs(got - want).max() <= 1e-4, np.abs(got - want).max()
