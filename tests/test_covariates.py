@@ -331,10 +331,14 @@ def test_bench_covariates_tiny_budget(tmp_path):
     out = tmp_path / "covariates"
     assert cli_main(["bench", "covariates", "--config", str(config), "--out", str(out), "--no-progress"]) == 0
     results = json.loads((out / "results.json").read_text())
-    assert set(results["arms"]) == {"seasonal-naive", "depth-b4", "depth-b4-temperature"}
-    assert results["arms"]["depth-b4-temperature"]["num_covariates"] == 1
-    assert "num_covariates" not in results["arms"]["depth-b4"]
+    assert set(results["arms"]) == {"seasonal-naive", *(f"depth-b4{t}-seed{s}" for s in range(3)
+                                                        for t in ("", "-temperature"))}
+    arms = results["arms"]
+    assert arms["depth-b4-temperature-seed1"]["num_covariates"] == 1 and "num_covariates" not in arms["depth-b4-seed1"]
+    assert arms["depth-b4-seed0"]["crps"] != arms["depth-b4-seed1"]["crps"]  # the seeds differ
     cov = results["covariates"]
-    assert cov["crps_ratio_with_over_without"] == pytest.approx(cov["crps_with"] / cov["crps_without"])
+    assert cov["seeds"]["2"]["ratio"] == pytest.approx(arms["depth-b4-temperature-seed2"]["crps"]
+                                                       / arms["depth-b4-seed2"]["crps"])
+    assert cov["ratio_of_mean_crps"] == pytest.approx(cov["mean_crps_with"] / cov["mean_crps_without"])
     report = (out / "report.md").read_text()
-    assert "oracle" in report.lower() and "depth-b4-temperature" in report
+    assert "oracle" in report.lower() and "depth-b4-temperature-seed0" in report and "ratio of means" in report

@@ -109,6 +109,9 @@ def test_training_resumes_after_a_kill(tmp_path, monkeypatch):
     assert (run / "units" / "block-0" / "done.json").stat().st_mtime_ns == block0_done  # not retrained
     info = json.loads((run / "units" / "block-1" / "done.json").read_text())
     assert info["steps"] == 40
+    metrics = json.loads((run / "training.json").read_text())
+    assert metrics["train_state_bytes"] == max(u["memory"]["train_state_bytes"] for u in metrics["units"].values())
+    assert metrics["peak_rss_bytes"] > 0
     cfg2, strategy, loaded = load_model(run)
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
 

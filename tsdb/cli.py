@@ -25,6 +25,8 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", message=".*json-handling.*")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*non-tuple sequence for multidimensional indexing.*")  # gluonts
+    warnings.filterwarnings("ignore", message=".*validation_step.*val_dataloader.*")
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" notices
     for name in ("lightning.pytorch", "lightning.fabric", "lightning", "gluonts"):
         logging.getLogger(name).setLevel(logging.WARNING)

@@ -12,6 +12,7 @@ Run directory::
     RUN/units/<unit>/last.ckpt          Lightning checkpoint (resume after a kill)
     RUN/units/<unit>/done.json          finished marker with train seconds and memory
     RUN/model.pt                        all units' weights once every unit is done
+    RUN/training.json                   per-unit seconds and memory (bytes), peak RSS
 """
 
 from __future__ import annotations
@@ -203,9 +204,12 @@ def train_model(cfg: ExperimentConfig, dataset: SeriesDataset, run_dir: str | Pa
         for u in units:  # units trained by other processes
             u.module.load_state_dict(torch.load(run_dir / "units" / u.name / "weights.pt", weights_only=True))
         summary = {u.name: json.loads((run_dir / "units" / u.name / "done.json").read_text()) for u in units}
+    result = _summarize(summary, model)
     if _is_global_zero() and len(summary) == len(units):
         torch.save(model.state_dict(), run_dir / "model.pt")
-    return model, _summarize(summary, model)
+        # the run's training metrics: seconds and exact training-state bytes per unit, peak RSS
+        (run_dir / "training.json").write_text(json.dumps(result, indent=2))
+    return model, result
 
 
 def assemble_run(run_dir: str | Path) -> dict:
