@@ -142,8 +142,12 @@ def cmd_bench(args) -> None:
     spec = ExperimentSpec.from_yaml(path)
     spec.base.train.progress = not args.no_progress
     out = Path(args.out or f"reports/{spec.name}")
-    run_experiment(spec, out, root=args.data_root, only=args.arms)
+    run_experiment(spec, out, root=args.data_root, only=args.arms, command=_command_line())
     print(f"results in {out / 'results.json'}, report in {out / 'report.md'}")
+
+
+def _command_line() -> str:
+    return " ".join(["tsdb", *sys.argv[1:]])
 
 
 def cmd_ablate(args) -> None:
@@ -151,8 +155,17 @@ def cmd_ablate(args) -> None:
     spec = ExperimentSpec.from_yaml(args.config)
     spec.base.train.progress = not args.no_progress
     out = Path(args.out or f"reports/{spec.name}")
-    run_experiment(spec, out, root=args.data_root, only=args.arms)
+    run_experiment(spec, out, root=args.data_root, only=args.arms, command=_command_line())
     print(f"results in {out / 'results.json'}, report in {out / 'report.md'}")
+
+
+def cmd_report(args) -> None:
+    from .experiment import ExperimentSpec, write_report
+    out = Path(args.dir)
+    if not (out / "results.json").exists() or not (out / "spec.yaml").exists():
+        raise TsdbError(f"{out} has no results.json and spec.yaml; run `tsdb bench` or `tsdb ablate` first")
+    path = write_report(ExperimentSpec.from_yaml(out / "spec.yaml"), json.loads((out / "results.json").read_text()), out)
+    print(f"wrote {path}")
 
 
 def cmd_demo(args) -> None:
@@ -246,6 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--data-root", default=None)
         s.add_argument("--no-progress", action="store_true")
         s.set_defaults(func=func)
+
+    s = sub.add_parser("report", help="re-render report.md and plots from a results.json")
+    s.add_argument("dir")
+    s.set_defaults(func=cmd_report)
 
     s = sub.add_parser("export", help="export a trained run to ONNX with explicit streaming state")
     s.add_argument("run")

@@ -62,7 +62,7 @@ class ExperimentSpec(BaseModel):
     num_samples: int = 100
     # extra inference-time evaluations: {arm: [K, ...]} -> figures "crps_k" per K
     steps_sweep: dict[str, list[int]] = Field(default_factory=dict)
-    anchors: dict[str, dict[str, float]] = Field(default_factory=dict)  # published numbers, cited
+    anchors: dict[str, dict[str, float | None]] = Field(default_factory=dict)  # published numbers, cited
     # memory-only sweep: {arm: [K, ...]} -> training-state bytes of one step with loop_iters = K
     memory_sweep: dict[str, list[int]] = Field(default_factory=dict)
 
@@ -196,7 +196,7 @@ def run_baseline(spec: ExperimentSpec, name: str, task: EvalTask) -> dict:
 
 
 def run_experiment(spec: ExperimentSpec, out: str | Path, root: str | None = None,
-                   only: list[str] | None = None, log=print) -> dict:
+                   only: list[str] | None = None, log=print, command: str | None = None) -> dict:
     """Run every baseline and arm of ``spec`` into ``out``; returns the results dict."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -223,6 +223,8 @@ def run_experiment(spec: ExperimentSpec, out: str | Path, root: str | None = Non
         log(f"[{spec.name}] {name}: CRPS {figures['crps']:.4f}  MASE {figures['mase']:.3f}  "
             f"train {figures.get('train_seconds', 0):.0f}s")
     (out / "results.json").write_text(json.dumps(results, indent=2))
+    results["command"] = command or _default_command(spec)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
     write_report(spec, results, out)
     return results
 
@@ -233,25 +235,28 @@ def _machine() -> dict:
 
 
 def _fmt(v, digits=4):
-    if v is None:
+    if v is None or (isinstance(v, float) and v != v):
         return "n/a"
     if isinstance(v, float):
         return f"{v:.{digits}f}"
     return str(v)
 
 
-def write_report(spec: ExperimentSpec, results: dict, out: Path, command: str | None = None) -> Path:
+def write_report(spec: ExperimentSpec, results: dict, out: Path) -> Path:
     """``report.md`` with the results table, ratios to the e2e arm, anchors and plots."""
     arms = results["arms"]
     e2e = arms.get("e2e", {})
     lines = [f"# {spec.name}", "",
-             f"Produced by: `{command or _default_command(spec)}`", "",
+             f"Produced by: `{results.get('command') or _default_command(spec)}`", "",
              f"Task: `{spec.task.protocol}` on `{spec.task.dataset}`, {results['task']['num_windows']} test windows. "
              f"Machine: {results['machine']['platform']}, torch {results['machine']['torch']}, "
              f"{results['machine']['threads']} threads, GPU: {results['machine']['cuda'] or 'none'}.", "",
              "Point forecasts: MASE and MAE use the sample median, MSE the sample mean; CRPS is the mean "
              "weighted quantile loss over q = 0.1..0.9 (gluonts.ev). Seasonal naive is a point forecast "
-             "(all samples equal), so its CRPS is its point-forecast quantile loss.", "",
+             "(all samples equal), so its CRPS is its point-forecast quantile loss. Train-state bytes are "
+             "exact (params + grads + AdamW state + saved activations of one step of the largest unit); "
+             "peak RSS is the process high-water mark after the arm's training, reset before it, and "
+             "includes heap the process kept from earlier arms, so compare arms by the exact bytes.", "",
              "| arm | CRPS | MASE | MSE | MAE | CRPS / e2e | train s | train-state MiB | saved act. MiB | e2e / arm state | peak RSS MiB | params |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     mib = lambda b: None if b is None else b / 2**20  # noqa: E731
@@ -269,7 +274,7 @@ def write_report(spec: ExperimentSpec, results: dict, out: Path, command: str | 
                   "| system | " + " | ".join(next(iter(spec.anchors.values())).keys()) + " |",
                   "|---|" + "---|" * len(next(iter(spec.anchors.values())))]
         for sys_name, vals in spec.anchors.items():
-            lines.append(f"| {sys_name} | " + " | ".join(_fmt(v, 3) for v in vals.values()) + " |")
+            lines.append(f"| {sys_name} | " + " | ".join(_fmt(v) for v in vals.values()) + " |")
     sweeps = {n: f["crps_by_steps"] for n, f in arms.items() if "crps_by_steps" in f}
     if sweeps:
         lines += ["", "CRPS against inference steps K:", ""]
@@ -307,4 +312,7 @@ def write_report(spec: ExperimentSpec, results: dict, out: Path, command: str | 
 
 
 def _default_command(spec: ExperimentSpec) -> str:
-    return f"tsdb bench {spec.name}"
+    name, _, tier = spec.name.rpartition("-")
+    if name.startswith("ablation-"):
+        return f"tsdb ablate --config configs/ablation/{name.removeprefix('ablation-')}-{tier}.yaml"
+    return f"tsdb bench {name} --tier {tier}"
