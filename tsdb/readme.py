@@ -38,8 +38,8 @@ def render(reports: Path = ROOT / "reports") -> str:
             continue
         cols = ["crps", "mase"] + (["mse", "mae"] if res["task"].get("protocol") == "etth1" else [])
         e2e = arms.get("e2e", {})
-        lines = [f"**{res['name']}** ({res['task']['num_windows']} test windows; "
-                 f"command: `tsdb bench` / `tsdb ablate` with `{path.parent.name}`; "
+        command = res.get("command") or f"tsdb bench {path.parent.name}"
+        lines = [f"**{res['name']}** ({res['task']['num_windows']} test windows; command: `{command}`; "
                  f"report: [`{path.parent.relative_to(ROOT)}/report.md`]({path.parent.relative_to(ROOT)}/report.md))", "",
                  "| arm | " + " | ".join(c.upper() for c in cols) + " | CRPS / e2e | e2e / arm training state | train s |",
                  "|---" * (len(cols) + 4) + "|"]
