@@ -74,8 +74,29 @@ NORMALIZATION_RULE = "frozen-at-init"
 # State
 # ---------------------------------------------------------------------------------------
 
+class BatchedState:
+    """Batch-axis operations shared by the streaming states: the first two fields are the
+    per-block key/value tuples (batch on axis 1), every other field has batch on axis 0
+    (or is None)."""
+
+    def select(self, idx):
+        """The state of a subset of series (index tensor, list or slice)."""
+        return type(self)(tuple(k[:, idx] for k in self.k), tuple(v[:, idx] for v in self.v),
+                          *(_pick(getattr(self, f.name), idx) for f in fields(self)[2:]))
+
+    @classmethod
+    def cat(cls, states: list):
+        """Concatenate states of different series along the batch axis."""
+        nb = len(states[0].k)
+        return cls(
+            tuple(torch.cat([s.k[i] for s in states], 1) for i in range(nb)),
+            tuple(torch.cat([s.v[i] for s in states], 1) for i in range(nb)),
+            *(None if getattr(states[0], f.name) is None else torch.cat([getattr(s, f.name) for s in states], 0)
+              for f in fields(cls)[2:]))
+
+
 @dataclass(frozen=True)
-class StreamingState:
+class StreamingState(BatchedState):
     """Streaming state of a batch of series; tensors only.
 
     k, v: per block ``[layers, batch, heads, W, head_dim]`` keys/values (RoPE applied) of
@@ -108,22 +129,6 @@ class StreamingState:
     @property
     def batch_size(self) -> int:
         return int(self.tokens.shape[0])
-
-    def select(self, idx) -> "StreamingState":
-        """The state of a subset of series (index tensor, list or slice)."""
-        return StreamingState(tuple(k[:, idx] for k in self.k), tuple(v[:, idx] for v in self.v),
-                              *(_pick(getattr(self, f.name), idx) for f in fields(self)[2:]))
-
-    @staticmethod
-    def cat(states: list["StreamingState"]) -> "StreamingState":
-        """Concatenate states of different series along the batch axis."""
-        nb = len(states[0].k)
-        return StreamingState(
-            tuple(torch.cat([s.k[i] for s in states], 1) for i in range(nb)),
-            tuple(torch.cat([s.v[i] for s in states], 1) for i in range(nb)),
-            *(None if getattr(states[0], f.name) is None else torch.cat([getattr(s, f.name) for s in states], 0)
-              for f in fields(StreamingState)[2:]))
-
 
 def _pick(x: Tensor | None, idx) -> Tensor | None:
     return None if x is None else x[idx]

@@ -94,13 +94,13 @@ from .nn.denoiser import ContextEncoding
 from .nn.forecaster import context_features, instance_stats
 from .nn.horizon import HorizonForecaster
 from .nn.layers import KV, modulate
-from .streaming import _align, batched_rope, encode_tokens, init_tokens, window_tokens
+from .streaming import BatchedState, _align, batched_rope, encode_tokens, init_tokens, window_tokens
 
 NORMALIZATION_RULE = "frozen-at-init"
 
 
 @dataclass(frozen=True)
-class HorizonStreamingState:
+class HorizonStreamingState(BatchedState):
     """Streaming state of a batch of series for a ``HorizonForecaster``; tensors only.
 
     k, v: per block ``[layers, batch, heads, W, head_dim]`` keys/values (RoPE applied) of the
@@ -139,20 +139,6 @@ class HorizonStreamingState:
     def phase(self) -> Tensor:
         """``[batch]`` position inside the current chunk, ``pending_count / c`` in ``[0, 1)``."""
         return self.pending_count.double() / self.pending.shape[1]
-
-    def select(self, idx) -> "HorizonStreamingState":
-        """The state of a subset of series (index tensor, list or slice)."""
-        return HorizonStreamingState(tuple(k[:, idx] for k in self.k), tuple(v[:, idx] for v in self.v),
-                                     *(getattr(self, f.name)[idx] for f in fields(self)[2:]))
-
-    @staticmethod
-    def cat(states: list["HorizonStreamingState"]) -> "HorizonStreamingState":
-        """Concatenate states of different series (same model and num_samples) along the batch."""
-        nb = len(states[0].k)
-        return HorizonStreamingState(
-            tuple(torch.cat([s.k[i] for s in states], 1) for i in range(nb)),
-            tuple(torch.cat([s.v[i] for s in states], 1) for i in range(nb)),
-            *(torch.cat([getattr(s, f.name) for s in states], 0) for f in fields(HorizonStreamingState)[2:]))
 
 
 def _check_model(model) -> None:
