@@ -7,7 +7,6 @@ import sys
 import numpy as np
 import pandas as pd
 import polars as pl
-import pytest
 import yaml
 
 from tsdb.cli import main

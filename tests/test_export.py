@@ -17,11 +17,11 @@ import pytest
 import torch
 
 from tsdb import streaming as st
-from tsdb.config import ExperimentConfig, ModelConfig
+from tsdb.config import ExperimentConfig
 from tsdb.diffusion import sigma_grid
 from tsdb.errors import TsdbError
 from tsdb.export import export_run, load_metadata
-from tsdb.strategies import get_strategy
+
 from tsdb.stream_cli import import_runtime, run_stream
 
 from conftest import randomized_model

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from tsdb import streaming as st
-from tsdb.config import ModelConfig
+
 from tsdb.diffusion import sigma_grid
 from tsdb.errors import TsdbError
-from tsdb.strategies import get_strategy
+
 
 from conftest import randomized_model
 

@@ -114,6 +114,45 @@ def _export(module: nn.Module, args: tuple, path: Path, input_names, output_name
         raise TsdbError(f"ONNX export did not write {path}")
 
 
+class TraceExamples:
+    """Example inputs and dynamic dimensions for tracing a model's graphs (size >= 2 on every
+    dynamic axis, since export specializes sizes 0 and 1)."""
+
+    def __init__(self, model):
+        from torch.export import Dim
+
+        shape = model.blocks[0].shape
+        self.p, self.w = shape.patch_length, window_tokens(model)
+        self.heads, self.hd = shape.n_heads, shape.d_model // shape.n_heads
+        self.layers = [len(context_layers(b)) for b in model.blocks]
+        self.b, self.m, self.c, self.s = 2, 3, max(2, self.w - 1), 3
+        self.batch, self.new = Dim("batch", min=1), Dim("new_tokens", min=1)
+        self.cache, self.samples = Dim("cache", min=0), Dim("samples", min=1)
+        self._generator = torch.Generator().manual_seed(0)
+
+    def rand(self, *size) -> Tensor:
+        return torch.randn(*size, generator=self._generator)
+
+
+def export_update_graph(model, out: Path, ex: TraceExamples, n_cov: int = 0) -> tuple[list[str], list[str]]:
+    """Write ``update.onnx`` (new context patches + caches in, updated caches out); returns
+    its input and output names."""
+    feats = torch.stack([ex.rand(ex.b, ex.m, ex.p), (ex.rand(ex.b, ex.m, ex.p) > 0).float()], dim=-1)
+    if n_cov:
+        feats = torch.cat([feats, ex.rand(ex.b, ex.m, ex.p, n_cov)], dim=-1)
+    start = torch.tensor([5, 9], dtype=torch.long)
+    caches = []
+    for nl in ex.layers:
+        caches += [ex.rand(nl, ex.b, ex.heads, ex.c, ex.hd), ex.rand(nl, ex.b, ex.heads, ex.c, ex.hd)]
+    cache_names = [f"cache_{kv}_{i}" for i in range(len(ex.layers)) for kv in "kv"]
+    update_in = ["features", "start", *cache_names]
+    update_out = [f"new_{n}" for n in cache_names]
+    dyn = ({0: ex.batch, 1: ex.new}, {0: ex.batch}, tuple({1: ex.batch, 3: ex.cache} for _ in cache_names))
+    with torch.no_grad():
+        _export(UpdateGraph(model), (feats, start, *caches), out / "update.onnx", update_in, update_out, dyn)
+    return update_in, update_out
+
+
 def export_model(model: DiffusionForecaster, strategy, out_dir: str | Path, sampler: str | None = None,
                  num_steps: int | None = None, arm: str | None = None) -> dict:
     """Export ``model`` (a depth/e2e/looped ``DiffusionForecaster``) to ``out_dir``; returns the metadata.
@@ -123,40 +162,19 @@ def export_model(model: DiffusionForecaster, strategy, out_dir: str | Path, samp
     if not isinstance(model, DiffusionForecaster) or strategy.name not in STREAMING_STRATEGIES:
         raise TsdbError(f"ONNX export supports the {'/'.join(STREAMING_STRATEGIES)} strategies; "
                         f"got {strategy.name!r}")
-    from torch.export import Dim
-
     sampler = sampler or sampler_for(strategy)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = model.eval().float()
     shape = model.blocks[0].shape
-    p, w = shape.patch_length, window_tokens(model)
-    heads, hd = shape.n_heads, shape.d_model // shape.n_heads
+    ex = TraceExamples(model)
+    p, w, heads, hd, layers = ex.p, ex.w, ex.heads, ex.hd, ex.layers
     nb = len(model.blocks)
-    layers = [len(context_layers(b)) for b in model.blocks]
     n_cov = shape.covariates
-    b_ex, m_ex, c_ex, s_ex = 2, 3, max(2, w - 1), 3
-    batch, new = Dim("batch", min=1), Dim("new_tokens", min=1)
-    cache, samples = Dim("cache", min=0), Dim("samples", min=1)
-    g = torch.Generator().manual_seed(0)
-
-    def rand(*s):
-        return torch.randn(*s, generator=g)
-
-    # -- update graph ------------------------------------------------------------------
-    feats = torch.stack([rand(b_ex, m_ex, p), (rand(b_ex, m_ex, p) > 0).float()], dim=-1)
-    if n_cov:
-        feats = torch.cat([feats, rand(b_ex, m_ex, p, n_cov)], dim=-1)
-    start = torch.tensor([5, 9], dtype=torch.long)
-    caches = []
-    for nl in layers:
-        caches += [rand(nl, b_ex, heads, c_ex, hd), rand(nl, b_ex, heads, c_ex, hd)]
-    cache_names = [f"cache_{kv}_{i}" for i in range(nb) for kv in "kv"]
-    update_in = ["features", "start", *cache_names]
-    update_out = [f"new_{n}" for n in cache_names]
-    dyn = ({0: batch, 1: new}, {0: batch}, tuple({1: batch, 3: cache} for _ in cache_names))
-    with torch.no_grad():
-        _export(UpdateGraph(model), (feats, start, *caches), out / "update.onnx", update_in, update_out, dyn)
+    batch, cache, samples = ex.batch, ex.cache, ex.samples
+    b_ex, c_ex, s_ex = ex.b, ex.c, ex.s
+    rand = ex.rand
+    update_in, update_out = export_update_graph(model, out, ex, n_cov)
 
     # -- denoise graphs ----------------------------------------------------------------
     denoise_in = ["cache_k", "cache_v", "partial_k", "partial_v", "has_partial", "tokens", "z", "sigma"]

@@ -40,9 +40,9 @@ import torch
 from torch import Tensor, nn
 
 from .errors import TsdbError
-from .export import OPSET, UpdateGraph, _export, _sha256, _tsdb_version
+from .export import OPSET, TraceExamples, _export, _sha256, _tsdb_version, export_update_graph
 from .nn.horizon import HorizonForecaster
-from .streaming import context_layers, init_tokens, window_tokens
+from .streaming import init_tokens
 from .streaming_horizon import NORMALIZATION_RULE, denoise_tokens
 
 FORMAT = "tsdb-streaming-onnx-horizon"
@@ -70,45 +70,24 @@ def export_horizon_model(model: HorizonForecaster, strategy, out_dir: str | Path
         raise TsdbError(f"horizon export needs a HorizonForecaster and the horizon strategy; got {strategy.name!r}")
     if getattr(model, "num_covariates", 0):
         raise TsdbError("horizon export does not support covariates yet")
-    from torch.export import Dim
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = model.eval().float()
     shape = model.blocks[0].shape
-    p, w, h = shape.patch_length, window_tokens(model), shape.horizon
-    heads, hd = shape.n_heads, shape.d_model // shape.n_heads
+    ex = TraceExamples(model)
+    p, w, h, heads, hd, layers = ex.p, ex.w, shape.horizon, ex.heads, ex.hd, ex.layers
     nb = len(model.blocks)
-    layers = [len(context_layers(b)) for b in model.blocks]
     substeps = strategy.substeps(num_steps)
-    b_ex, m_ex, c_ex, s_ex = 2, 3, max(2, w - 1), 3
-    batch, new = Dim("batch", min=1), Dim("new_tokens", min=1)
-    cache, samples = Dim("cache", min=0), Dim("samples", min=1)
-    g = torch.Generator().manual_seed(0)
-
-    def rand(*s):
-        return torch.randn(*s, generator=g)
-
-    # -- update graph (tsdb.export's) ----------------------------------------------------
-    feats = torch.stack([rand(b_ex, m_ex, p), (rand(b_ex, m_ex, p) > 0).float()], dim=-1)
-    start = torch.tensor([5, 9], dtype=torch.long)
-    caches = []
-    for nl in layers:
-        caches += [rand(nl, b_ex, heads, c_ex, hd), rand(nl, b_ex, heads, c_ex, hd)]
-    cache_names = [f"cache_{kv}_{i}" for i in range(nb) for kv in "kv"]
-    update_in = ["features", "start", *cache_names]
-    update_out = [f"new_{n}" for n in cache_names]
-    dyn = ({0: batch, 1: new}, {0: batch}, tuple({1: batch, 3: cache} for _ in cache_names))
-    with torch.no_grad():
-        _export(UpdateGraph(model), (feats, start, *caches), out / "update.onnx", update_in, update_out, dyn)
+    update_in, update_out = export_update_graph(model, out, ex)
 
     # -- per-token-sigma denoise graphs ------------------------------------------------------
     sigma_ex = model.window_sigma(torch.tensor([0.25, 0.75]))
     denoise_files = []
     for i, nl in enumerate(layers):
-        args = (rand(nl, b_ex, heads, c_ex, hd), rand(nl, b_ex, heads, c_ex, hd),
-                torch.tensor([7, 3], dtype=torch.long), rand(b_ex, s_ex, h), sigma_ex)
-        dyn = ({1: batch, 3: cache}, {1: batch, 3: cache}, {0: batch}, {0: batch, 1: samples}, {0: batch})
+        args = (ex.rand(nl, ex.b, heads, ex.c, hd), ex.rand(nl, ex.b, heads, ex.c, hd),
+                torch.tensor([7, 3], dtype=torch.long), ex.rand(ex.b, ex.s, h), sigma_ex)
+        dyn = ({1: ex.batch, 3: ex.cache}, {1: ex.batch, 3: ex.cache}, {0: ex.batch},
+               {0: ex.batch, 1: ex.samples}, {0: ex.batch})
         name = f"denoise_{i}.onnx"
         with torch.no_grad():
             _export(HorizonDenoiseGraph(model, i), args, out / name, DENOISE_INPUTS, ["denoised"], dyn)

@@ -84,7 +84,7 @@ the input state is never modified, and the model holds no state.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor

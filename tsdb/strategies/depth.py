@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from ..diffusion import PARTITIONS, EDMLoss, block_bands, sigma_grid
