@@ -14,6 +14,19 @@ from .errors import TsdbError
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    @classmethod
+    def from_yaml(cls, path: str | Path):
+        """Load and validate a YAML file; a bad field is one line naming the file and field."""
+        path = Path(path)
+        if not path.exists():
+            raise TsdbError(f"config file {path} does not exist")
+        try:
+            return cls.model_validate(yaml.safe_load(path.read_text()) or {})
+        except ValidationError as e:
+            first = e.errors()[0]
+            loc = ".".join(str(p) for p in first["loc"])
+            raise TsdbError(f"{path}: {loc}: {first['msg']}") from None
+
 
 class ModelConfig(_Strict):
     """Forecaster shape and diffusion hyper-parameters."""
@@ -97,18 +110,6 @@ class ExperimentConfig(_Strict):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     data: DataConfig = DataConfig()
-
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> "ExperimentConfig":
-        path = Path(path)
-        if not path.exists():
-            raise TsdbError(f"config file {path} does not exist")
-        try:
-            return cls.model_validate(yaml.safe_load(path.read_text()) or {})
-        except ValidationError as e:
-            first = e.errors()[0]
-            loc = ".".join(str(p) for p in first["loc"])
-            raise TsdbError(f"{path}: {loc}: {first['msg']}") from None
 
     def to_yaml(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.model_dump(), sort_keys=False))

@@ -17,13 +17,12 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from . import plots
 from .baselines import fit_deepar, seasonal_naive
-from .config import ExperimentConfig
+from .config import ExperimentConfig, _Strict
 from .data.registry import load_dataset
-from .errors import TsdbError
 from .evaluate import EvalTask, etth1_task, evaluate_predictor, m4_hourly_task, rolling_task
 from .memory import peak_rss_bytes, reset_peak_rss
 from .strategies import get_strategy
@@ -49,10 +48,9 @@ class DeepARSpec(BaseModel):
     context_length: int | None = None
 
 
-class ExperimentSpec(BaseModel):
+class ExperimentSpec(_Strict):
     """A benchmark or ablation: one task, our arms as overrides of ``base``, baselines."""
 
-    model_config = ConfigDict(extra="forbid")
     name: str
     task: TaskSpec
     base: ExperimentConfig = ExperimentConfig()
@@ -65,17 +63,6 @@ class ExperimentSpec(BaseModel):
     anchors: dict[str, dict[str, float | None]] = Field(default_factory=dict)  # published numbers, cited
     # memory-only sweep: {arm: [K, ...]} -> training-state bytes of one step with loop_iters = K
     memory_sweep: dict[str, list[int]] = Field(default_factory=dict)
-
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> "ExperimentSpec":
-        path = Path(path)
-        if not path.exists():
-            raise TsdbError(f"config file {path} does not exist")
-        try:
-            return cls.model_validate(yaml.safe_load(path.read_text()))
-        except ValidationError as e:
-            first = e.errors()[0]
-            raise TsdbError(f"{path}: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
 
     def arm_config(self, name: str) -> ExperimentConfig:
         return self.base.with_overrides(**self.arms[name])
