@@ -1,11 +1,14 @@
 """Suite-wide settings: one torch thread per test process (the suite runs as two xdist
 workers on two cores; oversubscribed OpenMP threads make CPU tests crawl)."""
 
+import io
+import json
 import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TSDB_NUM_THREADS", "1")  # read by `tsdb` subprocesses
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
@@ -27,3 +30,29 @@ def randomized_model(strategy: str = "depth", seed: int = 0, **cfg):
             if not p.abs().sum():
                 p.normal_(0, 0.1)
     return strategy_, model
+
+
+# ---------------------------------------------------------------------------------------
+# `tsdb stream` helpers (tests/test_export.py, tests/test_streaming_horizon.py)
+# ---------------------------------------------------------------------------------------
+
+def records(n=30, items=("a", "b")):
+    rng = np.random.default_rng(0)
+    out = []
+    for t in range(n):
+        for item in items:
+            ts = f"2021-03-01 {t // 4:02d}:{(t % 4) * 15:02d}:00" if item == "a" else t
+            out.append({"item_id": item, "timestamp": ts, "value": round(float(rng.normal() + t), 4)})
+    return out
+
+
+def ndjson(recs):
+    return "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in recs)
+
+
+def stream(out_dir, recs, **kw):
+    buf = io.StringIO()
+    from tsdb.stream_cli import run_stream
+
+    counts = run_stream(out_dir, io.StringIO(ndjson(recs)), buf, num_samples=16, **kw)
+    return counts, [json.loads(line) for line in buf.getvalue().splitlines()]

@@ -24,7 +24,7 @@ from tsdb.export import export_run, load_metadata
 
 from tsdb.stream_cli import import_runtime, run_stream
 
-from conftest import randomized_model
+from conftest import randomized_model, records, stream
 
 rt = import_runtime()
 REPO = Path(__file__).resolve().parents[1]
@@ -211,26 +211,6 @@ def test_looped_core_is_one_graph_looped_on_the_host(tmp_path_factory):
 # ---------------------------------------------------------------------------------------
 # tsdb stream
 # ---------------------------------------------------------------------------------------
-
-def records(n=30, items=("a", "b")):
-    rng = np.random.default_rng(0)
-    out = []
-    for t in range(n):
-        for item in items:
-            ts = f"2021-03-01 {t // 4:02d}:{(t % 4) * 15:02d}:00" if item == "a" else t
-            out.append({"item_id": item, "timestamp": ts, "value": round(float(rng.normal() + t), 4)})
-    return out
-
-
-def ndjson(recs):
-    return "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in recs)
-
-
-def stream(out_dir, recs, **kw):
-    buf = io.StringIO()
-    counts = run_stream(out_dir, io.StringIO(ndjson(recs)), buf, num_samples=16, **kw)
-    return counts, [json.loads(line) for line in buf.getvalue().splitlines()]
-
 
 def test_stream_writes_one_line_per_record_and_rejects_bad_ones(exported):
     _, _, out = exported

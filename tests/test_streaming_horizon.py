@@ -4,6 +4,8 @@ strategy's own sampler where the two context semantics coincide."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -220,61 +222,131 @@ def test_onnx_denoise_graphs_match_torch(exported):
         assert np.abs(got - want.numpy()).max() <= 1e-4
 
 
-def _ort_forecast(model, meta, update, denoise, state, noise):
-    """A forecast from a PyTorch state computed with the exported graphs and numpy only
-    (what a runtime does): the metadata's roll grid, Heun sub-steps with per-token sigma,
-    the last one Euler, emitted chunks ingested with the update graph."""
-    b, s, h = state.window.shape
-    c, p, nb = meta["shapes"]["chunk_length"], meta["shapes"]["patch_length"], meta["shapes"]["n_blocks"]
-    grid = np.asarray(meta["roll_sigmas"], dtype=np.float32)
-    r = int(state.pending_count[0])
-    rep = lambda t: np.repeat(t.numpy(), s, axis=0)  # noqa: E731
-    ks = [np.repeat(k.numpy(), s, axis=1) for k in state.k]
-    vs = [np.repeat(v.numpy(), s, axis=1) for v in state.v]
-    tokens, loc, scale = rep(state.tokens), rep(state.loc), rep(state.scale)
-    x = state.window.numpy().reshape(b * s, h)
+def _runtime(out, **kw):
+    from tsdb.stream_cli import import_runtime
 
-    def D(z, sig):
-        sig = np.broadcast_to(sig, z.shape).astype(np.float32)
-        outs = [sess.run(None, {"cache_k": ks[j], "cache_v": vs[j], "tokens": tokens, "z": z[:, None],
-                                "sigma": sig})[0][:, 0] for j, sess in enumerate(denoise)]
-        return np.concatenate([outs[j][:, j * c:(j + 1) * c] for j in range(nb)], axis=-1)
-
-    out = []
-    for i in range(nb + (r > 0)):
-        for step in range(len(grid) - 1):
-            sg, sn = grid[step], grid[step + 1]
-            d = (x - D(x, sg)) / sg
-            xe = x + (sn - sg) * d
-            if step == len(grid) - 2 or meta["sampler"] == "euler":
-                x = xe
-            else:
-                x = x + (sn - sg) * (d + (xe - D(xe, sn)) / sn) / 2
-        emitted = x[:, :c]
-        out.append(emitted)
-        x = np.concatenate([x[:, c:], grid[0, -c:] * noise[:, :, i * c:(i + 1) * c].reshape(b * s, c)], axis=-1)
-        raw = emitted * scale + loc
-        if i == 0 and r:
-            raw[:, :r] = rep(state.pending[:, :r])
-        obs = ~np.isnan(raw)
-        feats = np.stack([np.where(obs, (raw - loc) / scale, 0), obs], -1).astype(np.float32)
-        caches = {f"cache_{kv}_{j}": (ks if kv == "k" else vs)[j] for j in range(nb) for kv in "kv"}
-        new = update.run(None, {"features": feats.reshape(b * s, c // p, p, 2), "start": tokens, **caches})
-        ks, vs, tokens = new[0::2], new[1::2], tokens + c // p
-    return np.concatenate(out, -1)[:, r:r + h].reshape(b, s, h)
+    return import_runtime().StreamingForecaster(out, refresh="none", **kw)
 
 
-@pytest.mark.parametrize("extra", [0, 3])
-def test_onnx_forecast_matches_torch_streaming(exported, extra):
-    """The graphs plus a numpy host loop reproduce sh.forecast (normalized) within 1e-4."""
+def _feed(f, model, kw, ids, history, t0, sizes, g, samples):
+    """The same stream into the torch state and the runtime, with the same noise."""
+    init_noise = torch.randn(len(ids), samples, 2 * H, generator=g)
+    state = sh.init_state(model, history[:, :t0], samples, init_noise, **kw)
+    f.update(ids, list(history[:, :t0].numpy()), init_noise=list(init_noise.numpy()))
+    t = t0
+    for n in sizes:
+        fresh = torch.randn(len(ids), samples, int(sh.rolls_due(model, state, n).max()) * model.chunk_length,
+                            generator=g)
+        state = sh.update(model, state, history[:, t:t + n], fresh, **kw)
+        f.update(ids, list(history[:, t:t + n].numpy()), noise=list(fresh.numpy()))
+        t += n
+    return state
+
+
+@pytest.mark.parametrize("extra", [0, 3, 7])
+def test_runtime_matches_torch_streaming(exported, extra):
+    """tsdb_streaming's HorizonStreamingForecaster (numpy + the graphs) reproduces
+    sh.init_state / update / forecast (normalized) within 1e-4, at every phase of a chunk."""
     strat, model, kw, out, meta = exported
-    update, denoise = _sessions(out, meta)
+    f = _runtime(out, num_samples=3)
+    assert type(f).__name__ == "HorizonStreamingForecaster" and f.chunk_length == 8
     g = torch.Generator().manual_seed(extra)
     history = torch.randn(2, 100 + extra, generator=g).cumsum(-1) * 2 + 5
-    state = sh.init_state(model, history[:, :60], 3, generator=g, **kw)
-    state = sh.update(model, state, history[:, 60:], generator=g, **kw)
-    assert int(state.pending_count[0]) == extra
+    history[0, 70] = float("nan")
+    state = _feed(f, model, kw, ["a", "b"], history, 60, random_chunks(np.random.default_rng(extra), 40 + extra, 8),
+                  g, 3)
+    assert int(state.pending_count[0]) == extra and f.pending_count[:2].tolist() == [extra] * 2
+    assert np.abs(f.windows[:2] - state.window.numpy()).max() <= TOL
     noise = torch.randn(2, 3, H + 8, generator=g)
     want = sh.forecast(model, state, noise, normalized=True, **kw).numpy()
-    got = _ort_forecast(model, meta, update, denoise, state, noise.numpy())
-    assert np.abs(got - want).max() <= 1e-4, np.abs(got - want).max()
+    got = f.forecast(["a", "b"], noise=noise.numpy(), normalized=True).samples
+    assert np.abs(got - want).max() <= TOL, np.abs(got - want).max()
+    raw = f.forecast(["b"], noise=noise[1:].numpy())
+    assert np.allclose(raw.samples, sh.forecast(model, state.select([1]), noise[1:], **kw).numpy(), atol=1e-3)
+    assert raw.quantiles.shape == (1, 3, H) and f.observation_count("a") == 100 + extra
+
+
+def test_runtime_batches_series_at_different_phases(exported):
+    """Series at different chunk phases and positions in one update/forecast batch equal
+    the same series served one at a time."""
+    strat, model, kw, out, meta = exported
+    rng = np.random.default_rng(1)
+    hist = {k: (rng.normal(size=n).cumsum() + 3).astype(np.float32) for k, n in (("x", 20), ("y", 45), ("z", 91))}
+    batched, single = _runtime(out, num_samples=4, seed=7), _runtime(out, num_samples=4, seed=7)
+    batched.update(list(hist), list(hist.values()))
+    for k, v in hist.items():
+        single.update([k], [v])
+    for step in (3, 0, 13, 6):
+        new = {k: rng.normal(size=step).astype(np.float32) for k in hist}
+        batched.update(list(new), list(new.values()))
+        for k, v in new.items():
+            single.update([k], [v])
+    assert batched.pending_count[:3].tolist() == [22 % 8, 22 % 8, 22 % 8]
+    seeds = [11, 12, 13]
+    a = batched.forecast(list(hist), seed=seeds).samples
+    b = np.concatenate([single.forecast([k], seed=[sd]).samples for k, sd in zip(hist, seeds)])
+    assert np.abs(a - b).max() < 1e-4
+
+
+def test_runtime_state_round_trip_and_checks(exported, tmp_path):
+    from tsdb_streaming import StreamingError, load_metadata
+
+    strat, model, kw, out, meta = exported
+    f = _runtime(out, num_samples=3, seed=0)
+    f.update(["a"], [np.arange(50, dtype=np.float32)])
+    f.update(["a"], [np.float32(50.5)])
+    f.save_state(tmp_path / "state.npz")
+    g = _runtime(out, num_samples=3, seed=0)
+    g.load_state(tmp_path / "state.npz")
+    for h in (f, g):
+        h.update(["a"], [[51.0, 52.0, 53.0, 54.0, 55.0, 56.0, 57.0]])   # completes a chunk: one roll
+    assert np.array_equal(f.forecast(["a"], seed=3).samples, g.forecast(["a"], seed=3).samples)
+    with pytest.raises(StreamingError, match="num_samples=3"):
+        _runtime(out, num_samples=5).load_state(tmp_path / "state.npz")
+    with pytest.raises(StreamingError, match="3 samples, not 100"):
+        f.forecast(["a"], num_samples=100)
+    with pytest.raises(StreamingError, match="do not apply"):
+        f.forecast(["a"], num_steps=4)
+    assert load_metadata(out)["format"] == "tsdb-streaming-onnx-horizon"
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    m = json.loads((bad / "tsdb_model.json").read_text())
+    m["roll_sigmas"] = m["roll_sigmas"][:-1]
+    (bad / "tsdb_model.json").write_text(json.dumps(m))
+    with pytest.raises(StreamingError, match="roll_sigmas"):
+        _runtime(bad)
+
+
+def test_runtime_refresh_keeps_the_observation_count(exported):
+    strat, model, kw, out, meta = exported
+    f = _runtime(out, num_samples=2)
+    f.refresh, f.refresh_every = "none", 10
+    f.update(["s"], [np.ones(300, np.float32)])
+    for x in range(25):
+        f.update(["s"], [float(x)])
+    assert f.observation_count("s") == 325     # refreshed at 310 and 320 from the recent values
+    assert np.isfinite(f.forecast(["s"]).samples).all()
+
+
+def test_tsdb_stream_serves_a_horizon_model(exported, tmp_path):
+    """`tsdb stream` on a horizon export: per-record errors leave the state alone,
+    checkpoint + resume and batching give the same lines as one uninterrupted run."""
+    from conftest import records, stream
+
+    strat, model, kw, out, meta = exported
+    recs = records(30)
+    bad = [{"item_id": "a", "timestamp": recs[-2]["timestamp"], "value": 1.0},   # duplicate
+           {"item_id": "b", "timestamp": 30, "value": "high"}]                    # not a number
+    counts, lines = stream(out, recs + bad)
+    assert counts == {"records": 62, "forecasts": 60, "errors": 2, "series": 2}
+    assert "duplicate" in lines[60]["error"] and "finite number" in lines[61]["error"]
+    fc = lines[59]
+    assert fc["item_id"] == "b" and fc["observations"] == 30 and len(fc["mean"]) == H
+    q = np.asarray([fc["quantiles"][k] for k in ("0.1", "0.5", "0.9")])
+    assert (np.diff(q, axis=0) >= 0).all()
+    state = tmp_path / "state.npz"
+    _, first = stream(out, recs[:37], state_path=state, checkpoint_every=5)
+    _, second = stream(out, recs[37:], state_path=state)
+    assert first + second == lines[:60]
+    _, batched = stream(out, recs, batch_size=6)
+    assert batched == lines[:60]

@@ -251,8 +251,15 @@ def run_stream(model_dir: str | Path, input_stream: IO[str], output_stream: IO[s
     rt = import_runtime()
     if not all(0 < q < 1 for q in quantiles):
         raise TsdbError(f"quantiles must lie in (0, 1), got {list(quantiles)}")
-    forecaster = rt.StreamingForecaster(resolve_model_dir(model_dir), intra_op_num_threads=intra_op_num_threads,
-                                        refresh=refresh)
+    model_dir = resolve_model_dir(model_dir)
+    # a horizon model keeps num_samples noisy windows per series and draws its rolls' noise from seed
+    horizon_kw = ({"num_samples": num_samples, "seed": seed} if rt.model_format(model_dir) == rt.HORIZON_FORMAT
+                  else {})
+    try:
+        forecaster = rt.StreamingForecaster(model_dir, intra_op_num_threads=intra_op_num_threads, refresh=refresh,
+                                            **horizon_kw)
+    except rt.StreamingError as e:
+        raise TsdbError(str(e)) from None
     if getattr(forecaster, "num_covariates", 0):
         raise TsdbError(f"{model_dir}: the model takes {forecaster.num_covariates} covariate(s), which `tsdb stream` "
                         "records do not carry yet; use tsdb_streaming.StreamingForecaster.update/forecast "

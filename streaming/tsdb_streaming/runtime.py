@@ -28,6 +28,7 @@ import numpy as np
 import onnxruntime as ort
 
 FORMAT = "tsdb-streaming-onnx"
+HORIZON_FORMAT = "tsdb-streaming-onnx-horizon"
 FORMAT_VERSION = 1
 METADATA_FILE = "tsdb_model.json"
 STATE_FORMAT = "tsdb-streaming-state"
@@ -47,29 +48,59 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def load_metadata(model_dir: str | os.PathLike) -> dict:
-    """Read ``tsdb_model.json`` and check it against the graph files it describes."""
-    model_dir = Path(model_dir)
-    path = model_dir / METADATA_FILE
+def _read_metadata(model_dir: str | os.PathLike) -> tuple[Path, dict]:
+    """``tsdb_model.json`` of ``model_dir`` as a dict (not yet validated)."""
+    path = Path(model_dir) / METADATA_FILE
     if not path.exists():
         raise StreamingError(f"{model_dir} has no {METADATA_FILE}; export the model with `tsdb export RUN_DIR`")
     try:
-        meta = json.loads(path.read_text())
+        return path, json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise StreamingError(f"{path} is not valid JSON: {e}") from None
-    if meta.get("format") != FORMAT:
-        raise StreamingError(f"{path}: format {meta.get('format')!r} is not {FORMAT!r}")
-    if meta.get("format_version") != FORMAT_VERSION:
+
+
+def _check_version(path: Path, meta: dict, fmt: str, version: int, keys: Sequence[str]) -> None:
+    if meta.get("format") != fmt:
+        raise StreamingError(f"{path}: format {meta.get('format')!r} is not {fmt!r}")
+    if meta.get("format_version") != version:
         raise StreamingError(f"{path}: format version {meta.get('format_version')} is not supported "
-                             f"(this runtime reads version {FORMAT_VERSION}); upgrade tsdb-streaming or re-export")
-    missing = [k for k in ("strategy", "shapes", "sigmas", "band_edges", "sigma_data", "normalization", "graphs",
-                           "sampler", "model_id") if k not in meta]
+                             f"(this runtime reads version {version}); upgrade tsdb-streaming or re-export")
+    missing = [k for k in keys if k not in meta]
     if missing:
         raise StreamingError(f"{path}: missing keys {missing}")
-    if meta["strategy"] not in ("depth", "e2e", "looped", "looped-bptt"):
-        raise StreamingError(f"{path}: strategy {meta['strategy']!r} is not supported by this runtime")
     if meta["normalization"].get("rule") != "frozen-at-init":
         raise StreamingError(f"{path}: unknown normalization rule {meta['normalization'].get('rule')!r}")
+    if meta["sampler"] not in ("euler", "heun"):
+        raise StreamingError(f"{path}: unknown sampler {meta['sampler']!r}")
+
+
+def _check_files(model_dir: Path, meta: dict) -> None:
+    """Every graph file exists and matches its checksum."""
+    for entry in [meta["graphs"]["update"], *meta["graphs"]["denoise"]]:
+        f = model_dir / entry["file"]
+        if not f.exists():
+            raise StreamingError(f"{f} is missing")
+        if _sha256(f) != entry["sha256"]:
+            raise StreamingError(f"{f} does not match the checksum in {METADATA_FILE}; re-export the model")
+
+
+def model_format(model_dir: str | os.PathLike) -> str:
+    """The ``format`` of an exported model directory (``FORMAT`` or ``HORIZON_FORMAT``)."""
+    return _read_metadata(model_dir)[1].get("format")
+
+
+def load_metadata(model_dir: str | os.PathLike) -> dict:
+    """Read ``tsdb_model.json`` and check it against the graph files it describes (any
+    export: depth/e2e/looped, or horizon)."""
+    model_dir = Path(model_dir)
+    path, meta = _read_metadata(model_dir)
+    if meta.get("format") == HORIZON_FORMAT:
+        from .horizon import load_horizon_metadata
+        return load_horizon_metadata(model_dir)
+    _check_version(path, meta, FORMAT, FORMAT_VERSION, ("strategy", "shapes", "sigmas", "band_edges", "sigma_data",
+                                                        "normalization", "graphs", "sampler", "model_id"))
+    if meta["strategy"] not in ("depth", "e2e", "looped", "looped-bptt"):
+        raise StreamingError(f"{path}: strategy {meta['strategy']!r} is not supported by this runtime")
     sh = meta["shapes"]
     nb = sh["n_blocks"]
     if len(meta["band_edges"]) != nb + 1 or len(meta["graphs"]["denoise"]) != nb or len(sh["layers_per_block"]) != nb:
@@ -79,14 +110,7 @@ def load_metadata(model_dir: str | os.PathLike) -> dict:
         raise StreamingError(f"{path}: the sigma grid must be strictly descending and end in 0")
     if sh["context_length"] != sh["window_tokens"] * sh["patch_length"] or sh["horizon"] % sh["patch_length"]:
         raise StreamingError(f"{path}: inconsistent shapes {sh}")
-    if meta["sampler"] not in ("euler", "heun"):
-        raise StreamingError(f"{path}: unknown sampler {meta['sampler']!r}")
-    for entry in [meta["graphs"]["update"], *meta["graphs"]["denoise"]]:
-        f = model_dir / entry["file"]
-        if not f.exists():
-            raise StreamingError(f"{f} is missing")
-        if _sha256(f) != entry["sha256"]:
-            raise StreamingError(f"{f} does not match the checksum in {METADATA_FILE}; re-export the model")
+    _check_files(model_dir, meta)
     return meta
 
 
@@ -166,6 +190,21 @@ class Forecast:
                 for j, item in enumerate(self.item_ids)]
 
 
+def forecast_noise(noise, seed, b: int, num_samples: int, width: int) -> np.ndarray:
+    """Standard normal ``[b, num_samples, width]``: ``noise`` checked, or drawn from ``seed``
+    (an int: one generator for the batch; a list with one seed per series: reproducible
+    whatever the batch; None: fresh)."""
+    if noise is None:
+        if isinstance(seed, (list, tuple)) and len(seed) == b and b > 0:
+            return np.stack([np.random.default_rng(sd).standard_normal((num_samples, width), dtype=np.float32)
+                             for sd in seed])
+        return np.random.default_rng(seed).standard_normal((b, num_samples, width), dtype=np.float32)
+    noise = np.asarray(noise, dtype=np.float32)
+    if noise.ndim != 3 or noise.shape[0] != b or noise.shape[2] != width:
+        raise StreamingError(f"noise must be [{b}, S, {width}], got {noise.shape}")
+    return noise
+
+
 def _level_key(q: float) -> str:
     return format(q, "g")
 
@@ -188,10 +227,23 @@ class StreamingForecaster:
     refresh_every: also re-initialise every N observations (``None``: never).
     """
 
+    def __new__(cls, model_dir: str | os.PathLike, *args, **kwargs):
+        # StreamingForecaster(model_dir) serves any export: a horizon one gets its own class
+        if cls is StreamingForecaster and model_format(model_dir) == HORIZON_FORMAT:
+            from .horizon import HorizonStreamingForecaster
+            cls = HorizonStreamingForecaster
+        return super().__new__(cls)
+
     def __init__(self, model_dir: str | os.PathLike, intra_op_num_threads: int = 1, refresh: str = "warmup",
                  refresh_every: int | None = None, providers: Sequence[str] | None = None):
         self.model_dir = Path(model_dir)
         self.meta = meta = load_metadata(self.model_dir)
+        self._set_common(meta, refresh, refresh_every)
+        self.edges = np.asarray(meta["band_edges"], dtype=np.float64)
+        self.sigmas = np.asarray(meta["sigmas"], dtype=np.float32)
+        self._open_graphs(intra_op_num_threads, providers, extra_denoise_inputs={})
+
+    def _set_common(self, meta: dict, refresh: str, refresh_every: int | None) -> None:
         if refresh not in ("warmup", "none"):
             raise StreamingError(f"refresh must be 'warmup' or 'none', got {refresh!r}")
         self.refresh = refresh
@@ -199,23 +251,25 @@ class StreamingForecaster:
         sh = meta["shapes"]
         self.context_length = int(sh["context_length"])
         self.horizon = int(sh["horizon"])
-        self.patch_length = p = int(sh["patch_length"])
+        self.patch_length = int(sh["patch_length"])
         self.window = int(sh["window_tokens"])
         self.init_tokens = int(sh["init_tokens"])
         self.layers = [int(n) for n in sh["layers_per_block"]]
         self.heads, self.head_dim = int(sh["n_heads"]), int(sh["head_dim"])
-        self.num_covariates = n_cov = int(sh.get("num_covariates", 0))
-        self.edges = np.asarray(meta["band_edges"], dtype=np.float64)
-        self.sigmas = np.asarray(meta["sigmas"], dtype=np.float32)
+        self.num_covariates = int(sh.get("num_covariates", 0))
         self.sampler = meta["sampler"]
 
+    def _open_graphs(self, intra_op_num_threads: int, providers: Sequence[str] | None,
+                     extra_denoise_inputs: dict) -> None:
+        """Open and check the update and denoise graphs, then start with no series."""
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = intra_op_num_threads
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
         providers = list(providers or ["CPUExecutionProvider"])
-        g = meta["graphs"]
+        g = self.meta["graphs"]
+        p, n_cov = self.patch_length, self.num_covariates
         self._update = ort.InferenceSession(str(self.model_dir / g["update"]["file"]), opts, providers=providers)
         cache_shape = lambda nl: [nl, None, self.heads, None, self.head_dim]  # noqa: E731
         fixed = {"features": [None, None, p, 2 + n_cov]}
@@ -227,7 +281,8 @@ class StreamingForecaster:
         for i, entry in enumerate(g["denoise"]):
             sess = ort.InferenceSession(str(self.model_dir / entry["file"]), opts, providers=providers)
             _check_io(sess, entry["inputs"], {"cache_k": cache_shape(self.layers[i]),
-                                              "z": [None, None, self.horizon]}, f"denoise graph {i}")
+                                              "z": [None, None, self.horizon], **extra_denoise_inputs},
+                      f"denoise graph {i}")
             self._denoise.append(sess)
 
         # per-series state, in slots along axis 1 (caches) / 0 (the rest)
@@ -359,7 +414,9 @@ class StreamingForecaster:
 
     def _reinit(self, slots: np.ndarray) -> None:
         covs = [self._recent_covariates(int(s)) for s in slots] if self.num_covariates else None
+        count = self.count[slots].copy()      # observations seen, not the recent values kept
         self._init_slots(slots, [self._recent_history(int(s)) for s in slots], covs)
+        self.count[slots] = count
 
     def refresh_series(self, item_ids: Sequence) -> None:
         """Recompute statistics and rebuild the caches from each series' recent raw values
@@ -515,15 +572,7 @@ class StreamingForecaster:
         item_ids = list(item_ids)
         s = self._slots(item_ids)
         b, hz = len(s), self.horizon
-        if noise is None:
-            if isinstance(seed, (list, tuple)) and len(seed) == b and b > 0:
-                noise = np.stack([np.random.default_rng(sd).standard_normal((num_samples, hz), dtype=np.float32)
-                                  for sd in seed])
-            else:
-                noise = np.random.default_rng(seed).standard_normal((b, num_samples, hz), dtype=np.float32)
-        noise = np.asarray(noise, dtype=np.float32)
-        if noise.shape[0] != b or noise.shape[2] != hz:
-            raise StreamingError(f"noise must be [{b}, S, {hz}], got {noise.shape}")
+        noise = forecast_noise(noise, seed, b, num_samples, hz)
         if sigmas is None and num_steps is not None:
             grids = self.meta.get("sigma_grids", {})
             if str(num_steps) not in grids:
@@ -563,10 +612,15 @@ class StreamingForecaster:
             else:
                 d_next = (x_euler - denoise(x_euler, sn)) / sn
                 x = x + (sn - sc) * (d + d_next) / np.float32(2)
+        return self._summarize(item_ids, s, x, quantiles, normalized)
+
+    def _summarize(self, item_ids: list, s: np.ndarray, x: np.ndarray, quantiles: Sequence[float],
+                   normalized: bool) -> Forecast:
+        """Normalized samples ``x [b, S, H]`` of slots ``s`` -> a raw-scale ``Forecast``."""
         y = x if normalized else x * self.scale[s][:, :, None] + self.loc[s][:, :, None]
         levels = tuple(float(q) for q in quantiles)
         qs = (np.quantile(y, levels, axis=1).transpose(1, 0, 2).astype(np.float32) if levels
-              else np.zeros((b, 0, hz), np.float32))
+              else np.zeros((len(s), 0, self.horizon), np.float32))
         return Forecast(item_ids, y, levels, qs)
 
     # -- persistence ---------------------------------------------------------------------------
@@ -607,6 +661,7 @@ class StreamingForecaster:
             raise StreamingError(f"{path} was saved for model {header['model_id']}, this is {self.meta['model_id']}")
         ids = [tuple(i) if isinstance(i, list) else i for i in header["item_ids"]]
         n = len(ids)
+        self._check_loaded(path, data)
         self._alloc(max(n, 8))
         for f in self._FIELDS:
             getattr(self, f)[:n] = data[f]
@@ -617,11 +672,14 @@ class StreamingForecaster:
         self._n = n
         return header.get("extra", {})
 
+    def _check_loaded(self, path: Path, data: dict) -> None:
+        """Hook: refuse a saved state whose arrays cannot fill this forecaster's storage."""
+
 
 def series_seed(seed: int, item_id, count: int) -> tuple[int, int, int]:
     """A per-series, per-observation seed: forecasts do not depend on batching or restarts."""
     return (int(seed), zlib.crc32(str(item_id).encode()), int(count))
 
 
-__all__ = ["DEFAULT_QUANTILES", "Forecast", "StreamingError", "StreamingForecaster", "load_metadata",
-           "series_seed"]
+__all__ = ["DEFAULT_QUANTILES", "FORMAT", "Forecast", "HORIZON_FORMAT", "StreamingError", "StreamingForecaster",
+           "forecast_noise", "load_metadata", "model_format", "series_seed"]
