@@ -294,6 +294,16 @@ def test_runtime_in_a_fresh_venv_without_torch(exported, tmp_path):
     noise = np.random.default_rng(5).normal(size=(1, 12, H)).astype(np.float32)
     np.save(tmp_path / "history.npy", history)
     np.save(tmp_path / "noise.npy", noise)
+    # a horizon export too (B = 2 chunks of c = H / 2), with all its noise given
+    from tsdb import streaming_horizon as sh
+    from tsdb.export_horizon import export_horizon_model
+
+    hstrat, hmodel = randomized_model("horizon", 2, context_length=C, horizon=H, patch_length=P)
+    hkw = sh.sampler_kwargs(hstrat)
+    export_horizon_model(hmodel, hstrat, tmp_path / "hz")
+    hn = {k: np.random.default_rng(i).normal(size=(1, 3, n)).astype(np.float32)
+          for i, (k, n) in enumerate((("init", 2 * H), ("roll", 77 - 50), ("fc", H + H // 2)))}
+    np.savez(tmp_path / "hnoise.npz", **hn)
     script = textwrap.dedent(f"""
         import importlib.util, sys
         import numpy as np
@@ -306,6 +316,12 @@ def test_runtime_in_a_fresh_venv_without_torch(exported, tmp_path):
             f.update(["s"], [x])
         fc = f.forecast(["s"], noise=np.load({str(tmp_path / "noise.npy")!r}), normalized=True)
         np.save({str(tmp_path / "samples.npy")!r}, fc.samples)
+        hn = np.load({str(tmp_path / "hnoise.npz")!r})
+        g = StreamingForecaster({str(tmp_path / "hz")!r}, refresh="none", num_samples=3)
+        assert type(g).__name__ == "HorizonStreamingForecaster"
+        g.update(["s"], [h[:50]], init_noise=hn["init"])
+        g.update(["s"], [h[50:]], noise=hn["roll"])
+        np.save({str(tmp_path / "hsamples.npy")!r}, g.forecast(["s"], noise=hn["fc"], normalized=True).samples)
         assert "torch" not in sys.modules
         print("ok")
     """)
@@ -315,6 +331,11 @@ def test_runtime_in_a_fresh_venv_without_torch(exported, tmp_path):
     state = torch_stream(model, history, 50, [1] * 27)
     want = st.forecast(model, state, torch.from_numpy(noise), sigma_grid(4, strat.noise), normalized=True)
     assert np.abs(np.load(tmp_path / "samples.npy") - want.numpy()).max() < TOL
+    t = torch.from_numpy(history)[None]
+    hstate = sh.init_state(hmodel, t[:, :50], 3, torch.from_numpy(hn["init"]), **hkw)
+    hstate = sh.update(hmodel, hstate, t[:, 50:], torch.from_numpy(hn["roll"]), **hkw)
+    hwant = sh.forecast(hmodel, hstate, torch.from_numpy(hn["fc"]), normalized=True, **hkw)
+    assert np.abs(np.load(tmp_path / "hsamples.npy") - hwant.numpy()).max() < TOL
 
 
 def test_streaming_bench_smoke(tmp_path):

@@ -121,8 +121,9 @@ def cmd_forecast(args) -> None:
 def cmd_bench(args) -> None:
     from .experiment import ExperimentSpec, run_experiment
     if args.name == "streaming":
-        from .bench_streaming import run_streaming_bench
-        run_streaming_bench(args.out or "reports/streaming")
+        from .bench_streaming import BENCH_MODELS, run_streaming_bench
+        default = "reports/streaming" if args.strategy == "depth" else f"reports/streaming-{args.strategy}"
+        run_streaming_bench(args.out or default, model_cfg=BENCH_MODELS[args.strategy])
         return
     if args.name == "parallel":
         from .bench_parallel import run_parallel_bench
@@ -252,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("name", help="m4-hourly, etth1, parallel, streaming or covariates")
             s.add_argument("--tier", default="quick", choices=["quick", "full"])
             s.add_argument("--config", help="override the benchmark's YAML")
+            s.add_argument("--strategy", default="depth", choices=["depth", "horizon"],
+                           help="streaming benchmark only: the model family to stream")
         else:
             s.add_argument("--config", required=True)
         s.add_argument("--out", default=None)
