@@ -40,7 +40,7 @@ from .export import export_model
 from .strategies import get_strategy
 from .stream_cli import import_runtime
 
-# the depth-b4 arm of configs/bench/m4-hourly-quick.yaml
+# depth-b4 at the width, patching and sampler of configs/bench/m4-hourly-quick.yaml, one layer per block
 BENCH_MODEL = dict(strategy="depth", context_length=336, horizon=48, patch_length=16, d_model=64, n_heads=4,
                    n_layers=4, n_blocks=4, sampler="heun", num_steps=8)
 # the horizon-b4 arm of configs/ablation/m4-hourly-quick.yaml (chunks of c = 12 = one patch)
