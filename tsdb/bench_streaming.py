@@ -46,7 +46,10 @@ BENCH_MODEL = dict(strategy="depth", context_length=336, horizon=48, patch_lengt
 # the horizon-b4 arm of configs/ablation/m4-hourly-quick.yaml (chunks of c = 12 = one patch)
 HORIZON_BENCH_MODEL = dict(strategy="horizon", context_length=336, horizon=48, patch_length=12, d_model=32,
                            n_heads=4, n_layers=12, n_blocks=4, sampler="heun", num_steps=8)
-BENCH_MODELS = {"depth": BENCH_MODEL, "horizon": HORIZON_BENCH_MODEL}
+# the looped arm of configs/ablation/m4-hourly-quick.yaml (its core is one graph looped on the host)
+LOOPED_BENCH_MODEL = dict(strategy="looped", context_length=336, horizon=48, patch_length=12, d_model=32,
+                          n_heads=4, n_layers=12, core_layers=8, loop_iters=8, sampler="heun", num_steps=8)
+BENCH_MODELS = {"depth": BENCH_MODEL, "horizon": HORIZON_BENCH_MODEL, "looped": LOOPED_BENCH_MODEL}
 TARGETS = {"flat_ratio_max": 1.5, "speedup_min": 5.0, "parity_max": 1e-4}
 
 
@@ -302,8 +305,8 @@ def _where_time_goes(res: dict) -> list[str]:
         chunk = c["horizon"] // c["n_blocks"]
         return [
             f"Where the time goes (horizon): a forecast runs {c['n_blocks']} free rolls "
-            f"({c['n_blocks'] + 1} with values pending inside a chunk) of {s['denoiser_calls_per_forecast'] // c['n_blocks']} "
-            f"block calls each over {s['num_samples']} windows, every emitted chunk entering a per-trajectory "
+            f"({c['n_blocks'] + 1} with values pending inside a chunk) of "
+            f"{s['denoiser_calls_per_forecast'] // c['n_blocks']} block calls each over {s['num_samples']} windows, every emitted chunk entering a per-trajectory "
             f"cache; an update buffers values and runs one observed roll every {chunk} values, so update times "
             "are spiky (the `_mean_ms` fields of results.json include the rolls; the table shows medians). "
             "The recompute is the replay from initialisation over the full history "
@@ -323,6 +326,13 @@ def _where_time_goes(res: dict) -> list[str]:
     ]
 
 
+def _layout(c: dict) -> str:
+    if c["strategy"].startswith("looped"):
+        prelude = c["n_layers"] - c["core_layers"]
+        return f"a prelude of {prelude} layers and a core of {c['core_layers']} layers applied once per sampler step"
+    return f"{c['n_layers']} layers in {c['n_blocks']} blocks"
+
+
 def _report(res: dict) -> str:
     m, s, su = res["model"], res["setup"], res["summary"]
     c = m["config"]
@@ -331,7 +341,7 @@ def _report(res: dict) -> str:
         "",
         f"Model: `{m['arm']}` ({m['params']:,} parameters, ONNX {m['onnx_bytes'] / 1e6:.2f} MB), context_length "
         f"{c['context_length']}, horizon {c['horizon']}, patch {c['patch_length']}, d_model {c['d_model']}, "
-        f"{c['n_layers']} layers in {c['n_blocks']} blocks; {s['sampler']} with {s['num_steps']} steps "
+        f"{_layout(c)}; {s['sampler']} with {s['num_steps']} steps "
         f"({s['denoiser_calls_per_forecast']} denoiser calls per forecast). Random weights (latency does not "
         f"depend on them).",
         f"Per update: one new value, then a forecast of {s['num_samples']} samples; median of "

@@ -253,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("name", help="m4-hourly, etth1, parallel, streaming or covariates")
             s.add_argument("--tier", default="quick", choices=["quick", "full"])
             s.add_argument("--config", help="override the benchmark's YAML")
-            s.add_argument("--strategy", default="depth", choices=["depth", "horizon"],
+            s.add_argument("--strategy", default="depth", choices=["depth", "horizon", "looped"],
                            help="streaming benchmark only: the model family to stream")
         else:
             s.add_argument("--config", required=True)
