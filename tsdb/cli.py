@@ -165,7 +165,10 @@ def cmd_report(args) -> None:
     out = Path(args.dir)
     if not (out / "results.json").exists() or not (out / "spec.yaml").exists():
         raise TsdbError(f"{out} has no results.json and spec.yaml; run `tsdb bench` or `tsdb ablate` first")
-    path = write_report(ExperimentSpec.from_yaml(out / "spec.yaml"), json.loads((out / "results.json").read_text()), out)
+    results = json.loads((out / "results.json").read_text())
+    if "covariates" in results:   # the covariates benchmark has its own pairwise report
+        from .bench_covariates import write_covariates_report as write_report
+    path = write_report(ExperimentSpec.from_yaml(out / "spec.yaml"), results, out)
     print(f"wrote {path}")
 
 

@@ -239,7 +239,9 @@ def write_report(spec: ExperimentSpec, results: dict, out: Path) -> Path:
              f"Produced by: `{results.get('command') or _default_command(spec)}`", "",
              f"Task: `{spec.task.protocol}` on `{spec.task.dataset}`, {results['task']['num_windows']} test windows. "
              f"Machine: {results['machine']['platform']}, torch {results['machine']['torch']}, "
-             f"{results['machine']['threads']} threads, GPU: {results['machine']['cuda'] or 'none'}.", "",
+             f"{results['machine']['threads']} threads, GPU: {results['machine']['cuda'] or 'none'}."
+             + (f" Wall time of the run: {results['wall_seconds'] / 60:.1f} min (arms reused from an earlier "
+                "run cost ~0)." if results.get("wall_seconds") else ""), "",
              "Point forecasts: MASE and MAE use the sample median, MSE the sample mean; CRPS is the mean "
              "weighted quantile loss over q = 0.1..0.9 (gluonts.ev). Seasonal naive is a point forecast "
              "(all samples equal), so its CRPS is its point-forecast quantile loss. Train-state bytes are "
