@@ -230,7 +230,8 @@ def test_streaming_parity_with_covariates(strategy, t0, total):
     got = st.forecast(model, state, noise, sigmas, sampler, normalized=True, covariates=cov[:, :, total:])
     ref = st.recompute_forecast(model, history, noise, sigmas, sampler, pending=(total - t0) % P,
                                 loc=state.loc, scale=state.scale, next_token=int(state.tokens[0]),
-                                normalized=True, covariates=cov, cov_loc=state.cov_loc, cov_scale=state.cov_scale)
+                                normalized=True, covariates=cov, cov_loc=state.cov_loc, cov_scale=state.cov_scale,
+                                init_length=t0)
     assert (got - ref).abs().max() < 1e-4
     other = cov.clone()
     other[:, :, total:] -= 10

@@ -125,7 +125,8 @@ def test_runtime_matches_pytorch_streaming(exported):
         worst = max(worst, float(np.abs(fc.samples[j] - want[0].numpy()).max()))
         ref = st.recompute_forecast(model, torch.from_numpy(histories[j:j + 1]), torch.from_numpy(noise[j:j + 1]),
                                     sigmas, pending=(total - t0s[j]) % P, loc=states[j].loc,
-                                    scale=states[j].scale, next_token=int(states[j].tokens[0]), normalized=True)
+                                    scale=states[j].scale, next_token=int(states[j].tokens[0]), normalized=True,
+                                    init_length=t0s[j])
         assert (want - ref).abs().max().item() < TOL
     assert worst < TOL, worst
     raw = f.forecast(ids, num_samples=50, seed=1, quantiles=(0.1, 0.5, 0.9))

@@ -38,7 +38,7 @@ def stream(model, history: torch.Tensor, t0: int, chunks) -> st.StreamingState:
 def reference(model, history, state, t0, noise, sigmas):
     return st.recompute_forecast(model, history, noise, sigmas, pending=(history.shape[1] - t0) % P,
                                  loc=state.loc, scale=state.scale, next_token=int(state.tokens[0]),
-                                 normalized=True)
+                                 normalized=True, init_length=t0)
 
 
 def random_chunks(rng, total):
@@ -67,10 +67,30 @@ def test_update_then_forecast_equals_recompute(strategy, t0, total):
     got = st.forecast(model, state, noise, sigmas, sampler=sampler, normalized=True)
     want = st.recompute_forecast(model, history, noise, sigmas, sampler=sampler, pending=(total - t0) % P,
                                  loc=state.loc, scale=state.scale, next_token=int(state.tokens[0]),
-                                 normalized=True)
+                                 normalized=True, init_length=t0)
     assert got.shape == (3, 8, H)
     err = (got - want).abs().max().item()
     assert err < TOL, err
+
+
+@pytest.mark.parametrize("strategy", ["depth", "looped"])
+def test_a_short_start_outlives_the_window_in_deep_blocks(strategy):
+    """A stream initialised shorter than context_length keeps its leading NaN padding: once
+    the window slides past it, the deeper layers still carry it (a token's keys/values
+    depend on up to layers x W tokens back). recompute_forecast(init_length=t0) pads the
+    same way and agrees to float rounding; padding the whole history instead does not."""
+    strat, model = tiny(strategy, n_layers=8, n_blocks=2, core_layers=6)   # 4 (or 6 looped) layers per block
+    history = torch.randn(2, 7 + 60, generator=torch.Generator().manual_seed(3)).cumsum(-1) * 2
+    state = stream(model, history, 7, [1] * 60)       # 7 values: padded to W = 8 tokens, then evicted
+    sigmas = sigma_grid(4, strat.noise)
+    noise = torch.randn(2, 6, H, generator=torch.Generator().manual_seed(4))
+    kw = dict(sampler=st.sampler_for(strat), pending=60 % P, loc=state.loc, scale=state.scale,
+              next_token=int(state.tokens[0]), normalized=True)
+    got = st.forecast(model, state, noise, sigmas, sampler=kw["sampler"], normalized=True)
+    same = st.recompute_forecast(model, history, noise, sigmas, init_length=7, **kw)
+    padded_late = st.recompute_forecast(model, history, noise, sigmas, **kw)
+    assert (got - same).abs().max().item() < 1e-5
+    assert (got - padded_late).abs().max().item() > 1e-5
 
 
 @pytest.mark.parametrize("end", [0, 1, 3])

@@ -196,7 +196,7 @@ def _measure_depth(cfg, strategy, model, f, history, t, warmup, n_upd, num_sampl
         y_ort = _timed(step, "ort_forecast", f.forecast, ["s"], noise=noise.numpy()).samples
         y_rec = _timed(step, "torch_recompute", st.recompute_forecast, model, h[:, :t + i + 1], noise, sigmas,
                        sampler=sampler, pending=int(state.pending_count[0]), loc=state.loc, scale=state.scale,
-                       next_token=int(state.tokens[0]))
+                       next_token=int(state.tokens[0]), init_length=t)
         ctx = torch.from_numpy(last_context(history[:t + i + 1], cfg.context_length))[None]
         _timed(step, "torch_last_context", strategy.forecast, model, ctx, num_samples, noise=noise)
         if i >= warmup:

@@ -12,8 +12,9 @@ future tokens attending to the window.
 
 Semantics (what streaming is exactly equal to)
     Streaming equals :func:`recompute_forecast`: the whole history, left-padded with NaN
-    so that its complete patches are aligned with the state's patch grid (and at least
-    ``W`` tokens long), encoded by ``BlockDenoiser.encode_context(..., window=W)``
+    so that its complete patches are aligned with the state's patch grid (the history
+    given to :func:`init_state` padded to at least ``W`` tokens, then every later value:
+    pass ``init_length``), encoded by ``BlockDenoiser.encode_context(..., window=W)``
     (sliding-window causal attention), the future attending to the last ``W`` context
     tokens, normalized with the same frozen statistics. With a history of at most
     ``context_length`` values this is exactly ``DiffusionForecaster.sample``.
@@ -560,11 +561,16 @@ def recompute_forecast(model: DiffusionForecaster, history: Tensor, noise: Tenso
                        sampler: str = "heun", pending: int = 0, loc: Tensor | None = None,
                        scale: Tensor | None = None, next_token: int | None = None,
                        normalized: bool = False, covariates: Tensor | None = None,
-                       cov_loc: Tensor | None = None, cov_scale: Tensor | None = None) -> Tensor:
+                       cov_loc: Tensor | None = None, cov_scale: Tensor | None = None,
+                       init_length: int | None = None) -> Tensor:
     """Forecast by encoding the whole ``history [batch, T]`` with the library's own code path.
 
     The last ``pending`` values form the partial patch; the rest is left-padded with NaN to
-    whole patches (at least ``W``). ``loc``/``scale`` default to the statistics of the last
+    whole patches (at least ``W``). ``init_length``: the length of the history a streaming
+    state was initialised with; the stream's context is that history padded to at least
+    ``W`` tokens, then every later value, so pass it to reproduce a stream that started
+    shorter than ``context_length`` (its leading padding outlives the sliding window
+    through the deeper layers). ``loc``/``scale`` default to the statistics of the last
     ``context_length`` complete-patch values. ``next_token`` sets the absolute position of
     the token after the last complete one (default: its index), so positions can be made
     identical to a streaming state's (RoPE is relative; this only removes float rounding).
@@ -577,6 +583,8 @@ def recompute_forecast(model: DiffusionForecaster, history: Tensor, noise: Tenso
     t = history.shape[1]
     full = history[:, : t - pending]
     values = _align(full, p, w, 1 << 40)
+    if init_length is not None and init_length < t - pending:
+        values = torch.cat([_align(full[:, :init_length], p, w, 1 << 40), full[:, init_length:]], dim=1)
     n = values.shape[1] // p
     if loc is None or scale is None:
         loc, scale = instance_stats(values[:, -w * p:])
@@ -588,7 +596,10 @@ def recompute_forecast(model: DiffusionForecaster, history: Tensor, noise: Tenso
     if covariates is not None or model.num_covariates:
         ref = history.new_zeros(history.shape[0], t + model.horizon)
         covariates = _check_covariates(model, covariates, ref, "recompute_forecast")
-        cov = _align_cov(covariates[:, :, : t - pending], p, w, 1 << 40)
+        past = covariates[:, :, : t - pending]
+        cov = _align_cov(past, p, w, 1 << 40)
+        if init_length is not None and init_length < t - pending:
+            cov = torch.cat([_align_cov(past[:, :, :init_length], p, w, 1 << 40), past[:, :, init_length:]], dim=2)
         if cov_loc is None or cov_scale is None:
             cov_loc, cov_scale = instance_stats(cov[:, :, -w * p:])
         if pending:
