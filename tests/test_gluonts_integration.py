@@ -117,3 +117,62 @@ def test_prediction_length_off_the_patch_grid_is_cut():
 def test_unsupported_trainer_kwargs_raise():
     with pytest.raises(ValueError, match="max_epochs"):
         TsdbEstimator(prediction_length=H, trainer_kwargs={"max_epochs": 3})
+
+
+def test_feat_dynamic_real_covariates(tmp_path):
+    """A model with num_covariates reads GluonTS's feat_dynamic_real: the predictor's
+    samples equal tsdb's own strategy.forecast with the same covariates and noise (context
+    padding as NaN, the known future after prediction_length repeated to whole patches),
+    and they follow the covariate."""
+    import pandas as pd
+    from gluonts.dataset.common import ListDataset
+
+    P = 20                                              # model horizon rounds up to 24
+    rng = np.random.default_rng(0)
+    entries, tests = [], []
+    for i, length in enumerate((150, 40)):              # the second is shorter than the context
+        temp = rng.normal(size=length + P).cumsum().astype(np.float32)
+        target = (2 * temp[:length] + rng.normal(0, 0.1, length)).astype(np.float32)
+        start = pd.Period("2024-01-01 00:00", "h")
+        entries.append({"start": start, "target": target, "feat_dynamic_real": temp[None, :length]})
+        tests.append({"start": start, "target": target, "feat_dynamic_real": temp[None]})
+    config = {"model": {**CONFIG["model"], "num_covariates": 1}, "train": CONFIG["train"]}
+    estimator = TsdbEstimator(prediction_length=P, config=config, run_dir=str(tmp_path / "run"))
+    predictor = estimator.train(ListDataset(entries, freq="h"))
+    test = ListDataset(tests, freq="h")
+    got = forecasts(predictor, test)
+    assert [f.samples.shape for f in got] == [(20, P)] * 2
+
+    net, c = predictor.prediction_net, estimator.experiment_config.model.context_length
+    contexts, covs = [], []
+    for e in tests:
+        t = len(e["target"])
+        ctx = np.full(c, np.nan, np.float32)
+        ctx[max(c - t, 0):] = e["target"][-c:]
+        cov = np.full(c + 24, np.nan, np.float32)
+        cov[max(c - t, 0):c] = e["feat_dynamic_real"][0, max(t - c, 0):t]
+        cov[c:c + P] = e["feat_dynamic_real"][0, t:]
+        cov[c + P:] = cov[c + P - 1]
+        contexts.append(ctx)
+        covs.append(cov[None])
+    torch.manual_seed(SEED)
+    with torch.no_grad():
+        want = net.strategy.forecast(net.model, torch.from_numpy(np.stack(contexts)), 20,
+                                     covariates=torch.from_numpy(np.stack(covs)))[..., :P]
+    for f, w in zip(got, want):
+        np.testing.assert_allclose(f.samples, w.numpy(), rtol=1e-5, atol=1e-5)
+
+    def warmer(e):      # the known future 20 degrees up (a shift of the whole series would normalize away)
+        f = e["feat_dynamic_real"].copy()
+        f[:, len(e["target"]):] += 20
+        return {**e, "feat_dynamic_real": f}
+
+    moved = forecasts(predictor, ListDataset([warmer(e) for e in tests], freq="h"))
+    assert np.abs(moved[0].samples - got[0].samples).max() > 0.1
+    with pytest.raises(ValueError, match="extend prediction_length"):
+        forecasts(predictor, ListDataset(entries, freq="h"))    # no known future given
+    (tmp_path / "predictor").mkdir()
+    predictor.serialize(tmp_path / "predictor")
+    loaded = forecasts(Predictor.deserialize(tmp_path / "predictor"), test)
+    for a, b in zip(got, loaded):
+        np.testing.assert_array_equal(a.samples, b.samples)

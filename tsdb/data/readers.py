@@ -116,7 +116,9 @@ def read_m4(train_path: str | PathLike, test_path: str | PathLike | None = None,
 def from_gluonts(dataset: Iterable[Mapping], freq: str | None = None,
                  name: str = "gluonts") -> SeriesDataset:
     """Any iterable of GluonTS entries (``start``, ``target``, optional ``item_id`` and
-    ``past_feat_dynamic_real``), e.g. a ListDataset, PandasDataset or ``get_dataset(..).train``.
+    ``feat_dynamic_real`` or ``past_feat_dynamic_real`` as the covariates; a
+    ``feat_dynamic_real`` longer than the target is cut to it), e.g. a ListDataset,
+    PandasDataset or ``get_dataset(..).train``.
 
     ``freq`` is needed only when starts are not ``pd.Period``; item ids default to the
     entry's position. Other entry fields are not read.
@@ -257,9 +259,12 @@ def _gluonts_series(entry: Mapping, position: int, freq: str | None) -> Series:
     if target.ndim != 1:
         raise DataError(f"{who}: target has shape {target.shape}; tsdb models univariate "
                         "series: make one entry per variable")
-    covariates = entry.get("past_feat_dynamic_real")
-    if covariates is not None:
-        covariates = as_float32(covariates, who, "past_feat_dynamic_real")
+    field = next((f for f in ("feat_dynamic_real", "past_feat_dynamic_real") if entry.get(f) is not None), None)
+    covariates = None
+    if field is not None:
+        covariates = as_float32(entry[field], who, field)
+        if covariates.ndim == 2 and covariates.shape[1] > len(target):   # known-future part of a test entry
+            covariates = covariates[:, : len(target)]
     return Series(item_id, target, start, start.freqstr, covariates)
 
 

@@ -16,6 +16,11 @@ downstream of training (transformation, predictor, forecasts) is plain GluonTS.
 
 Sampling uses torch's global random generator, as GluonTS's torch models do: call
 ``torch.manual_seed(s)`` before ``predict`` for reproducible forecasts.
+
+Covariates: a model configured with ``model.num_covariates = n`` reads GluonTS's
+``feat_dynamic_real`` (``[n, T]``, known-future dynamic real features): in training over
+the target's span, at prediction time also over the ``prediction_length`` steps after it
+(as GluonTS test entries carry them).
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ from tsdb.train import train_model
 logger = logging.getLogger(__name__)
 
 INPUT_NAMES = ["past_target", "past_observed_values"]
+COVARIATE_INPUT_NAMES = ["past_is_pad", "past_feat_dynamic_real", "future_feat_dynamic_real"]
 
 # trainer_kwargs GluonTS users commonly pass, and the TrainConfig field each one sets
 TRAINER_KWARGS = {"accelerator": "accelerator", "precision": "precision",
@@ -79,10 +85,32 @@ class TsdbPredictionNetwork(nn.Module):
         self.strategy = get_strategy(self.model_config)
         self.model = self.strategy.build()
 
-    def forward(self, past_target: Tensor, past_observed_values: Tensor) -> Tensor:
+    def forward(self, past_target: Tensor, past_observed_values: Tensor, past_is_pad: Tensor | None = None,
+                past_feat_dynamic_real: Tensor | None = None,
+                future_feat_dynamic_real: Tensor | None = None) -> Tensor:
         context = torch.where(past_observed_values > 0, past_target, torch.nan)
-        samples = self.strategy.forecast(self.model, context.float(), self.model_config.num_samples)
+        covariates = None
+        if self.model_config.num_covariates:
+            covariates = self._covariates(past_is_pad, past_feat_dynamic_real, future_feat_dynamic_real)
+        samples = self.strategy.forecast(self.model, context.float(), self.model_config.num_samples,
+                                         covariates=covariates)
         return samples[..., : self.prediction_length]
+
+    def _covariates(self, past_is_pad: Tensor, past: Tensor, future: Tensor) -> Tensor:
+        """``[b, n, C + H]`` from GluonTS's time-major ``past [b, C, n]`` / ``future [b, P, n]``:
+        padding becomes NaN (as tsdb pads), and the future beyond ``prediction_length`` up to
+        the model horizon (whole patches) repeats the last given step."""
+        n, horizon = self.model_config.num_covariates, self.model_config.horizon
+        if past is None or past.shape[-1] != n:
+            raise ValueError(f"the model takes {n} covariate(s): entries need feat_dynamic_real with {n} rows, got "
+                             f"{None if past is None else past.shape[-1]}")
+        if future.shape[1] < self.prediction_length:
+            raise ValueError(f"feat_dynamic_real must extend prediction_length={self.prediction_length} steps past "
+                             f"the target (known-future covariates); it extends {future.shape[1]}")
+        past = torch.where(past_is_pad[..., None] > 0, torch.nan, past.float())
+        future = future[:, : self.prediction_length].float()
+        tail = future[:, -1:].expand(-1, horizon - self.prediction_length, -1)
+        return torch.cat([past, future, tail], dim=1).transpose(1, 2)
 
 
 class TsdbEstimator(PyTorchLightningEstimator):
@@ -138,11 +166,14 @@ class TsdbEstimator(PyTorchLightningEstimator):
 
     def create_transformation(self) -> Transformation:
         """Entry-wise preparation: float32 target plus an observed-values mask."""
-        return Chain([
+        steps = [
             AsNumpyArray(field=FieldName.TARGET, expected_ndim=1, dtype=np.float32),
             AddObservedValuesIndicator(target_field=FieldName.TARGET,
                                        output_field=FieldName.OBSERVED_VALUES),
-        ])
+        ]
+        if self.experiment_config.model.num_covariates:
+            steps.append(AsNumpyArray(field=FieldName.FEAT_DYNAMIC_REAL, expected_ndim=2, dtype=np.float32))
+        return Chain(steps)
 
     def create_instance_splitter(self) -> Transformation:
         """The last ``context_length`` points of every entry (zero-padded, unobserved)."""
@@ -154,7 +185,8 @@ class TsdbEstimator(PyTorchLightningEstimator):
             instance_sampler=TestSplitSampler(),
             past_length=self.experiment_config.model.context_length,
             future_length=self.prediction_length,
-            time_series_fields=[FieldName.OBSERVED_VALUES],
+            time_series_fields=[FieldName.OBSERVED_VALUES]
+            + ([FieldName.FEAT_DYNAMIC_REAL] if self.experiment_config.model.num_covariates else []),
         )
 
     def create_lightning_module(self):
@@ -164,7 +196,7 @@ class TsdbEstimator(PyTorchLightningEstimator):
     def create_predictor(self, transformation: Transformation, module: nn.Module) -> PyTorchPredictor:
         """A ``PyTorchPredictor`` around a trained :class:`TsdbPredictionNetwork`."""
         return PyTorchPredictor(
-            input_names=INPUT_NAMES,
+            input_names=INPUT_NAMES + (COVARIATE_INPUT_NAMES if self.experiment_config.model.num_covariates else []),
             prediction_net=module,
             batch_size=self.batch_size,
             prediction_length=self.prediction_length,
