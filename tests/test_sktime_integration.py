@@ -138,3 +138,43 @@ def test_long_pandas_frame_with_datetimes_and_unequal_ends():
     assert pred.loc["a"].index.tolist() == list(pd.date_range("2024-01-02 06:00", periods=2, freq="h"))
     assert pred.loc["b"].index.tolist() == list(pd.date_range("2024-01-02 04:00", periods=2, freq="h"))
     assert (pred[("load", 0.8, "lower")] <= pred[("load", 0.8, "upper")]).all()
+
+
+def test_exogenous_x_is_the_covariates_of_every_series_of_its_instance():
+    """X columns become known-future covariates: a forecast equals tsdb's own
+    strategy.forecast with covariates built from X (context part NaN-padded), streaming
+    updates take X for the new points, and a missing X is a one-line error."""
+    y = panel(length=46)
+    t = y.index.get_level_values("time")
+    X = pd.DataFrame({"temp": np.cos(t / 3.0) * 5 + np.repeat([0.0, 1.0, 2.0], 46)}, index=y.index)
+    past, future = t < 40, (t >= 40) & (t < 43)
+    forecaster = TsdbForecaster(**DEPTH).fit(y[past], X=X[past], fh=[1, 2, 3])
+    cfg = forecaster.config_
+    assert cfg.model.num_covariates == 1 and forecaster._stream_state.batch_size == 3
+    pred = forecaster.predict(X=X[future])
+
+    c, h = cfg.model.context_length, cfg.model.horizon
+    contexts, covs = [], []
+    for item in ["s0", "s1", "s2"]:
+        contexts.append(last_context(y.loc[item, "y"].to_numpy(np.float32)[:40], c))
+        temp = X.loc[item, "temp"].to_numpy(np.float32)
+        known = temp[40:43]
+        covs.append(np.concatenate([temp[40 - c:40], known, np.full(h - 3, known[-1])])[None])
+    state = streaming.init_state(forecaster.model_, torch.from_numpy(np.stack(contexts)),
+                                 covariates=torch.from_numpy(np.stack([cv[:, :c] for cv in covs])))
+    noise = torch.randn(3, cfg.model.num_samples, h, generator=torch.Generator().manual_seed(cfg.train.seed))
+    samples = streaming.forecast(forecaster.model_, state, noise, sigma_grid(cfg.model.inference_steps,
+                                                                             forecaster.strategy_.noise),
+                                 cfg.model.sampler, covariates=torch.from_numpy(np.stack([cv[:, c:] for cv in covs])))
+    np.testing.assert_allclose(pred["y"].to_numpy(), np.median(samples.numpy(), axis=1)[:, :3].reshape(-1),
+                               rtol=1e-4, atol=1e-4)
+    warmer = X[future] + 10      # the known future changes the forecast
+    assert not np.allclose(forecaster.predict(X=warmer)["y"].to_numpy(), pred["y"].to_numpy())
+
+    with pytest.raises(ValueError, match="pass X over the steps to forecast"):
+        forecaster.predict()
+    with pytest.raises(ValueError, match="pass X for the new time points"):
+        forecaster.update(y[future], update_params=False)
+    forecaster.update(y[future], X=X[future], update_params=False)
+    after = forecaster.predict(X=X[t >= 43])
+    assert after.loc["s0"].index.tolist() == [43, 44, 45]

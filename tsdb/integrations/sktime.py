@@ -14,6 +14,12 @@ new values through ``tsdb.streaming.update`` (cost independent of the history le
 normalization statistics stay frozen at ``fit``, the streaming rule); the other
 strategies forecast from the last ``context_length`` values of the extended history.
 ``update_params=True`` retrains on all data seen so far, as sktime's default does.
+
+Exogenous data: the columns of ``X`` are known-future covariates of every series of the
+same instance (``model.num_covariates`` is set to their number). ``fit``/``update`` take
+``X`` over ``y``'s time points, ``predict`` over the steps to forecast; steps of the model
+horizon that ``X`` leaves out are filled with the nearest given step. ``X`` must be
+complete (no missing values) where given.
 """
 
 from __future__ import annotations
@@ -87,7 +93,7 @@ class TsdbForecaster(BaseForecaster):
         "maintainers": ["tsdb developers"],
         "y_inner_mtype": ["pd.DataFrame", "pd-multiindex", "pd_multiindex_hier"],
         "X_inner_mtype": ["pd.DataFrame", "pd-multiindex", "pd_multiindex_hier"],
-        "capability:exogenous": False,
+        "capability:exogenous": True,  # X columns: known-future covariates of every series
         "capability:multivariate": True,  # each column is one more series of the global model
         "capability:missing_values": True,  # NaN is masked in the model, never fed as a value
         "capability:insample": False,
@@ -114,21 +120,24 @@ class TsdbForecaster(BaseForecaster):
     # ------------------------------------------------------------------ sktime API
 
     def _fit(self, y, X=None, fh=None):
-        """Train one global model on every series of ``y``."""
-        self.config_ = self._experiment_config(fh)
+        """Train one global model on every series of ``y`` (with ``X``'s columns as covariates)."""
+        self.config_ = self._experiment_config(fh, X)
         self.strategy_ = get_strategy(self.config_.model)
-        self._cur_y = y
+        self._cur_y, self._cur_X = y, X
         series = _series(y)
         self._keys = list(series)  # the model's batch order
+        covariates = {key: self._covariates_at(key[:-1], index) for key, (_, index) in series.items()}
         dataset = validate_dataset(SeriesDataset("sktime", [
-            Series(str(key), values, _MOCK_START, _MOCK_START.freqstr)
+            Series(str(key), values, _MOCK_START, _MOCK_START.freqstr, covariates[key])
             for key, (values, _) in series.items()], _MOCK_START.freqstr))
         with tempfile.TemporaryDirectory(prefix="tsdb-sktime-") as run_dir:
             self.model_, _ = train_model(self.config_, dataset, run_dir, strategy=self.strategy_)
         self.model_.eval()
         self._stream_state = None
         if self.config_.model.strategy in streaming.STREAMING_STRATEGIES:
-            self._stream_state = streaming.init_state(self.model_, torch.from_numpy(self._contexts()))
+            contexts, covs = self._contexts()
+            self._stream_state = streaming.init_state(self.model_, torch.from_numpy(contexts),
+                                                      covariates=_tensor(covs))
         return self
 
     def _update(self, y, X=None, update_params=True):
@@ -139,27 +148,32 @@ class TsdbForecaster(BaseForecaster):
         if unknown:
             raise ValueError(f"update got series {unknown[0]} that fit did not see; fit again to "
                              "add series to the model")
+        if self.config_.model.num_covariates and X is None:
+            raise ValueError("the model was fit with X: pass X for the new time points to update")
         last = {(*instance, column): frame.index[-1]
                 for instance, frame in _instances(self._cur_y) for column in frame.columns}
-        new_values = []
+        self._cur_y = _append(self._cur_y, y)
+        if self.config_.model.num_covariates:
+            self._cur_X = _append(self._cur_X, X)
+        new_values, new_covs = [], []
         for key in self._keys:
             values, index = new.get(key, (np.empty(0, np.float32), pd.Index([])))
             new_values.append(values[index > last[key]])
-        self._cur_y = _append(self._cur_y, y)
+            new_covs.append(self._covariates_at(key[:-1], index[index > last[key]]))
         if update_params:
-            return self._fit(self._cur_y, fh=self._fh)
+            return self._fit(self._cur_y, X=self._cur_X, fh=self._fh)
         if self._stream_state is not None:
-            self._stream_state = self._stream(new_values)
+            self._stream_state = self._stream(new_values, new_covs)
         return self
 
     def _predict(self, fh, X=None):
         """Sample median per step."""
-        point = np.median(self._sample_paths(), axis=1)[:, :, None]  # [series, H, 1]
+        point = np.median(self._sample_paths(fh, X), axis=1)[:, :, None]  # [series, H, 1]
         return self._frame(fh, point, self._get_columns("predict"))
 
     def _predict_quantiles(self, fh, X, alpha):
         """Empirical quantiles of the sample paths."""
-        q = np.quantile(self._sample_paths(), alpha, axis=1)  # [alpha, series, H]
+        q = np.quantile(self._sample_paths(fh, X), alpha, axis=1)  # [alpha, series, H]
         return self._frame(fh, q.transpose(1, 2, 0), self._get_columns("predict_quantiles", alpha=alpha))
 
     @classmethod
@@ -177,7 +191,7 @@ class TsdbForecaster(BaseForecaster):
 
     # ------------------------------------------------------------------ helpers
 
-    def _experiment_config(self, fh) -> ExperimentConfig:
+    def _experiment_config(self, fh, X=None) -> ExperimentConfig:
         """``config`` with this forecaster's parameters applied."""
         cfg = self.config
         if cfg is None:
@@ -190,43 +204,86 @@ class TsdbForecaster(BaseForecaster):
         if horizon is None:
             horizon = int(max(fh.to_relative(self.cutoff))) if fh is not None else cfg.model.horizon
         model = {"horizon": model_horizon(cfg.model, horizon), "context_length": self.context_length,
-                 "num_samples": self.num_samples}
+                 "num_samples": self.num_samples, "num_covariates": 0 if X is None else X.shape[1]}
         train = {"progress": bool(self.verbose), "steps_per_block": self.steps_per_block,
                  "seed": self.random_state}
         return cfg.with_overrides(model=_given(model), train=_given(train))
 
-    def _contexts(self) -> np.ndarray:
-        """The last ``context_length`` values of every series, NaN-left-padded, ``[series, C]``."""
+    def _contexts(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """The last ``context_length`` values of every series, NaN-left-padded, ``[series, C]``,
+        and their covariates ``[series, n, C]`` (None without X)."""
         c = self.config_.model.context_length
         series = _series(self._cur_y)
-        return np.stack([last_context(series[key][0], c) for key in self._keys])
+        contexts = np.stack([last_context(series[key][0], c) for key in self._keys])
+        if not self.config_.model.num_covariates:
+            return contexts, None
+        covs = []
+        for key in self._keys:
+            cov = self._covariates_at(key[:-1], series[key][1][-c:])
+            covs.append(np.concatenate([np.full((cov.shape[0], c - cov.shape[1]), np.nan, np.float32), cov], 1))
+        return contexts, np.stack(covs)
 
-    def _stream(self, new_values: list[np.ndarray]) -> streaming.StreamingState:
-        """The state after ``tsdb.streaming.update`` with each series' new values."""
+    def _covariates_at(self, instance: tuple, index: pd.Index) -> np.ndarray | None:
+        """The X columns of ``instance`` at the time points ``index``, ``[n, len(index)]``."""
+        if self._cur_X is None:
+            return None
+        frame = dict(_instances(self._cur_X)).get(instance)
+        rows = None if frame is None else frame.reindex(index)
+        if rows is None or rows.isna().to_numpy().any():
+            missing = index if rows is None else index[rows.isna().to_numpy().any(axis=1)]
+            raise ValueError(f"X has no complete row for {_name(instance)} at {missing[0]}; covariates must be "
+                             "given (and finite) at every time point of y")
+        return rows.to_numpy(dtype=np.float32).T
+
+    def _future_covariates(self, fh, X) -> np.ndarray:
+        """``[series, n, H]``: the X columns over the H steps after each instance's cutoff."""
+        horizon, n = self.config_.model.horizon, self.config_.model.num_covariates
+        if X is None or X.shape[1] != n:
+            raise ValueError(f"the model was fit with {n} X column(s): pass X over the steps to forecast to "
+                             f"predict (got {None if X is None else X.shape[1]} columns)")
+        steps = ForecastingHorizon(np.arange(1, horizon + 1), is_relative=True)
+        given = dict(_instances(X))
+        out = {}
+        for instance, history in _instances(self._cur_y):
+            frame = given.get(instance)
+            if frame is None or not len(frame):
+                raise ValueError(f"X has no rows for {_name(instance)}; pass X over the steps to forecast")
+            future = _with_freq(steps, history.index, instance).to_absolute_index(history.index[-1])
+            # nearest given step for the steps X leaves out (fh may skip some)
+            rows = frame.reindex(frame.index.union(future)).sort_index().ffill().bfill().reindex(future)
+            out[instance] = rows.to_numpy(dtype=np.float32).T
+        return np.stack([out[key[:-1]] for key in self._keys])
+
+    def _stream(self, new_values: list[np.ndarray], new_covs: list) -> streaming.StreamingState:
+        """The state after ``tsdb.streaming.update`` with each series' new values (and covariates)."""
         by_length: dict[int, list[int]] = {}
         for i, values in enumerate(new_values):
             by_length.setdefault(len(values), []).append(i)
         parts, order = [], []
         for n, idx in by_length.items():
             values = torch.from_numpy(np.stack([new_values[i] for i in idx]).reshape(len(idx), n))
-            parts.append(streaming.update(self.model_, self._stream_state.select(idx), values))
+            covs = None if new_covs[idx[0]] is None else torch.from_numpy(np.stack([new_covs[i] for i in idx]))
+            parts.append(streaming.update(self.model_, self._stream_state.select(idx), values, covariates=covs))
             order.extend(idx)
         state = parts[0] if len(parts) == 1 else streaming.StreamingState.cat(parts)
         return state.select(torch.argsort(torch.tensor(order)))
 
-    def _sample_paths(self) -> np.ndarray:
-        """Raw-scale sample paths ``[series, S, H]``; the same for the same seed and state."""
+    def _sample_paths(self, fh=None, X=None) -> np.ndarray:
+        """Raw-scale sample paths ``[series, S, H]``; the same for the same seed, state and X."""
         cfg = self.config_.model
+        future = self._future_covariates(fh, X) if cfg.num_covariates else None
         generator = torch.Generator().manual_seed(self.config_.train.seed)
         with torch.inference_mode():
             if self._stream_state is None:
-                contexts = torch.from_numpy(self._contexts())
-                return self.strategy_.forecast(self.model_, contexts, cfg.num_samples,
-                                               generator=generator).numpy()
+                contexts, past = self._contexts()
+                covariates = None if future is None else _tensor(np.concatenate([past, future], axis=2))
+                return self.strategy_.forecast(self.model_, torch.from_numpy(contexts), cfg.num_samples,
+                                               generator=generator, covariates=covariates).numpy()
             noise = torch.randn(self._stream_state.batch_size, cfg.num_samples, cfg.horizon, generator=generator)
             sigmas = sigma_grid(cfg.inference_steps, self.strategy_.noise)
             sampler = streaming.sampler_for(self.strategy_)
-            return streaming.forecast(self.model_, self._stream_state, noise, sigmas, sampler).numpy()
+            return streaming.forecast(self.model_, self._stream_state, noise, sigmas, sampler,
+                                      covariates=_tensor(future)).numpy()
 
     def _frame(self, fh, values: np.ndarray, columns: pd.Index) -> pd.DataFrame:
         """Forecast table from per-series, per-step values ``[series, H, k]``.
@@ -278,6 +335,14 @@ def _with_freq(fh: ForecastingHorizon, index: pd.Index, instance: tuple) -> Fore
         raise ValueError(f"cannot tell the frequency of the time index of {instance or 'y'}; give it a "
                          "regular DatetimeIndex (or a PeriodIndex)")
     return ForecastingHorizon(fh.to_pandas(), is_relative=fh.is_relative, freq=freq)
+
+
+def _tensor(a: np.ndarray | None) -> torch.Tensor | None:
+    return None if a is None else torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+
+
+def _name(instance: tuple) -> str:
+    return f"instance {instance if len(instance) > 1 else instance[0]!r}" if instance else "y"
 
 
 def _given(values: dict) -> dict:
