@@ -7,11 +7,25 @@ import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TSDB_NUM_THREADS", "1")  # read by `tsdb` subprocesses
+os.environ.setdefault("TSDB_OFFLINE", "1")      # tests never download data; they read ../shared/datasets
+
+from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+
+
+def require_benchmark_data(*files: str) -> None:
+    """Skip the calling test (or fixture) when the benchmark files it reads are not in
+    ../shared/datasets (a clone outside the project folder); the suite never downloads."""
+    missing = [f for f in files if not (SHARED_DATA / f).exists()]
+    if missing:
+        pytest.skip(f"{SHARED_DATA} lacks {missing}")
 
 
 def randomized_model(strategy: str = "depth", seed: int = 0, **cfg):

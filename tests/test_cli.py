@@ -11,6 +11,8 @@ import yaml
 
 from tsdb.cli import main
 
+from conftest import require_benchmark_data
+
 
 def tsdb(*args, check=True):
     """Run the CLI in a subprocess (as a user would) and return the completed process."""
@@ -88,6 +90,7 @@ def test_unknown_benchmark_and_dataset(tmp_path):
 
 def test_bench_writes_results_in_the_shared_schema(tmp_path):
     """A tiny benchmark through the same runner as `tsdb bench` (real M4 data, real metrics)."""
+    require_benchmark_data("m4_hourly_train.csv", "m4_hourly_test.csv")
     spec = {
         "name": "m4-tiny", "task": {"protocol": "m4-hourly", "dataset": "m4_hourly", "max_windows": 24},
         "num_samples": 8,

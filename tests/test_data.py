@@ -170,11 +170,22 @@ def test_offline_without_local_files_is_one_clear_line(tmp_path, monkeypatch):
 
     monkeypatch.setattr(registry, "SHARED_DIR", tmp_path / "absent")
     monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("TSDB_DATA_DIR", raising=False)
+    monkeypatch.delenv("TSDB_OFFLINE")                       # the suite's guard; here the attempt is the point
     monkeypatch.setattr(urllib.request, "urlopen", offline)
     url = describe("etth1")["files"]["data"]["url"]
     assert error_of(load_dataset, "etth1") == (
         f"cannot download ETTh1.csv from {url} (<urlopen error no network>); if offline, put the "
         "file in $TSDB_DATA_DIR or pass root=")
+
+
+def test_downloads_are_off_under_tsdb_offline(tmp_path, monkeypatch):
+    monkeypatch.setattr(registry, "SHARED_DIR", tmp_path / "absent")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("TSDB_DATA_DIR", raising=False)
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: pytest.fail("downloaded under TSDB_OFFLINE"))
+    message = error_of(load_dataset, "etth1")
+    assert "downloads are off ($TSDB_OFFLINE)" in message and "\n" not in message
 
 
 # ---------------------------------------------------------------- long tables

@@ -17,6 +17,8 @@ from tsdb.experiment import torch_predictor
 from tsdb.integrations.gluonts import TsdbEstimator
 from tsdb.train import train_model
 
+from conftest import require_benchmark_data
+
 H = 48
 SEED = 0
 CONFIG = {
@@ -34,6 +36,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def m4():
+    require_benchmark_data("m4_hourly_train.csv", "m4_hourly_test.csv")
     full = load_dataset("m4_hourly")
     return SeriesDataset(full.name, full.series[:6], full.freq, full.season_length, dict(full.meta))
 

@@ -28,6 +28,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 CARDS_DIR = REPO_ROOT / "datasets"
 SHARED_DIR = REPO_ROOT.parent / "shared" / "datasets"
 ENV_VAR = "TSDB_DATA_DIR"
+OFFLINE_VAR = "TSDB_OFFLINE"   # set (the test suite does): never download, fail with a clear error
 REQUIRED_FIELDS = ("name", "description", "source", "licence", "format", "frequency",
                    "season_length")
 SUMMARY_FIELDS = ("name", "description", "format", "frequency", "season_length")
@@ -85,6 +86,9 @@ def resolve_file(spec: dict, root: str | PathLike | None = None) -> Path:
         path = folder / spec["name"]
         if path.is_file():
             return check_sha256(path, spec["sha256"])
+    if os.environ.get(OFFLINE_VAR):
+        raise DataError(f"{spec['name']} is in none of {[str(d) for d in data_dirs(root)]} and downloads are "
+                        f"off (${OFFLINE_VAR}); put the file in ${ENV_VAR}")
     return download(spec["url"], cache_dir() / spec["name"], spec["sha256"])
 
 
