@@ -119,3 +119,28 @@ def test_bench_writes_results_in_the_shared_schema(tmp_path):
     proc = tsdb("ablate", "--config", str(path), "--out", str(out), "--no-progress")
     assert "e2e: done earlier" in proc.stdout
     assert (out / "arms" / "e2e" / "metrics.json").stat().st_mtime_ns == mtime
+
+
+def test_forecast_with_known_future_covariates(tmp_path):
+    """`tsdb forecast --covariates temp`: the rows after the last observed target carry the
+    known future; the forecast starts after the last observed target and follows it."""
+    t = np.arange(240 + 12)
+    temp = 10 + 5 * np.sin(2 * np.pi * t / 24)
+    frame = pd.DataFrame({"ts": pd.date_range("2024-01-01", periods=len(t), freq="h"), "temp": temp,
+                          "load": 50 + 3 * temp + np.random.default_rng(0).normal(0, 0.5, len(t))})
+    frame.loc[240:, "load"] = np.nan                      # the next 12 hours: temperature known, load not
+    csv = tmp_path / "load.csv"
+    frame.to_csv(csv, index=False)
+    out = tmp_path / "fc"
+    tsdb("forecast", "--input", str(csv), "--timestamp", "ts", "--target", "load", "--covariates", "temp",
+         "--freq", "h", "--horizon", "12", "--out", str(out), "--steps", "3", "--num-samples", "20")
+    table = pl.read_csv(out / "forecast.csv", try_parse_dates=True)
+    assert table.height == 12
+    assert pd.Timestamp(table["timestamp"][0]) == pd.Timestamp("2024-01-01") + pd.Timedelta(hours=240)
+    assert yaml.safe_load((out / "run" / "config.yaml").read_text())["model"]["num_covariates"] == 1
+    short = tmp_path / "short.csv"
+    frame.iloc[:245].to_csv(short, index=False)           # only 5 known-future rows
+    proc = tsdb("forecast", "--input", str(short), "--timestamp", "ts", "--target", "load", "--covariates", "temp",
+                "--freq", "h", "--horizon", "12", "--out", str(tmp_path / "x"), check=False)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "has 5 row(s) after its last observed target" in proc.stderr

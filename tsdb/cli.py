@@ -246,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--num-samples", type=int, default=100)
     s.add_argument("--steps", type=int, default=300, help="training steps per block when no --run")
+    s.add_argument("--covariates", default=None,
+                   help="comma-separated known-future covariate columns; after each series' last observed "
+                        "target the table holds >= --horizon rows with them given and the target empty")
     data_flags(s)
     s.set_defaults(func=cmd_forecast)
 

@@ -1,4 +1,9 @@
-"""Forecast a user's table: quantiles per lead time as CSV plus a fan chart PNG."""
+"""Forecast a user's table: quantiles per lead time as CSV plus a fan chart PNG.
+
+With ``--covariates a,b``, the columns are known-future covariates: the table carries, after
+each series' last observed target, at least ``--horizon`` more rows whose target is empty
+and whose covariates are given (e.g. the weather forecast of the next day).
+"""
 
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ from .train import load_model, train_model
 QUANTILES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
-def quick_config(dataset: SeriesDataset, horizon: int, steps: int) -> ExperimentConfig:
+def quick_config(dataset: SeriesDataset, horizon: int, steps: int, num_covariates: int = 0) -> ExperimentConfig:
     """A small depth-split model sized to the data: patch 8 (or 1 for short horizons)."""
     patch = 8 if horizon >= 8 else 1
     model_horizon = -(-horizon // patch) * patch
@@ -29,17 +34,41 @@ def quick_config(dataset: SeriesDataset, horizon: int, steps: int) -> Experiment
     context = max(patch, min(336, (shortest - model_horizon) // patch * patch))
     return ExperimentConfig().with_overrides(
         model=dict(context_length=context, horizon=model_horizon, patch_length=patch, d_model=64,
-                   n_layers=4, n_blocks=4, num_steps=8),
+                   n_layers=4, n_blocks=4, num_steps=8, num_covariates=num_covariates),
         train=dict(steps_per_block=steps, warmup_steps=min(100, steps // 5)))
 
 
 def sample_dataset(strategy, model, dataset: SeriesDataset, context_length: int, num_samples: int,
-                   seed: int = 0) -> np.ndarray:
-    """Samples ``[series, S, H]`` from the last ``context_length`` values of each series."""
+                   seed: int = 0, future_covariates: list[np.ndarray] | None = None) -> np.ndarray:
+    """Samples ``[series, S, H]`` from the last ``context_length`` values of each series
+    (and, for a model with covariates, their covariates and ``future_covariates[i] [n, H]``)."""
     contexts = torch.from_numpy(np.stack([last_context(s.target, context_length) for s in dataset]))
+    covariates = None
+    if future_covariates is not None:
+        covariates = torch.from_numpy(np.stack([
+            np.concatenate([np.stack([last_context(row, context_length) for row in s.past_covariates]), future], 1)
+            for s, future in zip(dataset, future_covariates)]))
     with torch.inference_mode():
-        return strategy.forecast(model, contexts, num_samples,
-                                 generator=torch.Generator().manual_seed(seed)).numpy()
+        return strategy.forecast(model, contexts, num_samples, generator=torch.Generator().manual_seed(seed),
+                                 covariates=covariates).numpy()
+
+
+def split_known_future(data: SeriesDataset, horizon: int, model_horizon: int) -> tuple[SeriesDataset, list]:
+    """Cut each series after its last observed target; the covariates of the rows after it
+    are the known future ``[n, model_horizon]`` (rows past ``horizon`` repeat the last one)."""
+    history, futures = [], []
+    for s in data:
+        observed = np.flatnonzero(~np.isnan(s.target))
+        end = int(observed[-1]) + 1 if len(observed) else 0
+        future = s.past_covariates[:, end:end + model_horizon]
+        if future.shape[1] < horizon:
+            raise TsdbError(f"series {s.item_id!r} has {future.shape[1]} row(s) after its last observed target; "
+                            f"--horizon {horizon} needs {horizon} rows there with the covariates given and the "
+                            "target empty (the known future)")
+        pad = np.repeat(future[:, -1:], model_horizon - future.shape[1], axis=1)
+        futures.append(np.concatenate([future, pad], axis=1))
+        history.append(s.slice(0, end))
+    return SeriesDataset(data.name, history, data.freq, data.season_length, dict(data.meta)), futures
 
 
 def quantile_table(dataset: SeriesDataset, samples: np.ndarray, horizon: int) -> pl.DataFrame:
@@ -57,8 +86,9 @@ def forecast_csv(args) -> dict:
     """Entry point of ``tsdb forecast``."""
     if not args.input:
         raise TsdbError("tsdb forecast needs --input FILE (a long-format CSV or Parquet)")
+    names = [c for c in (getattr(args, "covariates", None) or "").split(",") if c]
     data = read_long(args.input, item_id=args.item_id, timestamp=args.timestamp, target=args.target,
-                     freq=args.freq)
+                     covariates=names, freq=args.freq)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.run:
@@ -66,13 +96,23 @@ def forecast_csv(args) -> dict:
         if args.horizon > cfg.model.horizon:
             raise TsdbError(f"--horizon {args.horizon} exceeds the trained model's horizon "
                             f"{cfg.model.horizon}; retrain with model.horizon >= {args.horizon}")
+        if cfg.model.num_covariates != len(names):
+            raise TsdbError(f"the model in {args.run} takes {cfg.model.num_covariates} covariate(s), "
+                            f"--covariates names {len(names)}")
     else:
-        cfg = quick_config(data, args.horizon, args.steps)
+        cfg = quick_config(data, args.horizon, args.steps, len(names))
+    futures = None
+    if names:
+        data, futures = split_known_future(data, args.horizon, cfg.model.horizon)
+        if not args.run:   # sized to the histories, without the known-future rows
+            cfg = quick_config(data, args.horizon, args.steps, len(names))
+    if not args.run:
         validate_dataset(data, min_length=cfg.model.horizon + cfg.model.patch_length)
         model, _ = train_model(cfg, data, out / "run")
         from .strategies import get_strategy
         strategy = get_strategy(cfg.model)
-    samples = sample_dataset(strategy, model, data, cfg.model.context_length, args.num_samples, cfg.train.seed)
+    samples = sample_dataset(strategy, model, data, cfg.model.context_length, args.num_samples, cfg.train.seed,
+                             futures)
     table = quantile_table(data, samples, args.horizon)
     csv = out / "forecast.csv"
     table.write_csv(csv)
