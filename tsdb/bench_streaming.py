@@ -97,7 +97,7 @@ def run_streaming_bench(out_dir: str | Path, context_lengths=(128, 512, 2048), n
     else:
         meta = export_model(model, strategy, model_dir, sampler=sampler, num_steps=cfg.inference_steps)
     export_s = time.perf_counter() - t0
-    p, hz = cfg.patch_length, cfg.horizon
+    p = cfg.patch_length
     sigmas = sigma_grid(cfg.inference_steps, strategy.noise)
     updates = updates or max(16, 2 * p)
     threads = torch.get_num_threads()
