@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -22,7 +21,7 @@ from tsdb.diffusion import sigma_grid
 from tsdb.errors import TsdbError
 from tsdb.export import export_run, load_metadata
 
-from tsdb.stream_cli import import_runtime, run_stream
+from tsdb.stream_cli import import_runtime
 
 from conftest import randomized_model, records, stream
 

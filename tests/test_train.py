@@ -127,7 +127,7 @@ def test_saved_activation_bytes_exact_for_a_linear_layer():
     lin = torch.nn.Linear(10, 20, bias=False)
     x = torch.randn(7, 10)
     with SavedActivations(exclude=list(lin.parameters())) as saved:
-        y = torch.relu(lin(x))
+        torch.relu(lin(x))
     # matmul saves its input x (7x10); relu saves its output (7x20); the weight is excluded
     assert saved.bytes == (7 * 10 + 7 * 20) * 4
 

@@ -166,9 +166,10 @@ def cmd_report(args) -> None:
     if not (out / "results.json").exists() or not (out / "spec.yaml").exists():
         raise TsdbError(f"{out} has no results.json and spec.yaml; run `tsdb bench` or `tsdb ablate` first")
     results = json.loads((out / "results.json").read_text())
+    write = write_report
     if "covariates" in results:   # the covariates benchmark has its own pairwise report
-        from .bench_covariates import write_covariates_report as write_report
-    path = write_report(ExperimentSpec.from_yaml(out / "spec.yaml"), results, out)
+        from .bench_covariates import write_covariates_report as write
+    path = write(ExperimentSpec.from_yaml(out / "spec.yaml"), results, out)
     print(f"wrote {path}")
 
 
