@@ -343,3 +343,41 @@ def test_bench_covariates_tiny_budget(tmp_path):
     assert cov["ratio_of_mean_crps"] == pytest.approx(cov["mean_crps_with"] / cov["mean_crps_without"])
     report = (out / "report.md").read_text()
     assert "oracle" in report.lower() and "depth-b4-temperature-seed0" in report and "ratio of means" in report
+
+
+def test_tsdb_stream_carries_covariates(tmp_path):
+    """`tsdb stream` on a model with 2 covariates: each record's covariates enter the update
+    and its future_covariates the forecast, exactly as the runtime's Python API; bad ones are
+    one error line that leaves the series alone."""
+    import io
+    import json
+
+    from tsdb.stream_cli import run_stream
+
+    rt = import_runtime()
+    strat, model = tiny("depth", 2)
+    export_model(model, strat, tmp_path / "onnx")
+    rng = np.random.default_rng(1)
+    n = 30
+    values = (rng.normal(size=n).cumsum() + 20).round(3)
+    cov = (rng.normal(size=(2, n + H)) * 3 + 15).round(3)
+    recs = [{"item_id": "a", "timestamp": t, "value": float(values[t]), "covariates": cov[:, t].tolist(),
+             "future_covariates": cov[:, t + 1:t + 1 + H].tolist()} for t in range(n)]
+    bad = [{**recs[-1], "timestamp": n, "covariates": [1.0]},                           # one of two
+           {**recs[-1], "timestamp": n, "future_covariates": [[1.0] * H, [2.0] * 3]},    # short future
+           {"item_id": "a", "timestamp": n, "value": 1.0}]                               # none at all
+    out = io.StringIO()
+    counts = run_stream(tmp_path / "onnx", io.StringIO("".join(json.dumps(r) + "\n" for r in recs + bad)), out,
+                        num_samples=16, seed=3, refresh="none")
+    lines = [json.loads(x) for x in out.getvalue().splitlines()]
+    assert counts == {"records": n + 3, "forecasts": n, "errors": 3, "series": 1}
+    assert "covariates must be a list of 2" in lines[n]["error"]
+    assert "future_covariates must be 2 list(s) of 16" in lines[n + 1]["error"]
+    assert "give covariates" in lines[n + 2]["error"]
+    # the same stream through the runtime's Python API
+    f = rt.StreamingForecaster(tmp_path / "onnx", refresh="none")
+    for t in range(n):
+        f.update(["a"], [[values[t]]], covariates=[cov[:, t:t + 1].astype(np.float32)])
+    fc = f.forecast(["a"], num_samples=16, seed=[rt.series_seed(3, "a", n)],
+                    covariates=cov[None, :, n:n + H].astype(np.float32))
+    assert np.allclose(lines[n - 1]["mean"], fc.mean[0], atol=1e-4)

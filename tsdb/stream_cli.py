@@ -11,6 +11,10 @@ series continue::
 
     {"line": 7, "item_id": "a", "timestamp": "...", "error": "gap: expected ..., got ...; ..."}
 
+Models with ``n`` covariates: every record also carries ``"covariates": [n numbers]`` (this
+step's) and ``"future_covariates": [n lists of H numbers]`` (the known future after it),
+checked like the value.
+
 Checks per record: valid JSON object with the three keys; ``item_id`` a string or integer;
 ``value`` a finite number (NaN, null, strings and booleans are rejected); ``timestamp`` an
 ISO date-time string or a number, of the same kind for the whole series; strictly after the
@@ -35,6 +39,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Sequence
+
+import numpy as np
 
 from .errors import TsdbError
 
@@ -221,6 +227,28 @@ def _check_value(raw):
     return float(raw)
 
 
+def _check_covariates(rec: dict, n: int, horizon: int) -> tuple[list, list] | None:
+    """``covariates`` (n numbers: this step's) and ``future_covariates`` (n lists of
+    ``horizon`` numbers: the known future after it) of a record, for a model with n covariates."""
+    if not n:
+        if "covariates" in rec or "future_covariates" in rec:
+            raise RecordError("this model takes no covariates; drop covariates/future_covariates")
+        return None
+    now, future = rec.get("covariates"), rec.get("future_covariates")
+    if now is None or future is None:
+        raise RecordError(f"the model takes {n} covariate(s): give covariates [{n} numbers] and "
+                          f"future_covariates [{n} lists of {horizon} numbers]")
+    if not isinstance(now, list) or len(now) != n:
+        raise RecordError(f"covariates must be a list of {n} number(s), got {json.dumps(now)[:40]}")
+    if (not isinstance(future, list) or len(future) != n
+            or any(not isinstance(row, list) or len(row) != horizon for row in future)):
+        raise RecordError(f"future_covariates must be {n} list(s) of {horizon} numbers (the known future)")
+    for x in [*now, *(x for row in future for x in row)]:
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+            raise RecordError(f"covariates must be finite numbers, got {json.dumps(x)[:40]}")
+    return now, future
+
+
 def _parse_record(line: str):
     try:
         rec = json.loads(line)
@@ -260,10 +288,7 @@ def run_stream(model_dir: str | Path, input_stream: IO[str], output_stream: IO[s
                                             **horizon_kw)
     except rt.StreamingError as e:
         raise TsdbError(str(e)) from None
-    if getattr(forecaster, "num_covariates", 0):
-        raise TsdbError(f"{model_dir}: the model takes {forecaster.num_covariates} covariate(s), which `tsdb stream` "
-                        "records do not carry yet; use tsdb_streaming.StreamingForecaster.update/forecast "
-                        "with covariates= from Python")
+    n_cov = getattr(forecaster, "num_covariates", 0)
     clocks = Clocks(freq)
     state_path = Path(state_path) if state_path is not None else None
     if state_path is not None and state_path.exists():
@@ -290,11 +315,14 @@ def run_stream(model_dir: str | Path, input_stream: IO[str], output_stream: IO[s
         by_item = {}
         if batch:
             items = list(batch)
-            forecaster.update(items, [[batch[i][0]] for i in items])
+            cov = [batch[i][4] for i in items] if n_cov else None
+            forecaster.update(items, [[batch[i][0]] for i in items],
+                              **({"covariates": [np.asarray(c[0], np.float32)[:, None] for c in cov]} if cov else {}))
             for i in items:
                 clocks.apply(i, batch[i][2], batch[i][3])
             seeds = [rt.series_seed(seed, i, forecaster.observation_count(i)) for i in items]
-            fc = forecaster.forecast(items, num_samples=num_samples, seed=seeds, quantiles=quantiles)
+            fc = forecaster.forecast(items, num_samples=num_samples, seed=seeds, quantiles=quantiles,
+                                     **({"covariates": np.asarray([c[1] for c in cov], np.float32)} if cov else {}))
             for j, item in enumerate(items):
                 by_item[item] = {
                     "item_id": item, "timestamp": batch[item][1],
@@ -326,6 +354,7 @@ def run_stream(model_dir: str | Path, input_stream: IO[str], output_stream: IO[s
                 rec = _parse_record(line)
                 item, raw_ts = rec["item_id"], rec["timestamp"]
                 value = _check_value(rec["value"])
+                covariates = _check_covariates(rec, n_cov, horizon)
                 if item in batch:       # a series twice in one batch: apply the first one before checking
                     flush()
                 kind, ts = clocks.check(item, raw_ts)
@@ -341,7 +370,7 @@ def run_stream(model_dir: str | Path, input_stream: IO[str], output_stream: IO[s
                 if not batch:
                     flush()
                 continue
-            batch[item] = (value, raw_ts, kind, ts)
+            batch[item] = (value, raw_ts, kind, ts, covariates)
             outputs.append((item, raw_ts))
             if len(batch) >= batch_size:
                 flush()
