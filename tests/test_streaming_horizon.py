@@ -255,7 +255,7 @@ def test_runtime_matches_torch_streaming(exported, extra):
     history[0, 70] = float("nan")
     state = _feed(f, model, kw, ["a", "b"], history, 60, random_chunks(np.random.default_rng(extra), 40 + extra, 8),
                   g, 3)
-    assert int(state.pending_count[0]) == extra and f.pending_count[:2].tolist() == [extra] * 2
+    assert int(state.pending_count[0]) == extra and [f.values_pending(i) for i in "ab"] == [extra] * 2
     assert np.abs(f.windows[:2] - state.window.numpy()).max() <= TOL
     noise = torch.randn(2, 3, H + 8, generator=g)
     want = sh.forecast(model, state, noise, normalized=True, **kw).numpy()
@@ -307,6 +307,9 @@ def test_runtime_state_round_trip_and_checks(exported, tmp_path):
         f.forecast(["a"], num_samples=100)
     with pytest.raises(StreamingError, match="do not apply"):
         f.forecast(["a"], num_steps=4)
+    with pytest.raises(StreamingError, match="init noise must be"):
+        f.update(["new"], [np.ones(20, np.float32)], init_noise=[np.zeros((3, 5), np.float32)])
+    assert "new" not in f and len(f) == 1                      # the refused update changed nothing
     assert load_metadata(out)["format"] == "tsdb-streaming-onnx-horizon"
     bad = tmp_path / "bad"
     shutil.copytree(out, bad)

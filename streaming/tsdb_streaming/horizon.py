@@ -209,6 +209,11 @@ class HorizonStreamingForecaster(StreamingForecaster):
                 self.recent[slot, -keep:] = x[len(x) - keep:]
 
     # -- public API ----------------------------------------------------------------------------
+    def values_pending(self, item_id) -> int:
+        """Values of ``item_id`` observed since its last chunk boundary (``< c``): the next
+        ``c - values_pending`` values complete a chunk and trigger an observed roll."""
+        return int(self.pending_count[self._slots([item_id])[0]])
+
     def update(self, item_ids: Sequence, values: Iterable, covariates: Iterable | None = None,
                noise: Sequence[np.ndarray] | None = None, init_noise: Sequence[np.ndarray] | None = None) -> None:
         """Ingest new values per series: ``values[j]`` is a number or a 1-D array (NaN = missing).
@@ -229,6 +234,9 @@ class HorizonStreamingForecaster(StreamingForecaster):
             raise StreamingError("item_ids must be unique within one update")
         arrays = [np.atleast_1d(np.asarray(v, dtype=np.float32)).reshape(-1) for v in values]
         new = [j for j, i in enumerate(item_ids) if i not in self._slot]
+        shape = (self.num_samples, 2 * self.horizon)
+        if init_noise is not None and any(np.shape(init_noise[j]) != shape for j in new):
+            raise StreamingError(f"init noise must be {list(shape)} per new series")   # before any state changes
         if new:
             self._grow(self._n + len(new))
             slots = np.arange(self._n, self._n + len(new))
