@@ -25,9 +25,8 @@ A roll on the host: for the sub-step grid ``roll_sigmas`` (``[S + 1, H]`` rows o
 metadata, staircase phase 0 -> 1), Heun (or Euler) steps in which every block's call
 provides its own chunk of ``D``, the last sub-step always Euler (as
 ``HorizonForecaster.roll``); then chunk 0 is emitted and ``sigma_max * fresh`` appended.
-There is no horizon runtime in ``streaming/tsdb_streaming`` yet; its loader rejects this
-format (``format`` differs), so a horizon export cannot be served by the depth runtime by
-mistake.
+The torch-free runtime serves it with ``tsdb_streaming.HorizonStreamingForecaster``
+(``StreamingForecaster(model_dir)`` dispatches on ``format``), which runs exactly this loop.
 """
 
 from __future__ import annotations
