@@ -122,6 +122,8 @@ def run_streaming_bench(out_dir: str | Path, context_lengths=(128, 512, 2048), n
             row["speedup_torch_vs_recompute"] = row["torch_recompute_ms"] / row["torch_streaming_ms"]
             rows.append(row)
         onnx_bytes = sum(f.stat().st_size for f in model_dir.glob("*.onnx"))
+        samples_sweep = (_samples_sweep(rt, model_dir, context_lengths[-1], rng)
+                         if strategy.name != "horizon" else [])
     finally:
         torch.set_num_threads(threads)
         tmp.cleanup()
@@ -159,7 +161,7 @@ def run_streaming_bench(out_dir: str | Path, context_lengths=(128, 512, 2048), n
                   "denoiser_calls_per_forecast": _calls(cfg, strategy, sampler), "machine": platform.machine(),
                   "python": platform.python_version(), "torch": torch.__version__,
                   "onnxruntime": __import__("onnxruntime").__version__},
-        "rows": rows, "summary": summary, "targets": TARGETS,
+        "rows": rows, "samples_sweep": samples_sweep, "summary": summary, "targets": TARGETS,
         "checks": {k: bool(v) for k, v in checks.items()},
     }
     (out / "results.json").write_text(json.dumps(results, indent=2))
@@ -204,6 +206,24 @@ def _measure_depth(cfg, strategy, model, f, history, t, warmup, n_upd, num_sampl
         parity_ort = max(parity_ort, float(np.abs(y_ort - y_torch.numpy()).max()) / scale)
         parity_rec = max(parity_rec, float((y_torch - y_rec).abs().max()) / scale)
     return times, parity_ort, parity_rec, int(state.k[0].shape[3])
+
+
+def _samples_sweep(rt, model_dir: Path, t: int, rng, counts=(1, 10, 100), repeats: int = 15) -> list[dict]:
+    """ORT forecast time (no update) against the number of samples, after ``t`` values:
+    how much of the per-update cost is the sampler's work on the samples."""
+    f = rt.StreamingForecaster(model_dir, intra_op_num_threads=1, refresh="none")
+    f.update(["s"], [(rng.normal(size=t).cumsum() * 0.3 + 10).astype(np.float32)])
+    out = []
+    for n in counts:
+        noise = rng.normal(size=(1, n, f.horizon)).astype(np.float32)
+        f.forecast(["s"], noise=noise)                       # warm-up
+        times = []
+        for _ in range(repeats):
+            c0 = time.perf_counter()
+            f.forecast(["s"], noise=noise)
+            times.append(_ms(c0))
+        out.append({"history": t, "num_samples": n, "ort_forecast_ms": statistics.median(times)})
+    return out
 
 
 def _record(times: dict, step: dict) -> None:
@@ -326,6 +346,13 @@ def _where_time_goes(res: dict) -> list[str]:
     ]
 
 
+def _samples_line(sweep: list | None) -> list[str]:
+    if not sweep:
+        return []
+    times = ", ".join(f"{x['num_samples']}: {x['ort_forecast_ms']:.2f} ms" for x in sweep)
+    return [f"ORT forecast alone (no update) after {sweep[0]['history']} values, by number of samples: {times}.", ""]
+
+
 def _layout(c: dict) -> str:
     if c["strategy"].startswith("looped"):
         prelude = c["n_layers"] - c["core_layers"]
@@ -378,6 +405,7 @@ def _report(res: dict) -> str:
         "",
         *_where_time_goes(res),
         "",
+        *_samples_line(res.get("samples_sweep")),
         "![latency](latency.png)",
         "",
         f"Written by `tsdb.bench_streaming.run_streaming_bench` (`{res['command']}`).",
