@@ -28,6 +28,17 @@ def require_benchmark_data(*files: str) -> None:
         pytest.skip(f"{SHARED_DATA} lacks {missing}")
 
 
+def random_chunks(rng, total: int, unit: int) -> list[int]:
+    """Update sizes summing to ``total``, each 1 .. 2 * unit + 1 (crossing patch/chunk
+    boundaries in every way)."""
+    out = []
+    while total:
+        n = int(min(rng.integers(1, 2 * unit + 2), total))
+        out.append(n)
+        total -= n
+    return out
+
+
 def randomized_model(strategy: str = "depth", seed: int = 0, **cfg):
     """A small model whose zero-initialised (adaLN-Zero) weights are randomized, so the
     network is not F = 0 and parity tests compare something."""

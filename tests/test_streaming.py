@@ -14,7 +14,7 @@ from tsdb.diffusion import sigma_grid
 from tsdb.errors import TsdbError
 
 
-from conftest import randomized_model
+from conftest import random_chunks, randomized_model
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 P, C, H = 4, 32, 16
@@ -41,15 +41,6 @@ def reference(model, history, state, t0, noise, sigmas):
                                  normalized=True, init_length=t0)
 
 
-def random_chunks(rng, total):
-    out = []
-    while total:
-        n = int(min(rng.integers(1, 2 * P + 2), total))
-        out.append(n)
-        total -= n
-    return out
-
-
 @pytest.mark.parametrize("strategy,t0,total", [("depth", 6, 90), ("depth", 40, 161), ("depth", 150, 300),
                                                 ("e2e", 40, 161), ("looped", 6, 90), ("looped", 150, 300)])
 def test_update_then_forecast_equals_recompute(strategy, t0, total):
@@ -59,7 +50,7 @@ def test_update_then_forecast_equals_recompute(strategy, t0, total):
     rng = np.random.default_rng(t0)
     history = torch.from_numpy(rng.normal(size=(3, total)).cumsum(-1).astype(np.float32)) * 3 + 10
     history[1, 20:23] = float("nan")  # missing values stream through too
-    state = stream(model, history, t0, random_chunks(rng, total - t0))
+    state = stream(model, history, t0, random_chunks(rng, total - t0, P))
     assert state.k[0].shape[3] == C // P  # the cache stays bounded
     sigmas = sigma_grid(4, strat.noise)
     noise = torch.randn(3, 8, H, generator=torch.Generator().manual_seed(1))
@@ -114,7 +105,7 @@ def test_real_data_etth1():
     df = pd.read_csv(SHARED / "ETTh1.csv")
     history = torch.tensor(df[["OT", "HUFL"]].to_numpy(np.float32)[:500].T.copy())
     t0 = 333  # ends mid-patch relative to the final length: 167 updates, 167 % 4 == 3
-    state = stream(model, history, t0, random_chunks(np.random.default_rng(0), 500 - t0))
+    state = stream(model, history, t0, random_chunks(np.random.default_rng(0), 500 - t0, P))
     sigmas = sigma_grid(4, strat.noise)
     noise = torch.randn(2, 16, H)
     got = st.forecast(model, state, noise, sigmas, normalized=True)

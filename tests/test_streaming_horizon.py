@@ -15,7 +15,7 @@ import torch
 from tsdb import streaming_horizon as sh
 from tsdb.errors import TsdbError
 
-from conftest import randomized_model
+from conftest import random_chunks, randomized_model
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 P, C, H = 4, 32, 16          # B = 2 blocks -> chunks of c = 8 values (2 patches)
@@ -25,15 +25,6 @@ TOL = 1e-4                   # normalized scale, as tests/test_streaming.py
 def tiny(seed: int = 0, **kw):
     strat, model = randomized_model("horizon", seed, context_length=C, horizon=H, patch_length=P, **kw)
     return strat, model, sh.sampler_kwargs(strat)
-
-
-def random_chunks(rng, total: int, c: int) -> list[int]:
-    out = []
-    while total:
-        n = int(min(rng.integers(1, 2 * c + 2), total))
-        out.append(n)
-        total -= n
-    return out
 
 
 def stream(model, kw, history, t0, chunks, samples, g):

@@ -50,6 +50,7 @@ HORIZON_BENCH_MODEL = dict(strategy="horizon", context_length=336, horizon=48, p
 LOOPED_BENCH_MODEL = dict(strategy="looped", context_length=336, horizon=48, patch_length=12, d_model=32,
                           n_heads=4, n_layers=12, core_layers=8, loop_iters=8, sampler="heun", num_steps=8)
 BENCH_MODELS = {"depth": BENCH_MODEL, "horizon": HORIZON_BENCH_MODEL, "looped": LOOPED_BENCH_MODEL}
+TIMED = ("ort_streaming", "ort_update", "torch_streaming", "torch_update", "torch_recompute", "torch_last_context")
 TARGETS = {"flat_ratio_max": 1.5, "speedup_min": 5.0, "parity_max": 1e-4}
 
 
@@ -184,8 +185,7 @@ def _measure_depth(cfg, strategy, model, f, history, t, warmup, n_upd, num_sampl
     h = torch.from_numpy(history)[None]
     state = st.init_state(model, h[:, :t])
     f.update(["s"], [history[:t]])
-    times = {k: [] for k in ("ort_streaming", "ort_update", "torch_streaming", "torch_update",
-                             "torch_recompute", "torch_last_context")}
+    times = {k: [] for k in TIMED}
     parity_ort, parity_rec = 0.0, 0.0
     for i in range(warmup + n_upd):
         x = h[:, t + i:t + i + 1]
@@ -250,8 +250,7 @@ def _measure_horizon(cfg, strategy, model, f, history, t, warmup, n_upd, num_sam
     init_noise = torch.from_numpy(rng.normal(size=(1, s, 2 * hz)).astype(np.float32))
     state = sh.init_state(model, h[:, :t], s, init_noise, **kw)
     f.update(["s"], [history[:t]], init_noise=init_noise.numpy())
-    times = {k: [] for k in ("ort_streaming", "ort_update", "torch_streaming", "torch_update",
-                             "torch_recompute", "torch_last_context")}
+    times = {k: [] for k in TIMED}
     parity_ort, parity_rec = 0.0, 0.0
     rolls = []
     for i in range(warmup + n_upd):

@@ -26,10 +26,15 @@ from .train import load_model, train_model
 QUANTILES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
-def quick_config(dataset: SeriesDataset, horizon: int, steps: int, num_covariates: int = 0) -> ExperimentConfig:
-    """A small depth-split model sized to the data: patch 8 (or 1 for short horizons)."""
+def quick_patch(horizon: int) -> tuple[int, int]:
+    """Patch length of the quick model (8, or 1 for short horizons) and its horizon in whole patches."""
     patch = 8 if horizon >= 8 else 1
-    model_horizon = -(-horizon // patch) * patch
+    return patch, -(-horizon // patch) * patch
+
+
+def quick_config(dataset: SeriesDataset, horizon: int, steps: int, num_covariates: int = 0) -> ExperimentConfig:
+    """A small depth-split model sized to the data (:func:`quick_patch`)."""
+    patch, model_horizon = quick_patch(horizon)
     shortest = min(len(s) for s in dataset)
     context = max(patch, min(336, (shortest - model_horizon) // patch * patch))
     return ExperimentConfig().with_overrides(
@@ -99,14 +104,12 @@ def forecast_csv(args) -> dict:
         if cfg.model.num_covariates != len(names):
             raise TsdbError(f"the model in {args.run} takes {cfg.model.num_covariates} covariate(s), "
                             f"--covariates names {len(names)}")
-    else:
-        cfg = quick_config(data, args.horizon, args.steps, len(names))
     futures = None
-    if names:
-        data, futures = split_known_future(data, args.horizon, cfg.model.horizon)
-        if not args.run:   # sized to the histories, without the known-future rows
-            cfg = quick_config(data, args.horizon, args.steps, len(names))
+    if names:   # the known-future rows leave the histories
+        model_horizon = cfg.model.horizon if args.run else quick_patch(args.horizon)[1]
+        data, futures = split_known_future(data, args.horizon, model_horizon)
     if not args.run:
+        cfg = quick_config(data, args.horizon, args.steps, len(names))
         validate_dataset(data, min_length=cfg.model.horizon + cfg.model.patch_length)
         model, _ = train_model(cfg, data, out / "run")
         from .strategies import get_strategy

@@ -582,9 +582,10 @@ def recompute_forecast(model: DiffusionForecaster, history: Tensor, noise: Tenso
     w = window_tokens(model)
     t = history.shape[1]
     full = history[:, : t - pending]
-    values = _align(full, p, w, 1 << 40)
-    if init_length is not None and init_length < t - pending:
+    if init_length is not None and init_length < t - pending:   # padded as the stream's init was
         values = torch.cat([_align(full[:, :init_length], p, w, 1 << 40), full[:, init_length:]], dim=1)
+    else:
+        values = _align(full, p, w, 1 << 40)
     n = values.shape[1] // p
     if loc is None or scale is None:
         loc, scale = instance_stats(values[:, -w * p:])
@@ -597,9 +598,10 @@ def recompute_forecast(model: DiffusionForecaster, history: Tensor, noise: Tenso
         ref = history.new_zeros(history.shape[0], t + model.horizon)
         covariates = _check_covariates(model, covariates, ref, "recompute_forecast")
         past = covariates[:, :, : t - pending]
-        cov = _align_cov(past, p, w, 1 << 40)
         if init_length is not None and init_length < t - pending:
             cov = torch.cat([_align_cov(past[:, :, :init_length], p, w, 1 << 40), past[:, :, init_length:]], dim=2)
+        else:
+            cov = _align_cov(past, p, w, 1 << 40)
         if cov_loc is None or cov_scale is None:
             cov_loc, cov_scale = instance_stats(cov[:, :, -w * p:])
         if pending:

@@ -91,7 +91,7 @@ class HorizonStreamingForecaster(StreamingForecaster):
         self.n_blocks = int(sh["n_blocks"])
         self.chunk_length = int(sh["chunk_length"])
         self.grid = np.asarray(meta["roll_sigmas"], dtype=np.float32)     # [substeps + 1, H]
-        self._open_graphs(intra_op_num_threads, providers, extra_denoise_inputs={})
+        self._open_graphs(intra_op_num_threads, providers)
 
     # -- storage ---------------------------------------------------------------------------
     _STATE_FIELDS = ("tokens", "loc", "scale", "windows", "pending", "pending_count", "count", "recent")
@@ -246,7 +246,8 @@ class HorizonStreamingForecaster(StreamingForecaster):
             self._init_slots(slots, [arrays[j] for j in new],
                              noise=None if init_noise is None else [np.asarray(init_noise[j], np.float32)
                                                                     for j in new])
-        old = [j for j in range(len(item_ids)) if j not in set(new) and len(arrays[j])]
+        fresh_ids = set(new)
+        old = [j for j in range(len(item_ids)) if j not in fresh_ids and len(arrays[j])]
         if not old:
             return
         c = self.chunk_length

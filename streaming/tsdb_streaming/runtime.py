@@ -241,7 +241,7 @@ class StreamingForecaster:
         self._set_common(meta, refresh, refresh_every)
         self.edges = np.asarray(meta["band_edges"], dtype=np.float64)
         self.sigmas = np.asarray(meta["sigmas"], dtype=np.float32)
-        self._open_graphs(intra_op_num_threads, providers, extra_denoise_inputs={})
+        self._open_graphs(intra_op_num_threads, providers)
 
     def _set_common(self, meta: dict, refresh: str, refresh_every: int | None) -> None:
         if refresh not in ("warmup", "none"):
@@ -259,8 +259,7 @@ class StreamingForecaster:
         self.num_covariates = int(sh.get("num_covariates", 0))
         self.sampler = meta["sampler"]
 
-    def _open_graphs(self, intra_op_num_threads: int, providers: Sequence[str] | None,
-                     extra_denoise_inputs: dict) -> None:
+    def _open_graphs(self, intra_op_num_threads: int, providers: Sequence[str] | None) -> None:
         """Open and check the update and denoise graphs, then start with no series."""
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = intra_op_num_threads
@@ -281,7 +280,7 @@ class StreamingForecaster:
         for i, entry in enumerate(g["denoise"]):
             sess = ort.InferenceSession(str(self.model_dir / entry["file"]), opts, providers=providers)
             _check_io(sess, entry["inputs"], {"cache_k": cache_shape(self.layers[i]),
-                                              "z": [None, None, self.horizon], **extra_denoise_inputs},
+                                              "z": [None, None, self.horizon]},
                       f"denoise graph {i}")
             self._denoise.append(sess)
 

@@ -126,7 +126,8 @@ class TsdbForecaster(BaseForecaster):
         self._cur_y, self._cur_X = y, X
         series = _series(y)
         self._keys = list(series)  # the model's batch order
-        covariates = {key: self._covariates_at(key[:-1], index) for key, (_, index) in series.items()}
+        frames = _frames(X)
+        covariates = {key: _covariates_at(frames, key[:-1], index) for key, (_, index) in series.items()}
         dataset = validate_dataset(SeriesDataset("sktime", [
             Series(str(key), values, _MOCK_START, _MOCK_START.freqstr, covariates[key])
             for key, (values, _) in series.items()], _MOCK_START.freqstr))
@@ -156,10 +157,11 @@ class TsdbForecaster(BaseForecaster):
         if self.config_.model.num_covariates:
             self._cur_X = _append(self._cur_X, X)
         new_values, new_covs = [], []
+        frames = _frames(self._cur_X)
         for key in self._keys:
             values, index = new.get(key, (np.empty(0, np.float32), pd.Index([])))
             new_values.append(values[index > last[key]])
-            new_covs.append(self._covariates_at(key[:-1], index[index > last[key]]))
+            new_covs.append(_covariates_at(frames, key[:-1], index[index > last[key]]))
         if update_params:
             return self._fit(self._cur_y, X=self._cur_X, fh=self._fh)
         if self._stream_state is not None:
@@ -217,23 +219,11 @@ class TsdbForecaster(BaseForecaster):
         contexts = np.stack([last_context(series[key][0], c) for key in self._keys])
         if not self.config_.model.num_covariates:
             return contexts, None
-        covs = []
+        covs, frames = [], _frames(self._cur_X)
         for key in self._keys:
-            cov = self._covariates_at(key[:-1], series[key][1][-c:])
+            cov = _covariates_at(frames, key[:-1], series[key][1][-c:])
             covs.append(np.concatenate([np.full((cov.shape[0], c - cov.shape[1]), np.nan, np.float32), cov], 1))
         return contexts, np.stack(covs)
-
-    def _covariates_at(self, instance: tuple, index: pd.Index) -> np.ndarray | None:
-        """The X columns of ``instance`` at the time points ``index``, ``[n, len(index)]``."""
-        if self._cur_X is None:
-            return None
-        frame = dict(_instances(self._cur_X)).get(instance)
-        rows = None if frame is None else frame.reindex(index)
-        if rows is None or rows.isna().to_numpy().any():
-            missing = index if rows is None else index[rows.isna().to_numpy().any(axis=1)]
-            raise ValueError(f"X has no complete row for {_name(instance)} at {missing[0]}; covariates must be "
-                             "given (and finite) at every time point of y")
-        return rows.to_numpy(dtype=np.float32).T
 
     def _future_covariates(self, fh, X) -> np.ndarray:
         """``[series, n, H]``: the X columns over the H steps after each instance's cutoff."""
@@ -242,7 +232,7 @@ class TsdbForecaster(BaseForecaster):
             raise ValueError(f"the model was fit with {n} X column(s): pass X over the steps to forecast to "
                              f"predict (got {None if X is None else X.shape[1]} columns)")
         steps = ForecastingHorizon(np.arange(1, horizon + 1), is_relative=True)
-        given = dict(_instances(X))
+        given = _frames(X)
         out = {}
         for instance, history in _instances(self._cur_y):
             frame = given.get(instance)
@@ -335,6 +325,24 @@ def _with_freq(fh: ForecastingHorizon, index: pd.Index, instance: tuple) -> Fore
         raise ValueError(f"cannot tell the frequency of the time index of {instance or 'y'}; give it a "
                          "regular DatetimeIndex (or a PeriodIndex)")
     return ForecastingHorizon(fh.to_pandas(), is_relative=fh.is_relative, freq=freq)
+
+
+def _frames(X: pd.DataFrame | None) -> dict | None:
+    """``{instance key: frame indexed by time}`` of ``X`` (None without X)."""
+    return None if X is None else dict(_instances(X))
+
+
+def _covariates_at(frames: dict | None, instance: tuple, index: pd.Index) -> np.ndarray | None:
+    """The X columns of ``instance`` at the time points ``index``, ``[n, len(index)]``."""
+    if frames is None:
+        return None
+    frame = frames.get(instance)
+    rows = None if frame is None else frame.reindex(index)
+    if rows is None or rows.isna().to_numpy().any():
+        missing = index if rows is None else index[rows.isna().to_numpy().any(axis=1)]
+        raise ValueError(f"X has no complete row for {_name(instance)} at {missing[0]}; covariates must be "
+                         "given (and finite) at every time point of y")
+    return rows.to_numpy(dtype=np.float32).T
 
 
 def _tensor(a: np.ndarray | None) -> torch.Tensor | None:
