@@ -57,6 +57,23 @@ def randomized_model(strategy: str = "depth", seed: int = 0, **cfg):
     return strategy_, model
 
 
+def block_calls(model) -> list[int]:
+    """Record, by forward hooks on each block's future embedding (run once per denoiser call),
+    which block every denoiser evaluation used."""
+    calls = []
+    for i, block in enumerate(model.blocks):
+        block.future_embed.register_forward_hook(lambda mod, args, out, i=i: calls.append(i))
+    return calls
+
+
+def expected_calls(num_blocks: int, num_steps: int, sampler: str) -> list[int]:
+    """Each block takes K/B consecutive steps; Heun evaluates twice per step but once on the last."""
+    steps = [k * num_blocks // num_steps for k in range(num_steps)]
+    if sampler == "euler":
+        return steps
+    return [b for b in steps[:-1] for _ in range(2)] + steps[-1:]
+
+
 # ---------------------------------------------------------------------------------------
 # `tsdb stream` helpers (tests/test_export.py, tests/test_streaming_horizon.py)
 # ---------------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ from tsdb.cli import main as cli_main
 from tsdb.config import ExperimentConfig
 from tsdb.data.series import Series, SeriesDataset
 from tsdb.data.windows import TrainingWindows
-from tsdb.diffusion import sigma_grid
 from tsdb.errors import DataError, TsdbError
 from tsdb.evaluate import evaluate_predictor, rolling_task
 from tsdb.experiment import torch_predictor
@@ -226,24 +225,24 @@ def test_streaming_parity_with_covariates(strategy, t0, total):
     cov = torch.from_numpy(rng.normal(size=(3, 2, total + H)).astype(np.float32)) * 5 + 20
     state = _stream(model, history, cov, t0, rng)
     noise = torch.randn(3, 7, H, generator=torch.Generator().manual_seed(1))
-    sigmas, sampler = sigma_grid(4, strat.noise), st.sampler_for(strat)
-    got = st.forecast(model, state, noise, sigmas, sampler, normalized=True, covariates=cov[:, :, total:])
-    ref = st.recompute_forecast(model, history, noise, sigmas, sampler, pending=(total - t0) % P,
+    schedule, sampler = strat.schedule(4), st.sampler_for(strat)
+    got = st.forecast(model, state, noise, schedule, sampler, normalized=True, covariates=cov[:, :, total:])
+    ref = st.recompute_forecast(model, history, noise, schedule, sampler, pending=(total - t0) % P,
                                 loc=state.loc, scale=state.scale, next_token=int(state.tokens[0]),
                                 normalized=True, covariates=cov, cov_loc=state.cov_loc, cov_scale=state.cov_scale,
                                 init_length=t0)
     assert (got - ref).abs().max() < 1e-4
     other = cov.clone()
     other[:, :, total:] -= 10
-    assert (st.forecast(model, state, noise, sigmas, sampler, normalized=True, covariates=other[:, :, total:])
+    assert (st.forecast(model, state, noise, schedule, sampler, normalized=True, covariates=other[:, :, total:])
             - got).abs().max() > 1e-3
     # refresh from the state's own recent values == init from the whole history
     fresh = st.refresh(model, state)
     whole = st.init_state(model, history, covariates=cov[:, :, :total])
     for name in ("loc", "scale", "cov_loc", "cov_scale", "tokens", "cov_pending", "cov_recent"):
         assert torch.equal(getattr(fresh, name).nan_to_num(-1.0), getattr(whole, name).nan_to_num(-1.0)), name
-    a = st.forecast(model, fresh, noise, sigmas, sampler, covariates=cov[:, :, total:])
-    b = st.forecast(model, whole, noise, sigmas, sampler, covariates=cov[:, :, total:])
+    a = st.forecast(model, fresh, noise, schedule, sampler, covariates=cov[:, :, total:])
+    b = st.forecast(model, whole, noise, schedule, sampler, covariates=cov[:, :, total:])
     assert (a - b).abs().max() < 1e-4 * b.abs().max()
 
 
@@ -254,13 +253,13 @@ def test_streaming_equals_batch_sampling_with_covariates():
     h, cov = torch.randn(2, C, generator=g) * 4 + 3, torch.randn(2, 2, C + H, generator=g) * 2 - 1
     noise = torch.randn(2, 5, H, generator=g)
     state = st.init_state(model, h, covariates=cov[:, :, :C])
-    a = st.forecast(model, state, noise, sigma_grid(4, strat.noise), "heun", covariates=cov[:, :, C:])
+    a = st.forecast(model, state, noise, strat.schedule(4), "heun", covariates=cov[:, :, C:])
     b = strat.forecast(model, h, 5, noise=noise, covariates=cov)
     assert (a - b).abs().max() < 1e-3
     with pytest.raises(TsdbError, match="covariate"):
         st.update(model, state, h[:, :3])
     with pytest.raises(TsdbError, match="covariate"):
-        st.forecast(model, state, noise, sigma_grid(4, strat.noise))
+        st.forecast(model, state, noise, strat.schedule(4))
 
 
 def test_onnx_parity_with_covariates(tmp_path):
@@ -294,9 +293,9 @@ def test_onnx_parity_with_covariates(tmp_path):
     noise = rng.normal(size=(2, 9, H)).astype(np.float32)
     future = cov[:, :, total:]
     fc = f.forecast(["a", "b"], noise=noise, normalized=True, covariates=future)
-    sigmas = sigma_grid(4, strat.noise)
+    schedule = strat.schedule(4)
     for j in range(2):
-        y = st.forecast(model, states[j], torch.from_numpy(noise[j:j + 1]), sigmas, "heun", normalized=True,
+        y = st.forecast(model, states[j], torch.from_numpy(noise[j:j + 1]), schedule, "heun", normalized=True,
                         covariates=torch.from_numpy(future[j:j + 1]))
         assert np.abs(fc.samples[j] - y[0].numpy()).max() < 1e-4
     f.save_state(tmp_path / "state.npz")
@@ -306,7 +305,7 @@ def test_onnx_parity_with_covariates(tmp_path):
                           fc.samples)
     g.refresh_series(["a"])
     ref = st.refresh(model, states[0])
-    y = st.forecast(model, ref, torch.from_numpy(noise[:1]), sigmas, "heun", normalized=True,
+    y = st.forecast(model, ref, torch.from_numpy(noise[:1]), schedule, "heun", normalized=True,
                     covariates=torch.from_numpy(future[:1]))
     assert np.abs(g.forecast(["a"], noise=noise[:1], normalized=True, covariates=future[:1]).samples[0]
                   - y[0].numpy()).max() < 1e-4

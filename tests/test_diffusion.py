@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
-from tsdb.diffusion import (EDMLoss, NoiseDistribution, Preconditioning, block_bands, block_for_sigma,
-                            equiprobable_edges, sigma_grid, uniform_edges, widen_band)
+from tsdb.diffusion import (EDMLoss, NoiseDistribution, Preconditioning, block_bands, equiprobable_edges,
+                            equiprobable_fractions, sampling_schedule, sigma_grid, uniform_edges,
+                            uniform_fractions, widen_band)
 from tsdb.samplers import sample_euler, sample_heun
 
 PAPER = NoiseDistribution(p_mean=-1.2, p_std=1.2, sigma_min=0.002, sigma_max=80.0)
@@ -44,7 +45,6 @@ def test_block_one_owns_the_highest_band():
     bands = block_bands(edges, 0.0, PAPER)
     assert bands[0] == pytest.approx((0.677, 80.0), abs=1e-3)
     assert bands[-1] == pytest.approx((0.002, 0.134), abs=1e-3)
-    assert block_for_sigma(torch.tensor([80.0, 1.0, 0.5, 0.2, 0.01]), edges).tolist() == [0, 0, 1, 2, 3]
 
 
 def test_preconditioning_coefficients_by_hand():
@@ -85,8 +85,42 @@ def test_sigma_samples_stay_in_band():
 def test_sigma_grid_k_equals_b_hits_band_tops():
     grid = sigma_grid(4, PAPER)
     assert grid.tolist() == pytest.approx([80.0, 0.677, 0.301, 0.134, 0.0], abs=1e-3)
-    edges = equiprobable_edges(4, PAPER)
-    assert block_for_sigma(grid[:-1].double(), edges).tolist() == [0, 1, 2, 3]
+    sched = sampling_schedule(4, equiprobable_fractions(4, PAPER), PAPER)
+    assert sched.blocks == (0, 1, 2, 3)
+    assert torch.equal(sched.sigmas, grid)
+
+
+@pytest.mark.parametrize("partition", [equiprobable_fractions, uniform_fractions])
+@pytest.mark.parametrize("p_mean", [-1.2, 0.0, 0.5, 1.0])
+def test_each_block_takes_its_share_of_steps_inside_its_own_band(partition, p_mean):
+    noise = NoiseDistribution(p_mean, 1.2)
+    for b in (1, 2, 3, 4, 6):
+        fractions = partition(b, noise)
+        hi_to_lo = fractions.flip(0)
+        edges = noise.sigma_at(hi_to_lo)
+        for k in (b, 2 * b, 4 * b):
+            sched = sampling_schedule(k, fractions, noise)
+            assert sched.blocks == tuple(sorted(sched.blocks)) and sched.num_steps == k
+            assert [sched.blocks.count(i) for i in range(b)] == [k // b] * b
+            for step, block in enumerate(sched.blocks):  # each step starts inside its block's band
+                s = float(sched.sigmas[step])
+                assert float(edges[block + 1]) * (1 - 1e-5) <= s <= float(edges[block]) * (1 + 1e-5)
+            if partition is equiprobable_fractions:
+                assert torch.allclose(sched.sigmas, sigma_grid(k, noise), rtol=1e-6)
+
+
+def test_steps_that_do_not_divide_go_to_the_band_of_their_midpoint():
+    noise = NoiseDistribution(1.0, 1.2)
+    fractions = equiprobable_fractions(4, noise)
+    sched = sampling_schedule(6, fractions, noise)
+    assert torch.equal(sched.sigmas, sigma_grid(6, noise))
+    edges = equiprobable_edges(4, noise)
+    ends = sched.sigmas.double().clone()
+    ends[-1] = noise.sigma_min
+    for step, block in enumerate(sched.blocks):
+        mid = math.sqrt(float(ends[step]) * float(ends[step + 1]))
+        assert float(edges[3 - block]) < mid <= float(edges[4 - block])
+    assert sched.blocks == tuple(sorted(sched.blocks)) and set(sched.blocks) == {0, 1, 2, 3}
 
 
 def test_euler_step_sign():
@@ -94,6 +128,10 @@ def test_euler_step_sign():
     x = torch.tensor([[3.0]])
     denoised = torch.tensor([[1.0]])
     out = sample_euler(lambda z, s: denoised, x, torch.tensor([2.0, 1.0]))
+    seen = []
+    sample_euler([lambda z, s: denoised] * 2, x, torch.tensor([2.0, 1.0, 0.0]), blocks=[1, 0],
+                 callback=lambda step, sigma, block: seen.append((step, sigma, block)))
+    assert seen == [(0, 2.0, 1), (1, 1.0, 0)]
     assert float(out) == pytest.approx(3.0 + (1.0 - 2.0) * (3.0 - 1.0) / 2.0)  # = 2.0, halfway to D
     # to sigma 0 the step lands exactly on D
     assert float(sample_euler(lambda z, s: denoised, x, torch.tensor([2.0, 0.0]))) == pytest.approx(1.0)

@@ -17,13 +17,12 @@ import torch
 
 from tsdb import streaming as st
 from tsdb.config import ExperimentConfig
-from tsdb.diffusion import sigma_grid
 from tsdb.errors import TsdbError
 from tsdb.export import export_run, load_metadata
 
 from tsdb.stream_cli import import_runtime
 
-from conftest import randomized_model, records, stream
+from conftest import expected_calls, randomized_model, records, stream
 
 rt = import_runtime()
 REPO = Path(__file__).resolve().parents[1]
@@ -61,7 +60,7 @@ def test_metadata_and_graphs(exported):
     meta = load_metadata(out)
     assert meta["strategy"] == "depth" and meta["shapes"]["window_tokens"] == C // P
     assert meta["shapes"]["init_tokens"] == 2 * C // P
-    assert meta["sigmas"] == pytest.approx(sigma_grid(4, strat.noise).tolist())
+    assert meta["sigmas"] == pytest.approx(strat.schedule(4).sigmas.tolist())
     assert meta["normalization"]["rule"] == "frozen-at-init"
     assert sorted(p.name for p in out.iterdir()) == ["denoise_0.onnx", "denoise_1.onnx", "tsdb_model.json",
                                                      "update.onnx"]
@@ -116,14 +115,14 @@ def test_runtime_matches_pytorch_streaming(exported):
         f.update(ids, vals)
     noise = rng.normal(size=(3, 20, H)).astype(np.float32)
     fc = f.forecast(ids, noise=noise, normalized=True)
-    sigmas = sigma_grid(4, strat.noise)
+    schedule = strat.schedule(4)
     worst = 0.0
     for j in range(3):
         assert f.observation_count(ids[j]) == total
-        want = st.forecast(model, states[j], torch.from_numpy(noise[j:j + 1]), sigmas, normalized=True)
+        want = st.forecast(model, states[j], torch.from_numpy(noise[j:j + 1]), schedule, normalized=True)
         worst = max(worst, float(np.abs(fc.samples[j] - want[0].numpy()).max()))
         ref = st.recompute_forecast(model, torch.from_numpy(histories[j:j + 1]), torch.from_numpy(noise[j:j + 1]),
-                                    sigmas, pending=(total - t0s[j]) % P, loc=states[j].loc,
+                                    schedule, pending=(total - t0s[j]) % P, loc=states[j].loc,
                                     scale=states[j].scale, next_token=int(states[j].tokens[0]), normalized=True,
                                     init_length=t0s[j])
         assert (want - ref).abs().max().item() < TOL
@@ -146,7 +145,7 @@ def test_warmup_refresh_equals_init_from_the_history(exported):
     assert f.loc[slot] == pytest.approx(state.loc[0].numpy(), abs=1e-5)
     noise = np.random.default_rng(2).normal(size=(1, 10, H)).astype(np.float32)
     got = f.forecast(["s"], noise=noise, normalized=True).samples
-    want = st.forecast(model, state, torch.from_numpy(noise), sigma_grid(4, strat.noise), normalized=True)
+    want = st.forecast(model, state, torch.from_numpy(noise), strat.schedule(4), normalized=True)
     assert np.abs(got - want.numpy()).max() < TOL
 
 
@@ -186,6 +185,32 @@ def test_metadata_is_validated_on_load(exported, tmp_path):
         rt.StreamingForecaster(tmp_path)
 
 
+def test_runtime_takes_each_step_with_the_block_the_schedule_names(exported):
+    """Counted by wrapping the runtime's per-block graphs."""
+    strat, _, out = exported
+    meta = load_metadata(out)
+    f = rt.StreamingForecaster(out, refresh="none")
+    f.update(["s"], [np.arange(40, dtype=np.float32)])
+    calls = []
+
+    class Counted:
+        def __init__(self, i, session):
+            self.i, self.session = i, session
+
+        def run(self, *args, **kwargs):
+            calls.append(self.i)
+            return self.session.run(*args, **kwargs)
+
+    f._denoise = [Counted(i, s) for i, s in enumerate(f._denoise)]
+    nb = meta["shapes"]["n_blocks"]
+    steps = [int(k) for k in meta["schedules"] if int(k) % nb == 0]
+    assert len(steps) >= 3
+    for k in steps:
+        calls.clear()
+        f.forecast(["s"], num_samples=2, seed=0, num_steps=k)
+        assert calls == expected_calls(nb, k, meta["sampler"]), k
+
+
 def test_looped_core_is_one_graph_looped_on_the_host(tmp_path_factory):
     """The looped strategy exports one core application (prelude caches in the state) and
     the runtime takes K Euler steps with it."""
@@ -201,7 +226,7 @@ def test_looped_core_is_one_graph_looped_on_the_host(tmp_path_factory):
     state = torch_stream(model, history, 60, [79, 1])
     noise = np.random.default_rng(4).normal(size=(1, 9, H)).astype(np.float32)
     got = f.forecast(["s"], noise=noise, normalized=True).samples
-    want = st.forecast(model, state, torch.from_numpy(noise), sigma_grid(4, strat.noise), sampler="euler",
+    want = st.forecast(model, state, torch.from_numpy(noise), strat.schedule(4), sampler="euler",
                        normalized=True)
     assert np.abs(got - want.numpy()).max() < TOL
     # K is a runtime knob: another exported grid
@@ -329,7 +354,7 @@ def test_runtime_in_a_fresh_venv_without_torch(exported, tmp_path):
                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
     state = torch_stream(model, history, 50, [1] * 27)
-    want = st.forecast(model, state, torch.from_numpy(noise), sigma_grid(4, strat.noise), normalized=True)
+    want = st.forecast(model, state, torch.from_numpy(noise), strat.schedule(4), normalized=True)
     assert np.abs(np.load(tmp_path / "samples.npy") - want.numpy()).max() < TOL
     t = torch.from_numpy(history)[None]
     hstate = sh.init_state(hmodel, t[:, :50], 3, torch.from_numpy(hn["init"]), **hkw)

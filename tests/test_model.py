@@ -10,9 +10,10 @@ import torch
 from tsdb.config import ModelConfig
 from tsdb.data.series import Series, SeriesDataset
 from tsdb.data.windows import TrainingWindows
-from tsdb.diffusion import sigma_grid
 from tsdb.nn import instance_stats
 from tsdb.strategies import get_strategy
+
+from conftest import block_calls, expected_calls
 
 CFG = ModelConfig(context_length=32, horizon=16, patch_length=8, d_model=32, n_heads=4, n_layers=4, n_blocks=2)
 
@@ -74,22 +75,25 @@ def test_untrained_block_is_the_skip_connection():
     features, *_ = model.prepare(torch.randn(3, 32))
     z = torch.randn(3, 16)
     sigma = torch.full((3,), 0.5)
-    d = model.denoiser([b.encode_context(features) for b in model.blocks])(z, sigma)
-    assert torch.allclose(d, z * 1.0 / (0.25 + 1.0))
+    denoisers = model.denoisers([b.encode_context(features) for b in model.blocks])
+    for d in (denoise(z, sigma) for denoise in denoisers):
+        assert torch.allclose(d, z * 1.0 / (0.25 + 1.0))
 
 
-def test_each_sampler_step_uses_the_block_owning_its_sigma():
-    strategy = get_strategy(CFG.model_copy(update={"n_blocks": 2, "num_steps": 4}))
-    model = strategy.build()
-    calls = []
-    for i, block in enumerate(model.blocks):
-        original = block.denoise_future
-        block.denoise_future = (lambda ctx, z, cn, i=i, f=original: calls.append(i) or f(ctx, z, cn))
-    strategy.cfg = strategy.cfg.model_copy(update={"sampler": "euler"})
-    strategy.forecast(model, torch.randn(1, 32), 2)
-    grid = sigma_grid(4, model.noise)[:-1]
-    want = [model.block_index(s) for s in grid]
-    assert calls == want == [0, 0, 1, 1]
+@pytest.mark.parametrize("p_mean", [-1.2, 0.0, 0.5, 1.0])
+def test_every_block_takes_its_share_of_sampler_steps(p_mean):
+    """Counted by hooks on the blocks, over B in {1, 2, 3, 4, 6} and K in {B, 2B, 4B}, for both samplers."""
+    for b in (1, 2, 3, 4, 6):
+        cfg = CFG.model_copy(update=dict(n_blocks=b, n_layers=b, d_model=8, n_heads=2, p_mean=p_mean))
+        strategy = get_strategy(cfg)
+        model = strategy.build().eval()
+        calls = block_calls(model)
+        for k in (b, 2 * b, 4 * b):
+            for sampler in ("euler", "heun"):
+                strategy.cfg = cfg.model_copy(update={"sampler": sampler})
+                calls.clear()
+                strategy.forecast(model, torch.randn(1, 32), 2, num_steps=k)
+                assert calls == expected_calls(b, k, sampler), (p_mean, b, k, sampler)
 
 
 def test_forecast_is_reproducible_with_given_noise_and_chunking():
@@ -97,8 +101,8 @@ def test_forecast_is_reproducible_with_given_noise_and_chunking():
     model = trained_like(strategy.build()).eval()
     ctx = torch.randn(5, 32) * 10 + 100
     noise = torch.randn(5, 3, 16)
-    a = model.sample(ctx, 3, sigma_grid(4, model.noise), noise=noise)
-    b = model.sample(ctx, 3, sigma_grid(4, model.noise), noise=noise, max_batch=3)  # 1 series per chunk
+    a = model.sample(ctx, 3, strategy.schedule(4), noise=noise)
+    b = model.sample(ctx, 3, strategy.schedule(4), noise=noise, max_batch=3)  # 1 series per chunk
     assert torch.allclose(a, b, atol=1e-5)
     assert a.shape == (5, 3, 16)
 

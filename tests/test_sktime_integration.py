@@ -12,7 +12,6 @@ from sktime.utils.estimator_checks import check_estimator  # noqa: E402
 
 from tsdb import streaming  # noqa: E402
 from tsdb.data.windows import last_context  # noqa: E402
-from tsdb.diffusion import sigma_grid  # noqa: E402
 from tsdb.integrations.sktime import TsdbForecaster  # noqa: E402
 
 DEPTH = TsdbForecaster.get_test_params()[0]  # the depth split
@@ -86,8 +85,7 @@ def test_update_without_params_streams_and_does_not_retrain():
         state.select([2])])
     noise = torch.randn(3, cfg.num_samples, cfg.horizon,
                         generator=torch.Generator().manual_seed(forecaster.config_.train.seed))
-    samples = streaming.forecast(model, expected_state, noise, sigma_grid(cfg.inference_steps,
-                                                                          forecaster.strategy_.noise), cfg.sampler)
+    samples = streaming.forecast(model, expected_state, noise, forecaster.strategy_.schedule(cfg.inference_steps), cfg.sampler)
     pred = forecaster.predict()
     np.testing.assert_allclose(pred["y"].to_numpy(), np.median(samples.numpy(), axis=1)[:, :2].reshape(-1),
                                rtol=1e-4, atol=1e-4)
@@ -163,8 +161,7 @@ def test_exogenous_x_is_the_covariates_of_every_series_of_its_instance():
     state = streaming.init_state(forecaster.model_, torch.from_numpy(np.stack(contexts)),
                                  covariates=torch.from_numpy(np.stack([cv[:, :c] for cv in covs])))
     noise = torch.randn(3, cfg.model.num_samples, h, generator=torch.Generator().manual_seed(cfg.train.seed))
-    samples = streaming.forecast(forecaster.model_, state, noise, sigma_grid(cfg.model.inference_steps,
-                                                                             forecaster.strategy_.noise),
+    samples = streaming.forecast(forecaster.model_, state, noise, forecaster.strategy_.schedule(cfg.model.inference_steps),
                                  cfg.model.sampler, covariates=torch.from_numpy(np.stack([cv[:, c:] for cv in covs])))
     np.testing.assert_allclose(pred["y"].to_numpy(), np.median(samples.numpy(), axis=1)[:, :3].reshape(-1),
                                rtol=1e-4, atol=1e-4)

@@ -10,11 +10,10 @@ import torch
 
 from tsdb import streaming as st
 
-from tsdb.diffusion import sigma_grid
 from tsdb.errors import TsdbError
 
 
-from conftest import random_chunks, randomized_model
+from conftest import block_calls, expected_calls, random_chunks, randomized_model
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 P, C, H = 4, 32, 16
@@ -35,8 +34,8 @@ def stream(model, history: torch.Tensor, t0: int, chunks) -> st.StreamingState:
     return state
 
 
-def reference(model, history, state, t0, noise, sigmas):
-    return st.recompute_forecast(model, history, noise, sigmas, pending=(history.shape[1] - t0) % P,
+def reference(model, history, state, t0, noise, schedule):
+    return st.recompute_forecast(model, history, noise, schedule, pending=(history.shape[1] - t0) % P,
                                  loc=state.loc, scale=state.scale, next_token=int(state.tokens[0]),
                                  normalized=True, init_length=t0)
 
@@ -52,11 +51,11 @@ def test_update_then_forecast_equals_recompute(strategy, t0, total):
     history[1, 20:23] = float("nan")  # missing values stream through too
     state = stream(model, history, t0, random_chunks(rng, total - t0, P))
     assert state.k[0].shape[3] == C // P  # the cache stays bounded
-    sigmas = sigma_grid(4, strat.noise)
+    schedule = strat.schedule(4)
     noise = torch.randn(3, 8, H, generator=torch.Generator().manual_seed(1))
     sampler = st.sampler_for(strat)
-    got = st.forecast(model, state, noise, sigmas, sampler=sampler, normalized=True)
-    want = st.recompute_forecast(model, history, noise, sigmas, sampler=sampler, pending=(total - t0) % P,
+    got = st.forecast(model, state, noise, schedule, sampler=sampler, normalized=True)
+    want = st.recompute_forecast(model, history, noise, schedule, sampler=sampler, pending=(total - t0) % P,
                                  loc=state.loc, scale=state.scale, next_token=int(state.tokens[0]),
                                  normalized=True, init_length=t0)
     assert got.shape == (3, 8, H)
@@ -73,13 +72,13 @@ def test_a_short_start_outlives_the_window_in_deep_blocks(strategy):
     strat, model = tiny(strategy, n_layers=8, n_blocks=2, core_layers=6)   # 4 (or 6 looped) layers per block
     history = torch.randn(2, 7 + 60, generator=torch.Generator().manual_seed(3)).cumsum(-1) * 2
     state = stream(model, history, 7, [1] * 60)       # 7 values: padded to W = 8 tokens, then evicted
-    sigmas = sigma_grid(4, strat.noise)
+    schedule = strat.schedule(4)
     noise = torch.randn(2, 6, H, generator=torch.Generator().manual_seed(4))
     kw = dict(sampler=st.sampler_for(strat), pending=60 % P, loc=state.loc, scale=state.scale,
               next_token=int(state.tokens[0]), normalized=True)
-    got = st.forecast(model, state, noise, sigmas, sampler=kw["sampler"], normalized=True)
-    same = st.recompute_forecast(model, history, noise, sigmas, init_length=7, **kw)
-    padded_late = st.recompute_forecast(model, history, noise, sigmas, **kw)
+    got = st.forecast(model, state, noise, schedule, sampler=kw["sampler"], normalized=True)
+    same = st.recompute_forecast(model, history, noise, schedule, init_length=7, **kw)
+    padded_late = st.recompute_forecast(model, history, noise, schedule, **kw)
     assert (got - same).abs().max().item() < 1e-5
     assert (got - padded_late).abs().max().item() > 1e-5
 
@@ -90,10 +89,10 @@ def test_every_phase_of_the_patch(end):
     history = torch.randn(2, 100 + end).cumsum(-1)
     state = stream(model, history, 50, [1] * (50 + end))
     assert int(state.pending_count[0]) == (50 + end) % P
-    sigmas = sigma_grid(4, strat.noise)
+    schedule = strat.schedule(4)
     noise = torch.randn(2, 4, H)
-    err = (st.forecast(model, state, noise, sigmas, normalized=True)
-           - reference(model, history, state, 50, noise, sigmas)).abs().max().item()
+    err = (st.forecast(model, state, noise, schedule, normalized=True)
+           - reference(model, history, state, 50, noise, schedule)).abs().max().item()
     assert err < TOL, err
 
 
@@ -106,12 +105,12 @@ def test_real_data_etth1():
     history = torch.tensor(df[["OT", "HUFL"]].to_numpy(np.float32)[:500].T.copy())
     t0 = 333  # ends mid-patch relative to the final length: 167 updates, 167 % 4 == 3
     state = stream(model, history, t0, random_chunks(np.random.default_rng(0), 500 - t0, P))
-    sigmas = sigma_grid(4, strat.noise)
+    schedule = strat.schedule(4)
     noise = torch.randn(2, 16, H)
-    got = st.forecast(model, state, noise, sigmas, normalized=True)
-    err = (got - reference(model, history, state, t0, noise, sigmas)).abs().max().item()
+    got = st.forecast(model, state, noise, schedule, normalized=True)
+    err = (got - reference(model, history, state, t0, noise, schedule)).abs().max().item()
     assert err < TOL, err
-    raw = st.forecast(model, state, noise, sigmas)
+    raw = st.forecast(model, state, noise, schedule)
     assert torch.isfinite(raw).all()
 
 
@@ -119,14 +118,14 @@ def test_real_data_etth1():
 def test_short_history_equals_the_library_sampler(strategy):
     """With at most context_length values, init + forecast is exactly the strategy's own forecast."""
     strat, model = tiny(strategy)
-    sigmas = sigma_grid(4, strat.noise)
+    schedule = strat.schedule(4)
     noise = torch.randn(2, 5, H)
     for n in (22, 24, 32):
         history = torch.randn(2, n).cumsum(-1) * 4 + 7
         context = torch.full((2, C), float("nan"))
         context[:, C - n:] = history
         want = strat.forecast(model, context, 5, noise=noise)
-        got = st.forecast(model, st.init_state(model, history), noise, sigmas, sampler=st.sampler_for(strat))
+        got = st.forecast(model, st.init_state(model, history), noise, schedule, sampler=st.sampler_for(strat))
         err = (got - want).abs().max().item()
         assert err < 1e-5 * (1 + want.abs().max().item()), (n, err)
 
@@ -141,9 +140,9 @@ def test_refresh_equals_init_from_the_full_history():
         assert torch.allclose(a, b, atol=1e-6)
     for name in ("tokens", "pending_count", "count", "loc", "scale"):
         assert torch.equal(getattr(refreshed, name), getattr(fresh, name)), name
-    sigmas = sigma_grid(4, strat.noise)
+    schedule = strat.schedule(4)
     noise = torch.randn(2, 4, H)
-    assert torch.allclose(st.forecast(model, refreshed, noise, sigmas), st.forecast(model, fresh, noise, sigmas))
+    assert torch.allclose(st.forecast(model, refreshed, noise, schedule), st.forecast(model, fresh, noise, schedule))
     # the statistics moved to the recent data
     assert not torch.allclose(refreshed.loc, state.loc)
 
@@ -171,11 +170,11 @@ def test_mixed_phases_and_lengths_in_one_batch():
     batch = st.update(model, batch, new)
     singles = [st.update(model, s, new[i:i + 1]) for i, s in enumerate(singles)]
     assert batch.pending_count.tolist() == [0, 1, 3]
-    sigmas = sigma_grid(4, strat.noise)
+    schedule = strat.schedule(4)
     noise = torch.randn(3, 4, H)
-    got = st.forecast(model, batch, noise, sigmas, normalized=True)
+    got = st.forecast(model, batch, noise, schedule, normalized=True)
     for i, s in enumerate(singles):
-        assert torch.allclose(got[i:i + 1], st.forecast(model, s, noise[i:i + 1], sigmas, normalized=True),
+        assert torch.allclose(got[i:i + 1], st.forecast(model, s, noise[i:i + 1], schedule, normalized=True),
                               atol=1e-5)
 
 
@@ -193,3 +192,16 @@ def test_update_is_pure_and_bounded():
 def test_rejects_other_models():
     with pytest.raises(TsdbError, match="streaming supports"):
         st.init_state(torch.nn.Linear(2, 2), torch.randn(1, 4))
+
+
+@pytest.mark.parametrize("p_mean", [0.5, 0.0])
+def test_streamed_steps_go_to_the_block_of_the_schedule(p_mean):
+    """Counted by hooks on the blocks; P_mean 0.5 with B = K = 4 once sent steps 1 and 3 to
+    the wrong block by float rounding."""
+    strat, model = tiny("depth", n_blocks=4, n_layers=4, p_mean=p_mean)
+    calls = block_calls(model)
+    state = st.init_state(model, torch.randn(1, 40))
+    for k in (4, 8, 16):
+        calls.clear()
+        st.forecast(model, state, torch.randn(1, 2, H), strat.schedule(k), sampler="heun")
+        assert calls == expected_calls(4, k, "heun")

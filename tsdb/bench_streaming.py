@@ -35,7 +35,6 @@ import torch
 from . import streaming as st
 from .config import ModelConfig
 from .data.windows import last_context
-from .diffusion import sigma_grid
 from .export import export_model
 from .strategies import get_strategy
 from .stream_cli import import_runtime
@@ -99,7 +98,6 @@ def run_streaming_bench(out_dir: str | Path, context_lengths=(128, 512, 2048), n
         meta = export_model(model, strategy, model_dir, sampler=sampler, num_steps=cfg.inference_steps)
     export_s = time.perf_counter() - t0
     p = cfg.patch_length
-    sigmas = sigma_grid(cfg.inference_steps, strategy.noise)
     updates = updates or max(16, 2 * p)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -113,7 +111,7 @@ def run_streaming_bench(out_dir: str | Path, context_lengths=(128, 512, 2048), n
             f = rt.StreamingForecaster(model_dir, intra_op_num_threads=1, refresh="none",
                                        **({"num_samples": num_samples} if strategy.name == "horizon" else {}))
             times, parity_ort, parity_rec, cache_tokens = measure(
-                cfg, strategy, model, f, history, t, warmup, n_upd, num_samples, rng, sampler, sigmas)
+                cfg, strategy, model, f, history, t, warmup, n_upd, num_samples, rng, sampler)
             row = {"history": t, **{f"{k}_ms": statistics.median(v) for k, v in times.items()},
                    **{f"{k}_mean_ms": statistics.fmean(v) for k, v in times.items()},
                    "parity_ort_vs_torch": parity_ort, "parity_stream_vs_recompute": parity_rec,
@@ -178,10 +176,11 @@ def _timed(times: dict, key: str, fn, *args, **kwargs):
     return out
 
 
-def _measure_depth(cfg, strategy, model, f, history, t, warmup, n_upd, num_samples, rng, sampler, sigmas):
+def _measure_depth(cfg, strategy, model, f, history, t, warmup, n_upd, num_samples, rng, sampler):
     """Depth/e2e/looped: per update, the ORT and PyTorch streaming update + forecast, the
     recompute from the full history and the plain library call on the last context."""
     hz = cfg.horizon
+    schedule = strategy.schedule(cfg.inference_steps)
     h = torch.from_numpy(history)[None]
     state = st.init_state(model, h[:, :t])
     f.update(["s"], [history[:t]])
@@ -193,10 +192,10 @@ def _measure_depth(cfg, strategy, model, f, history, t, warmup, n_upd, num_sampl
         scale = float(state.scale)
         step: dict = {}
         state = _timed(step, "torch_update", st.update, model, state, x)
-        y_torch = _timed(step, "torch_forecast", st.forecast, model, state, noise, sigmas, sampler=sampler)
+        y_torch = _timed(step, "torch_forecast", st.forecast, model, state, noise, schedule, sampler=sampler)
         _timed(step, "ort_update", f.update, ["s"], [history[t + i]])
         y_ort = _timed(step, "ort_forecast", f.forecast, ["s"], noise=noise.numpy()).samples
-        y_rec = _timed(step, "torch_recompute", st.recompute_forecast, model, h[:, :t + i + 1], noise, sigmas,
+        y_rec = _timed(step, "torch_recompute", st.recompute_forecast, model, h[:, :t + i + 1], noise, schedule,
                        sampler=sampler, pending=int(state.pending_count[0]), loc=state.loc, scale=state.scale,
                        next_token=int(state.tokens[0]), init_length=t)
         ctx = torch.from_numpy(last_context(history[:t + i + 1], cfg.context_length))[None]
@@ -235,7 +234,7 @@ def _record(times: dict, step: dict) -> None:
         times[k].append(v)
 
 
-def _measure_horizon(cfg, strategy, model, f, history, t, warmup, n_upd, num_samples, rng, sampler, sigmas,
+def _measure_horizon(cfg, strategy, model, f, history, t, warmup, n_upd, num_samples, rng, sampler,
                      recompute_every: int = 8):
     """Horizon: per update, the ORT and PyTorch streaming update (an observed roll every
     c values, buffering otherwise) + forecast (B or B + 1 free rolls), the replay from init

@@ -82,23 +82,39 @@ class NoiseDistribution:
 # i = B - 1 - b.
 # ---------------------------------------------------------------------------------------
 
-def equiprobable_edges(num_blocks: int, noise: NoiseDistribution) -> Tensor:
-    """Band edges at equal quantiles of the truncated log-normal (the paper's partition)."""
-    fractions = torch.linspace(0.0, 1.0, num_blocks + 1, dtype=torch.float64)
+def equiprobable_fractions(num_blocks: int, noise: NoiseDistribution) -> Tensor:
+    """Band edges at equal fractions of the truncated log-normal's mass (the paper's partition)."""
+    return torch.linspace(0.0, 1.0, num_blocks + 1, dtype=torch.float64)
+
+
+def uniform_fractions(num_blocks: int, noise: NoiseDistribution) -> Tensor:
+    """Band edges equally spaced in log sigma (the ablation arm), as fractions of the mass."""
+    edges = torch.exp(torch.linspace(math.log(noise.sigma_min), math.log(noise.sigma_max),
+                                     num_blocks + 1, dtype=torch.float64))
+    fractions = (noise.cdf(edges) - noise.q_min) / (noise.q_max - noise.q_min)
+    fractions[0], fractions[-1] = 0.0, 1.0
+    return fractions
+
+
+def edges_at(fractions: Tensor, noise: NoiseDistribution) -> Tensor:
+    """Ascending band edges (sigma) at mass fractions; the ends are exactly sigma_min/sigma_max."""
     edges = noise.sigma_at(fractions)
     edges[0], edges[-1] = noise.sigma_min, noise.sigma_max
     return edges
 
 
+def equiprobable_edges(num_blocks: int, noise: NoiseDistribution) -> Tensor:
+    return edges_at(equiprobable_fractions(num_blocks, noise), noise)
+
+
 def uniform_edges(num_blocks: int, noise: NoiseDistribution) -> Tensor:
-    """Band edges equally spaced in log sigma (the ablation arm)."""
-    return torch.exp(torch.linspace(math.log(noise.sigma_min), math.log(noise.sigma_max),
-                                    num_blocks + 1, dtype=torch.float64))
+    return edges_at(uniform_fractions(num_blocks, noise), noise)
 
 
+# A partition is the mass fractions of its B + 1 band edges (ascending, 0 to 1).
 PARTITIONS: dict[str, Callable[[int, NoiseDistribution], Tensor]] = {
-    "equiprob": equiprobable_edges,
-    "uniform": uniform_edges,
+    "equiprob": equiprobable_fractions,
+    "uniform": uniform_fractions,
 }
 
 
@@ -118,15 +134,6 @@ def block_bands(edges: Tensor, gamma: float, noise: NoiseDistribution) -> list[t
         b = num_blocks - 1 - block
         bands.append(widen_band(float(edges[b]), float(edges[b + 1]), gamma, noise))
     return bands
-
-
-def block_for_sigma(sigma: Tensor | float, edges: Tensor) -> Tensor:
-    """Index of the block (0 = highest band) whose (un-widened) band (low, high] holds sigma."""
-    sigma = torch.as_tensor(sigma, dtype=torch.float64)
-    num_blocks = len(edges) - 1
-    # number of interior edges strictly below sigma = ascending band index
-    band = torch.searchsorted(edges[1:-1].to(sigma.device), sigma, right=False)
-    return (num_blocks - 1 - band).long()
 
 
 # ---------------------------------------------------------------------------------------
@@ -216,12 +223,54 @@ class EDMLoss:
 
 
 def sigma_grid(num_steps: int, noise: NoiseDistribution) -> Tensor:
-    """Equi-probability inference grid: num_steps sigmas from sigma_max down, then 0.
+    """Equi-probability inference grid: num_steps sigmas from sigma_max down, then 0."""
+    return _grid_at(1.0 - torch.arange(num_steps, dtype=torch.float64) / num_steps, noise)
 
-    With num_steps = B the evaluated sigmas are exactly the top edges of the B bands of
-    the equi-probability partition, i.e. one step per block.
-    """
-    fractions = 1.0 - torch.arange(num_steps, dtype=torch.float64) / num_steps
+
+def _grid_at(fractions: Tensor, noise: NoiseDistribution) -> Tensor:
     sigmas = noise.sigma_at(fractions)
     sigmas[0] = noise.sigma_max
     return torch.cat([sigmas, sigmas.new_zeros(1)]).float()
+
+
+@dataclass(frozen=True)
+class SigmaSchedule:
+    """An inference grid and the block that takes each of its steps.
+
+    sigmas: ``[K + 1]`` float32, descending from sigma_max to 0; blocks: the block index
+    (0 = highest band) of step k, from sigmas[k] to sigmas[k + 1]. Routing is decided here,
+    by step index, once: comparing a float32 grid point with a float64 band edge sends steps
+    that sit on an edge to whichever side rounding picks.
+    """
+
+    sigmas: Tensor
+    blocks: tuple[int, ...]
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.blocks)
+
+
+def sampling_schedule(num_steps: int, fractions: Tensor, noise: NoiseDistribution) -> SigmaSchedule:
+    """K steps over the bands whose edges sit at mass ``fractions`` (``B + 1``, ascending).
+
+    With B | K every block takes K / B consecutive steps, equally spaced in mass inside its
+    own band (for the equi-probability partition this is exactly ``sigma_grid(K)``), and step
+    k belongs to block ``k * B // K``. Otherwise the steps follow ``sigma_grid(K)`` and each
+    belongs to the band that holds its geometric midpoint (the last step's lower end counts
+    as sigma_min).
+    """
+    num_blocks = len(fractions) - 1
+    if num_steps % num_blocks == 0:
+        per = num_steps // num_blocks
+        hi = fractions.flip(0)[:-1].repeat_interleave(per)      # top of each step's band
+        lo = fractions.flip(0)[1:].repeat_interleave(per)
+        j = torch.arange(num_steps, dtype=torch.float64) % per
+        sigmas = _grid_at(hi - j * (hi - lo) / per, noise)
+        return SigmaSchedule(sigmas, tuple(k * num_blocks // num_steps for k in range(num_steps)))
+    sigmas = sigma_grid(num_steps, noise)
+    ends = sigmas.double().clone()
+    ends[-1] = noise.sigma_min
+    mid = (ends[:-1] * ends[1:]).sqrt()
+    band = torch.searchsorted(edges_at(fractions, noise)[1:-1], mid)    # ascending band index
+    return SigmaSchedule(sigmas, tuple((num_blocks - 1 - band).tolist()))

@@ -4,7 +4,7 @@
 
     OUT/update.onnx         context path of every block: new patches + caches -> caches
     OUT/denoise_<i>.onnx    one preconditioned denoiser call D(z, sigma | state) of block i
-    OUT/tsdb_model.json     metadata (strategy, shapes, sigma grid, band edges,
+    OUT/tsdb_model.json     metadata (strategy, shapes, sigma grids with the block of each step,
                             normalization rule, graph files + sha256, version)
 
 Graphs (``torch.onnx.export(dynamo=True, external_data=False)``, opset 18), state as named
@@ -32,7 +32,7 @@ metadata then says ``shapes.num_covariates`` and ``normalization.covariates``. A
 without covariates exports exactly the graphs and metadata it did before.
 
 Why one denoiser call per block, looped on the host (rather than one graph with all K
-sampler steps): the block a step uses is chosen by its sigma, so a single graph would
+sampler steps): the block a step uses is given by the schedule, so a single graph would
 bake one sigma grid (K, sampler) into the file and, after constant folding, duplicate a
 block's weights at every step that calls it; with a host loop the file holds each
 weight once, K and the sampler stay runtime knobs, the runtime is ~30 lines of numpy
@@ -51,14 +51,13 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .diffusion import sigma_grid
 from .errors import TsdbError
 from .nn.forecaster import DiffusionForecaster
 from .streaming import (NORMALIZATION_RULE, STREAMING_STRATEGIES, context_layers, denoise_step, encode_tokens,
                         init_tokens, sampler_for, window_tokens)
 
 FORMAT = "tsdb-streaming-onnx"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the block of each step comes with the grid (schedules)
 METADATA_FILE = "tsdb_model.json"
 OPSET = 18
 
@@ -197,7 +196,10 @@ def export_model(model: DiffusionForecaster, strategy, out_dir: str | Path, samp
         denoise_files.append(name)
 
     k = num_steps or strategy.cfg.inference_steps
-    grids = {str(n): sigma_grid(n, strategy.noise).tolist() for n in sorted({k, nb, 2 * nb, 4 * nb, 8, 16})}
+    schedules = {}
+    for n in sorted({k, nb, 2 * nb, 4 * nb, 8, 16}):
+        sched = strategy.schedule(n)
+        schedules[str(n)] = {"sigmas": sched.sigmas.tolist(), "blocks": list(sched.blocks)}
     tsdb_version = _tsdb_version()
     meta = {
         "format": FORMAT,
@@ -216,8 +218,9 @@ def export_model(model: DiffusionForecaster, strategy, out_dir: str | Path, samp
         "params": sum(q.numel() for q in model.parameters()),
         "sampler": sampler,
         "num_steps": k,
-        "sigmas": grids[str(k)],
-        "sigma_grids": grids,
+        "sigmas": schedules[str(k)]["sigmas"],
+        "step_blocks": schedules[str(k)]["blocks"],
+        "schedules": schedules,
         "band_edges": [float(e) for e in model.edges.tolist()],
         "sigma_data": model.precond.sigma_data,
         "normalization": {

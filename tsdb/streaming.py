@@ -60,6 +60,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
+from .diffusion import SigmaSchedule
 from .errors import TsdbError
 from .nn.denoiser import BlockDenoiser, ContextEncoding
 from .nn.denoiser import CovariateFeatures
@@ -525,12 +526,12 @@ def future_covariates(model: DiffusionForecaster, state: StreamingState, covaria
 
 
 @torch.no_grad()
-def forecast(model: DiffusionForecaster, state: StreamingState, noise: Tensor, sigmas: Tensor,
+def forecast(model: DiffusionForecaster, state: StreamingState, noise: Tensor, schedule: SigmaSchedule,
              sampler: str = "heun", normalized: bool = False, covariates: Tensor | None = None) -> Tensor:
     """Samples ``[batch, S, H]`` (raw scale, or normalized if ``normalized``) from the state.
 
-    ``noise`` is standard normal ``[batch, S, H]``; ``sigmas`` a descending grid ending in 0
-    (``tsdb.diffusion.sigma_grid``). Same noise and state give the same samples.
+    ``noise`` is standard normal ``[batch, S, H]``; ``schedule`` the sigma grid and the block of
+    each step (``strategy.schedule(K)``). Same noise and state give the same samples.
     ``covariates [batch, n_cov, H]`` (models with covariates): the known-future covariates of
     the H steps after the last observed value.
     """
@@ -538,15 +539,17 @@ def forecast(model: DiffusionForecaster, state: StreamingState, noise: Tensor, s
     b, s, hz = noise.shape
     future = future_covariates(model, state, covariates)
     kp, vp, has_p = partial_kv(model, state)
-    x = noise.reshape(b * s, hz) * sigmas[0]
+    x = noise.reshape(b * s, hz) * schedule.sigmas[0]
 
-    def denoise(z: Tensor, sigma: Tensor) -> Tensor:
-        i = model.block_index(sigma[0])
-        d = denoise_step(model.blocks[i], model.precond, state.k[i], state.v[i], kp[i], vp[i], has_p,
-                         state.tokens, z.reshape(b, s, hz), sigma.reshape(b, s)[:, 0], future)
-        return d.reshape(b * s, hz)
+    def denoiser(i: int):
+        def denoise(z: Tensor, sigma: Tensor) -> Tensor:
+            d = denoise_step(model.blocks[i], model.precond, state.k[i], state.v[i], kp[i], vp[i], has_p,
+                             state.tokens, z.reshape(b, s, hz), sigma.reshape(b, s)[:, 0], future)
+            return d.reshape(b * s, hz)
+        return denoise
 
-    y = SAMPLERS[sampler](denoise, x, sigmas).reshape(b, s, hz)
+    denoisers = [denoiser(i) for i in range(len(model.blocks))]
+    y = SAMPLERS[sampler](denoisers, x, schedule.sigmas, schedule.blocks).reshape(b, s, hz)
     if normalized:
         return y
     return y * state.scale[:, :, None] + state.loc[:, :, None]
@@ -557,7 +560,7 @@ def forecast(model: DiffusionForecaster, state: StreamingState, noise: Tensor, s
 # ---------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def recompute_forecast(model: DiffusionForecaster, history: Tensor, noise: Tensor, sigmas: Tensor,
+def recompute_forecast(model: DiffusionForecaster, history: Tensor, noise: Tensor, schedule: SigmaSchedule,
                        sampler: str = "heun", pending: int = 0, loc: Tensor | None = None,
                        scale: Tensor | None = None, next_token: int | None = None,
                        normalized: bool = False, covariates: Tensor | None = None,
@@ -617,8 +620,8 @@ def recompute_forecast(model: DiffusionForecaster, history: Tensor, noise: Tenso
         enc = block.encode_context(feats, window=w, position_offset=offset)
         kv = [KV(kk[:, :, -w:], vv[:, :, -w:]) for kk, vv in enc.kv]
         encodings.append(ContextEncoding(kv, enc.num_tokens, enc.future).repeat(s))
-    x = noise.reshape(b * s, hz) * sigmas[0]
-    y = SAMPLERS[sampler](model.denoiser(encodings), x, sigmas).reshape(b, s, hz)
+    x = noise.reshape(b * s, hz) * schedule.sigmas[0]
+    y = SAMPLERS[sampler](model.denoisers(encodings), x, schedule.sigmas, schedule.blocks).reshape(b, s, hz)
     if normalized:
         return y
     return y * scale[:, :, None] + loc[:, :, None]

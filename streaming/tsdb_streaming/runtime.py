@@ -29,7 +29,7 @@ import onnxruntime as ort
 
 FORMAT = "tsdb-streaming-onnx"
 HORIZON_FORMAT = "tsdb-streaming-onnx-horizon"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 METADATA_FILE = "tsdb_model.json"
 STATE_FORMAT = "tsdb-streaming-state"
 STATE_VERSION = 1
@@ -97,17 +97,20 @@ def load_metadata(model_dir: str | os.PathLike) -> dict:
     if meta.get("format") == HORIZON_FORMAT:
         from .horizon import load_horizon_metadata
         return load_horizon_metadata(model_dir)
-    _check_version(path, meta, FORMAT, FORMAT_VERSION, ("strategy", "shapes", "sigmas", "band_edges", "sigma_data",
+    _check_version(path, meta, FORMAT, FORMAT_VERSION, ("strategy", "shapes", "sigmas", "step_blocks", "schedules", "sigma_data",
                                                         "normalization", "graphs", "sampler", "model_id"))
     if meta["strategy"] not in ("depth", "e2e", "looped", "looped-bptt"):
         raise StreamingError(f"{path}: strategy {meta['strategy']!r} is not supported by this runtime")
     sh = meta["shapes"]
     nb = sh["n_blocks"]
-    if len(meta["band_edges"]) != nb + 1 or len(meta["graphs"]["denoise"]) != nb or len(sh["layers_per_block"]) != nb:
-        raise StreamingError(f"{path}: {nb} blocks but inconsistent band edges / graphs / layers")
-    sig = meta["sigmas"]
-    if sig[-1] != 0 or any(a <= b for a, b in zip(sig, sig[1:])):
-        raise StreamingError(f"{path}: the sigma grid must be strictly descending and end in 0")
+    if len(meta["graphs"]["denoise"]) != nb or len(sh["layers_per_block"]) != nb:
+        raise StreamingError(f"{path}: {nb} blocks but inconsistent graphs / layers")
+    for sched in [{"sigmas": meta["sigmas"], "blocks": meta["step_blocks"]}, *meta["schedules"].values()]:
+        sig, blocks = sched["sigmas"], sched["blocks"]
+        if sig[-1] != 0 or any(a <= b for a, b in zip(sig, sig[1:])):
+            raise StreamingError(f"{path}: the sigma grid must be strictly descending and end in 0")
+        if len(blocks) != len(sig) - 1 or any(not 0 <= i < nb for i in blocks):
+            raise StreamingError(f"{path}: a schedule needs one block in [0, {nb}) per step")
     if sh["context_length"] != sh["window_tokens"] * sh["patch_length"] or sh["horizon"] % sh["patch_length"]:
         raise StreamingError(f"{path}: inconsistent shapes {sh}")
     _check_files(model_dir, meta)
@@ -239,8 +242,8 @@ class StreamingForecaster:
         self.model_dir = Path(model_dir)
         self.meta = meta = load_metadata(self.model_dir)
         self._set_common(meta, refresh, refresh_every)
-        self.edges = np.asarray(meta["band_edges"], dtype=np.float64)
         self.sigmas = np.asarray(meta["sigmas"], dtype=np.float32)
+        self.step_blocks = [int(i) for i in meta["step_blocks"]]
         self._open_graphs(intra_op_num_threads, providers)
 
     def _set_common(self, meta: dict, refresh: str, refresh_every: int | None) -> None:
@@ -549,13 +552,9 @@ class StreamingForecaster:
                 vp[i][:, has] = vs[i][:, :, :, -1:]
         return kp, vp, has
 
-    def _block(self, sigma: float) -> int:
-        band = int(np.searchsorted(self.edges[1:-1], float(sigma), side="left"))
-        return len(self.layers) - 1 - band
-
     def forecast(self, item_ids: Sequence, num_samples: int = 100, seed=None,
                  quantiles: Sequence[float] = DEFAULT_QUANTILES, noise: np.ndarray | None = None,
-                 sigmas: Sequence[float] | None = None, num_steps: int | None = None,
+                 num_steps: int | None = None,
                  sampler: str | None = None, normalized: bool = False,
                  covariates: np.ndarray | None = None) -> Forecast:
         """Sample ``num_samples`` futures per series and their quantiles.
@@ -565,19 +564,20 @@ class StreamingForecaster:
 
         ``seed``: an int (one generator for the batch), a list with one seed (int or tuple of
         ints) per series (reproducible whatever the batch), or None. ``noise [b, S, H]``
-        (standard normal) overrides it. ``sigmas`` / ``num_steps`` pick another sigma grid
-        (``num_steps`` must be one of the grids in the metadata).
+        (standard normal) overrides it. ``num_steps`` picks another of the exported schedules
+        (the sigma grid and the block of each step).
         """
         item_ids = list(item_ids)
         s = self._slots(item_ids)
         b, hz = len(s), self.horizon
         noise = forecast_noise(noise, seed, b, num_samples, hz)
-        if sigmas is None and num_steps is not None:
-            grids = self.meta.get("sigma_grids", {})
-            if str(num_steps) not in grids:
-                raise StreamingError(f"num_steps={num_steps} not in the exported grids {sorted(grids, key=int)}")
-            sigmas = grids[str(num_steps)]
-        sig = self.sigmas if sigmas is None else np.asarray(sigmas, dtype=np.float32)
+        sig, step_blocks = self.sigmas, self.step_blocks
+        if num_steps is not None:
+            schedules = self.meta["schedules"]
+            if str(num_steps) not in schedules:
+                raise StreamingError(f"num_steps={num_steps} not in the exported schedules {sorted(schedules, key=int)}")
+            sig = np.asarray(schedules[str(num_steps)]["sigmas"], dtype=np.float32)
+            step_blocks = schedules[str(num_steps)]["blocks"]
         sampler = sampler or self.sampler
         extra = {}
         if self.num_covariates or covariates is not None:
@@ -595,21 +595,20 @@ class StreamingForecaster:
         vs = [v[:, s] for v in self.v]
         tokens = self.tokens[s]
 
-        def denoise(z: np.ndarray, sigma: np.float32) -> np.ndarray:
-            i = self._block(sigma)
+        def denoise(i: int, z: np.ndarray, sigma: np.float32) -> np.ndarray:
             return self._denoise[i].run(["denoised"], {
                 "cache_k": ks[i], "cache_v": vs[i], "partial_k": kp[i], "partial_v": vp[i], "has_partial": has,
                 "tokens": tokens, "z": z, "sigma": np.full(b, sigma, np.float32), **extra})[0]
 
         x = noise * sig[0]
         for i in range(len(sig) - 1):
-            sc, sn = sig[i], sig[i + 1]
-            d = (x - denoise(x, sc)) / sc
+            sc, sn, blk = sig[i], sig[i + 1], step_blocks[i]
+            d = (x - denoise(blk, x, sc)) / sc
             x_euler = x + (sn - sc) * d
             if sampler == "euler" or sn == 0:
                 x = x_euler
             else:
-                d_next = (x_euler - denoise(x_euler, sn)) / sn
+                d_next = (x_euler - denoise(blk, x_euler, sn)) / sn
                 x = x + (sn - sc) * (d + d_next) / np.float32(2)
         return self._summarize(item_ids, s, x, quantiles, normalized)
 

@@ -37,7 +37,6 @@ from tsdb.config import ExperimentConfig
 from tsdb.data.series import Series, SeriesDataset
 from tsdb.data.validate import validate_dataset
 from tsdb.data.windows import last_context
-from tsdb.diffusion import sigma_grid
 from tsdb.integrations import model_horizon
 from tsdb.strategies import get_strategy
 from tsdb.train import train_model
@@ -270,9 +269,8 @@ class TsdbForecaster(BaseForecaster):
                 return self.strategy_.forecast(self.model_, torch.from_numpy(contexts), cfg.num_samples,
                                                generator=generator, covariates=covariates).numpy()
             noise = torch.randn(self._stream_state.batch_size, cfg.num_samples, cfg.horizon, generator=generator)
-            sigmas = sigma_grid(cfg.inference_steps, self.strategy_.noise)
             sampler = streaming.sampler_for(self.strategy_)
-            return streaming.forecast(self.model_, self._stream_state, noise, sigmas, sampler,
+            return streaming.forecast(self.model_, self._stream_state, noise, self.strategy_.schedule(), sampler,
                                       covariates=_tensor(future)).numpy()
 
     def _frame(self, fh, values: np.ndarray, columns: pd.Index) -> pd.DataFrame:

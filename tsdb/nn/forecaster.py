@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..diffusion import NoiseDistribution, Preconditioning, block_for_sigma
+from ..diffusion import NoiseDistribution, Preconditioning, SigmaSchedule
 from ..errors import DataError, TsdbError
 from ..samplers import SAMPLERS
 from .denoiser import BlockDenoiser, ContextEncoding, CovariateFeatures
@@ -105,9 +105,6 @@ class DiffusionForecaster(nn.Module):
     def num_covariates(self) -> int:
         return self.blocks[0].shape.covariates
 
-    def block_index(self, sigma: float) -> int:
-        return int(block_for_sigma(float(sigma), self.edges.cpu()))
-
     def prepare(self, context: Tensor, target: Tensor | None = None, draws: Tensor | None = None,
                 covariates: Tensor | None = None):
         """Normalize a raw batch with context statistics (``draws`` pass through untouched).
@@ -131,18 +128,18 @@ class DiffusionForecaster(nn.Module):
     def encode(self, features: Tensor) -> list[ContextEncoding]:
         return [block.encode_context(features) for block in self.blocks]
 
-    def denoiser(self, encodings: list[ContextEncoding]):
-        """A k-diffusion style callable ``(z, sigma) -> D(z, sigma)`` routing sigma to its block."""
+    def denoisers(self, encodings: list[ContextEncoding]) -> list:
+        """Per block a k-diffusion style callable ``(z, sigma) -> D(z, sigma)`` over its context
+        encoding; the sampling schedule says which one takes each step."""
 
-        def denoise(z: Tensor, sigma: Tensor) -> Tensor:
-            i = self.block_index(sigma[0])
-            block, ctx = self.blocks[i], encodings[i]
-            return self.precond.denoise(lambda _x, zz, cn: block.denoise_future(ctx, zz, cn), None, z, sigma)
+        def denoiser(block: BlockDenoiser, ctx: ContextEncoding):
+            return lambda z, sigma: self.precond.denoise(lambda _x, zz, cn: block.denoise_future(ctx, zz, cn),
+                                                         None, z, sigma)
 
-        return denoise
+        return [denoiser(block, ctx) for block, ctx in zip(self.blocks, encodings)]
 
     @torch.no_grad()
-    def sample(self, context: Tensor, num_samples: int, sigmas: Tensor, sampler: str = "heun",
+    def sample(self, context: Tensor, num_samples: int, schedule: SigmaSchedule, sampler: str = "heun",
                noise: Tensor | None = None, generator: torch.Generator | None = None,
                max_batch: int = 4096, covariates: Tensor | None = None) -> Tensor:
         """Draw ``[batch, num_samples, H]`` raw-scale samples for raw contexts ``[batch, C]``.
@@ -156,13 +153,13 @@ class DiffusionForecaster(nn.Module):
             noise = torch.randn(n, num_samples, self.horizon, generator=generator,
                                 device=context.device, dtype=context.dtype)
         features, _, _, loc, scale = self.prepare(context, covariates=covariates)
-        sigmas = sigmas.to(context.device)
+        sigmas = schedule.sigmas.to(context.device)
         out = torch.empty_like(noise)
         per_chunk = max(1, max_batch // num_samples)
         for start in range(0, n, per_chunk):
             sl = slice(start, min(n, start + per_chunk))
             encodings = [e.repeat(num_samples) for e in self.encode(features[sl])]
             x = noise[sl].reshape(-1, self.horizon) * sigmas[0]
-            y = SAMPLERS[sampler](self.denoiser(encodings), x, sigmas)
+            y = SAMPLERS[sampler](self.denoisers(encodings), x, sigmas, schedule.blocks)
             out[sl] = y.view(-1, num_samples, self.horizon)
         return out * scale[:, :, None] + loc[:, :, None]

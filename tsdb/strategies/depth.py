@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ..diffusion import PARTITIONS, EDMLoss, block_bands, sigma_grid
+from ..diffusion import PARTITIONS, EDMLoss, SigmaSchedule, block_bands, edges_at, sampling_schedule
 from ..nn import BlockDenoiser, DenoiserShape, DiffusionForecaster
 from .base import Batch, Strategy, TrainUnit
 
@@ -22,8 +22,16 @@ class DepthStrategy(Strategy):
     def num_blocks(self) -> int:
         return self.cfg.n_blocks
 
-    def edges(self) -> Tensor:
+    def fractions(self) -> Tensor:
+        """Mass fractions of the band edges (the partition)."""
         return PARTITIONS[self.cfg.partition](self.num_blocks, self.noise)
+
+    def edges(self) -> Tensor:
+        return edges_at(self.fractions(), self.noise)
+
+    def schedule(self, num_steps: int | None = None) -> SigmaSchedule:
+        """The inference grid of K steps (default ``inference_steps``) and the block of each step."""
+        return sampling_schedule(num_steps or self.cfg.inference_steps, self.fractions(), self.noise)
 
     def build(self) -> DiffusionForecaster:
         shape = denoiser_shape(self.cfg, self.cfg.n_layers // self.num_blocks)
@@ -44,8 +52,7 @@ class DepthStrategy(Strategy):
         return block_loss
 
     def forecast(self, model, context, num_samples, num_steps=None, noise=None, generator=None, covariates=None):
-        sigmas = sigma_grid(num_steps or self.cfg.inference_steps, self.noise)
-        return model.sample(context, num_samples, sigmas, self.cfg.sampler, noise=noise, generator=generator,
+        return model.sample(context, num_samples, self.schedule(num_steps), self.cfg.sampler, noise=noise, generator=generator,
                             covariates=covariates)
 
     def arm_name(self) -> str:

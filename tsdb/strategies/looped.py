@@ -2,7 +2,7 @@
 
 The model is a ``LoopedDenoiser`` (prelude of ``n_layers - L_c`` context-only layers, a
 core of ``L_c`` layers, a head) inside a one-block ``DiffusionForecaster``. Inference is
-K Euler steps along ``sigma_grid(K)``: exactly K applications of the core, so K is the
+K Euler steps along ``sigma_grid(K)`` (the one-band schedule): exactly K applications of the core, so K is the
 test-time compute knob (``num_steps``, independent of training; default
 ``inference_steps``).
 
@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..diffusion import NoiseDistribution, sigma_grid
+from ..diffusion import NoiseDistribution
 from ..errors import TsdbError
 from ..nn import DiffusionForecaster
 from ..nn.looped import LoopedDenoiser
@@ -55,7 +55,7 @@ def unrolled_crps(model: DiffusionForecaster, batch: Batch, iters: int) -> Tenso
     from torch's (seeded) generator.
     """
     features, y, observed, _, _ = model.prepare(*batch)
-    denoise = model.denoiser([e.repeat(2) for e in model.encode(features)])  # prelude once per series
+    denoise, = model.denoisers([e.repeat(2) for e in model.encode(features)])  # prelude once per series
     sigmas = shifted_grid(iters, torch.rand(2 * y.shape[0], device=y.device), model.noise)
     x = sigmas[:, :1] * torch.randn(2 * y.shape[0], y.shape[1], device=y.device)
     for i in range(iters):
@@ -88,8 +88,7 @@ class LoopedStrategy(DepthStrategy):
 
     def forecast(self, model, context, num_samples, num_steps=None, noise=None, generator=None, covariates=None):
         """K Euler steps = K applications of the core."""
-        sigmas = sigma_grid(num_steps or self.cfg.inference_steps, self.noise)
-        return model.sample(context, num_samples, sigmas, "euler", noise=noise, generator=generator,
+        return model.sample(context, num_samples, self.schedule(num_steps), "euler", noise=noise, generator=generator,
                             covariates=covariates)
 
     def arm_name(self) -> str:
