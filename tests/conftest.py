@@ -94,7 +94,7 @@ def ndjson(recs):
 
 def stream(out_dir, recs, **kw):
     buf = io.StringIO()
-    from tsdb.stream_cli import run_stream
+    from tsdb.cli.stream import run_stream
 
     counts = run_stream(out_dir, io.StringIO(ndjson(recs)), buf, num_samples=16, **kw)
     return counts, [json.loads(line) for line in buf.getvalue().splitlines()]

@@ -9,14 +9,14 @@ import pandas as pd
 import polars as pl
 import yaml
 
-from tsdb.cli import main
+from tsdb.cli.main import main
 
 from conftest import require_benchmark_data
 
 
 def tsdb(*args, check=True):
     """Run the CLI in a subprocess (as a user would) and return the completed process."""
-    proc = subprocess.run([sys.executable, "-m", "tsdb.cli", *args], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "tsdb.cli.main", *args], capture_output=True, text=True, timeout=300)
     if check and proc.returncode != 0:
         raise AssertionError(proc.stderr)
     return proc

@@ -10,18 +10,18 @@ import pandas as pd
 import pytest
 import torch
 
-from tsdb import streaming as st
-from tsdb.cli import main as cli_main
+import tsdb.strategies.depth.streaming as st
+from tsdb.cli.main import main as cli_main
 from tsdb.config import ExperimentConfig
 from tsdb.data.series import Series, SeriesDataset
 from tsdb.data.windows import TrainingWindows
 from tsdb.errors import DataError, TsdbError
-from tsdb.evaluate import evaluate_predictor, rolling_task
-from tsdb.experiment import torch_predictor
-from tsdb.export import export_model
+from tsdb.evaluation.tasks import evaluate_predictor, rolling_task
+from tsdb.bench.experiment import torch_predictor
+from tsdb.export.onnx import export_model
 from tsdb.nn.denoiser import CovariateFeatures
-from tsdb.stream_cli import import_runtime
-from tsdb.train import train_model
+from tsdb.cli.stream import import_runtime
+from tsdb.training.loop import train_model
 
 from conftest import randomized_model
 
@@ -319,7 +319,7 @@ def test_onnx_parity_with_covariates(tmp_path):
 
 def test_bench_covariates_tiny_budget(tmp_path):
     """`tsdb bench covariates` end to end on vic_elec with a 5-step budget and a tiny model."""
-    from tsdb.bench_covariates import CONFIG
+    from tsdb.bench.covariates import CONFIG
     import yaml
     spec = yaml.safe_load(CONFIG.read_text())
     spec["task"]["windows"] = 2
@@ -351,7 +351,7 @@ def test_tsdb_stream_carries_covariates(tmp_path):
     import io
     import json
 
-    from tsdb.stream_cli import run_stream
+    from tsdb.cli.stream import run_stream
 
     rt = import_runtime()
     strat, model = tiny("depth", 2)

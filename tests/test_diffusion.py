@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from tsdb.diffusion import (EDMLoss, NoiseDistribution, Preconditioning, block_bands, equiprobable_edges,
+from tsdb.core import (EDMLoss, NoiseDistribution, Preconditioning, block_bands, equiprobable_edges,
                             equiprobable_fractions, sampling_schedule, sigma_grid, uniform_edges,
                             uniform_fractions, widen_band)
-from tsdb.samplers import sample_euler, sample_heun
+from tsdb.core.samplers import sample_euler, sample_heun
 
 PAPER = NoiseDistribution(p_mean=-1.2, p_std=1.2, sigma_min=0.002, sigma_max=80.0)
 

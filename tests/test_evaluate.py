@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tsdb.baselines import fit_deepar, repeat_last, seasonal_naive
+from tsdb.evaluation.baselines import fit_deepar, repeat_last, seasonal_naive
 from tsdb.data.series import Series, SeriesDataset
-from tsdb.evaluate import (
+from tsdb.evaluation.tasks import (
     QUANTILE_LEVELS,
     StandardScaler,
     etth1_task,

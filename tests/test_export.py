@@ -1,5 +1,5 @@
-"""ONNX export (tsdb.export), the torch-free runtime (streaming/tsdb_streaming) and
-``tsdb stream`` (tsdb.stream_cli): parity with the PyTorch streaming state."""
+"""ONNX export (tsdb.export.onnx), the torch-free runtime (streaming/tsdb_streaming) and
+``tsdb stream`` (tsdb.cli.stream): parity with the PyTorch streaming state."""
 
 from __future__ import annotations
 
@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from tsdb import streaming as st
+import tsdb.strategies.depth.streaming as st
 from tsdb.config import ExperimentConfig
 from tsdb.errors import TsdbError
-from tsdb.export import export_run, load_metadata
+from tsdb.export.onnx import export_run, load_metadata
 
-from tsdb.stream_cli import import_runtime
+from tsdb.cli.stream import import_runtime
 
 from conftest import expected_calls, randomized_model, records, stream
 
@@ -320,8 +320,8 @@ def test_runtime_in_a_fresh_venv_without_torch(exported, tmp_path):
     np.save(tmp_path / "history.npy", history)
     np.save(tmp_path / "noise.npy", noise)
     # a horizon export too (B = 2 chunks of c = H / 2), with all its noise given
-    from tsdb import streaming_horizon as sh
-    from tsdb.export_horizon import export_horizon_model
+    import tsdb.strategies.horizon.streaming as sh
+    from tsdb.strategies.horizon.export import export_horizon_model
 
     hstrat, hmodel = randomized_model("horizon", 2, context_length=C, horizon=H, patch_length=P)
     hkw = sh.sampler_kwargs(hstrat)
@@ -364,7 +364,7 @@ def test_runtime_in_a_fresh_venv_without_torch(exported, tmp_path):
 
 
 def test_streaming_bench_smoke(tmp_path):
-    from tsdb.bench_streaming import run_streaming_bench
+    from tsdb.bench.streaming import run_streaming_bench
 
     cfg = dict(strategy="e2e", context_length=C, horizon=H, patch_length=P, d_model=16, n_heads=2, n_layers=1,
                n_blocks=1, num_steps=2)

@@ -12,10 +12,10 @@ from gluonts.model.forecast import SampleForecast
 from gluonts.model.predictor import Predictor
 
 from tsdb.data import SeriesDataset, load_dataset
-from tsdb.evaluate import METRICS, evaluate_predictor, m4_hourly_task
-from tsdb.experiment import torch_predictor
+from tsdb.evaluation.tasks import METRICS, evaluate_predictor, m4_hourly_task
+from tsdb.bench.experiment import torch_predictor
 from tsdb.integrations.gluonts import TsdbEstimator
-from tsdb.train import train_model
+from tsdb.training.loop import train_model
 
 from conftest import require_benchmark_data
 

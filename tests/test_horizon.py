@@ -9,13 +9,13 @@ import torch
 
 from tsdb.config import ExperimentConfig, ModelConfig
 from tsdb.data.series import Series, SeriesDataset
-from tsdb.diffusion import NoiseDistribution, equiprobable_edges
+from tsdb.core import NoiseDistribution, equiprobable_edges
 from tsdb.errors import TsdbError
 from tsdb.nn import context_features, instance_stats
-from tsdb.nn.horizon import staircase
+from tsdb.strategies.horizon.model import staircase
 from tsdb.strategies import get_strategy
-from tsdb.strategies.horizon import staircase_loss
-from tsdb.train import train_model
+from tsdb.strategies.horizon.strategy import staircase_loss
+from tsdb.training.loop import train_model
 
 TINY = dict(strategy="horizon", context_length=32, horizon=16, patch_length=4, d_model=16, n_heads=2,
             n_layers=2, n_blocks=2)

@@ -7,14 +7,14 @@ import torch
 
 from tsdb.config import ExperimentConfig, ModelConfig
 from tsdb.data.series import Series, SeriesDataset
-from tsdb.diffusion import NoiseDistribution, sigma_grid
+from tsdb.core import NoiseDistribution, sigma_grid
 from tsdb.errors import TsdbError
-from tsdb.memory import SavedActivations
+from tsdb.training.memory import SavedActivations
 from tsdb.nn import BlockDenoiser
-from tsdb.nn.looped import LoopedDenoiser
+from tsdb.strategies.looped.model import LoopedDenoiser
 from tsdb.strategies import get_strategy
-from tsdb.strategies.looped import shifted_grid
-from tsdb.train import train_model
+from tsdb.strategies.looped.strategy import shifted_grid
+from tsdb.training.loop import train_model
 
 TINY = dict(context_length=32, horizon=16, patch_length=4, d_model=16, n_heads=2, n_layers=2, n_blocks=2)
 

@@ -15,7 +15,7 @@ CFG = {"model": {"context_length": 32, "horizon": 16, "patch_length": 8, "d_mode
 
 
 def tsdb(*args, check=True):
-    proc = subprocess.run([sys.executable, "-m", "tsdb.cli", *args], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "tsdb.cli.main", *args], capture_output=True, text=True, timeout=300)
     if check and proc.returncode != 0:
         raise AssertionError(proc.stderr[-3000:])
     return proc

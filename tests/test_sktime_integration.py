@@ -10,7 +10,7 @@ pytest.importorskip("sktime")
 
 from sktime.utils.estimator_checks import check_estimator  # noqa: E402
 
-from tsdb import streaming  # noqa: E402
+import tsdb.strategies.depth.streaming as streaming  # noqa: E402
 from tsdb.data.windows import last_context  # noqa: E402
 from tsdb.integrations.sktime import TsdbForecaster  # noqa: E402
 

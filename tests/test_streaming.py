@@ -1,4 +1,4 @@
-"""Streaming state (tsdb.streaming): update-then-forecast equals recompute-from-full-history."""
+"""Streaming state (tsdb.strategies.depth.streaming): update-then-forecast equals recompute-from-full-history."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tsdb import streaming as st
+import tsdb.strategies.depth.streaming as st
 
 from tsdb.errors import TsdbError
 

@@ -1,4 +1,4 @@
-"""Streaming for the horizon strategy (tsdb.streaming_horizon): updates then forecast equal
+"""Streaming for the horizon strategy (tsdb.strategies.horizon.streaming): updates then forecast equal
 the replay from init over the full history with the same noise; cold start equals the
 strategy's own sampler where the two context semantics coincide."""
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from tsdb import streaming_horizon as sh
+import tsdb.strategies.horizon.streaming as sh
 from tsdb.errors import TsdbError
 
 from conftest import random_chunks, randomized_model
@@ -169,13 +169,13 @@ def test_noise_shapes_and_models_are_checked():
 
 
 # ---------------------------------------------------------------------------------------
-# ONNX: per-token-sigma denoise graphs (tsdb.export_horizon), ONNX Runtime vs PyTorch
+# ONNX: per-token-sigma denoise graphs (tsdb.strategies.horizon.export), ONNX Runtime vs PyTorch
 # ---------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     pytest.importorskip("onnxruntime")
-    from tsdb.export_horizon import export_horizon_model
+    from tsdb.strategies.horizon.export import export_horizon_model
 
     strat, model, kw = tiny(seed=4)
     out = tmp_path_factory.mktemp("horizon-onnx")
@@ -214,7 +214,7 @@ def test_onnx_denoise_graphs_match_torch(exported):
 
 
 def _runtime(out, **kw):
-    from tsdb.stream_cli import import_runtime
+    from tsdb.cli.stream import import_runtime
 
     return import_runtime().StreamingForecaster(out, refresh="none", **kw)
 

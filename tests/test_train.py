@@ -7,12 +7,12 @@ import pandas as pd
 import pytest
 import torch
 
-import tsdb.train as train_mod
+import tsdb.training.loop as train_mod
 from tsdb.config import ExperimentConfig
 from tsdb.data.series import Series, SeriesDataset
-from tsdb.memory import SavedActivations, measure_training_step
+from tsdb.training.memory import SavedActivations, measure_training_step
 from tsdb.strategies import get_strategy
-from tsdb.train import InterleavedModule, load_model, train_model
+from tsdb.training.loop import InterleavedModule, load_model, train_model
 
 
 def sine_dataset(n=4, length=600, seed=0) -> SeriesDataset:

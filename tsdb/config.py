@@ -2,24 +2,53 @@
 
 from __future__ import annotations
 
+from importlib.resources import files
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .errors import TsdbError
+from tsdb.errors import TsdbError
+
+
+def packaged(*parts: str) -> Traversable:
+    """A file shipped inside the package, e.g. ``packaged("configs", "demo.yaml")``."""
+    return files("tsdb").joinpath(*parts)
+
+
+def resolve_config(path: str | Path) -> Path | Traversable:
+    """``path`` if it exists, else the packaged file of that name (``configs/bench/...``), so
+    the documented commands work from any directory and from a plain ``pip install``."""
+    local = Path(path)
+    if local.exists():
+        return local
+    if not local.is_absolute():
+        shipped = packaged(*local.parts)
+        if shipped.is_file():
+            return shipped
+    raise TsdbError(f"config file {path} does not exist (packaged configs: "
+                    f"{', '.join(sorted(_packaged_names()))})")
+
+
+def _packaged_names() -> list[str]:
+    out = []
+    for sub in packaged("configs").iterdir():
+        entries = sub.iterdir() if sub.is_dir() else [sub]
+        out += [f"configs/{sub.name}/{e.name}" if sub.is_dir() else f"configs/{e.name}" for e in entries]
+    return out
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     @classmethod
-    def from_yaml(cls, path: str | Path):
-        """Load and validate a YAML file; a bad field is one line naming the file and field."""
-        path = Path(path)
-        if not path.exists():
-            raise TsdbError(f"config file {path} does not exist")
+    def from_yaml(cls, path: str | Path | Traversable):
+        """Load and validate a YAML file (a path, or a packaged config's name); a bad field is
+        one line naming the file and field."""
+        if not isinstance(path, Traversable) or isinstance(path, Path):
+            path = resolve_config(path)
         try:
             return cls.model_validate(yaml.safe_load(path.read_text()) or {})
         except ValidationError as e:

@@ -1,4 +1,4 @@
-"""Named datasets: cards in ``datasets/*.yaml`` and loading from local files or the card's URL.
+"""Named datasets: cards in ``tsdb/data/cards/*.yaml`` (package data) and loading from local files or the card's URL.
 
 A data file is looked up, in order, in the ``root`` argument, ``$TSDB_DATA_DIR``, the shared
 folder ``../shared/datasets`` next to the repository (when it exists) and ``~/.cache/tsdb``;
@@ -15,6 +15,7 @@ import os
 import shutil
 import urllib.request
 from functools import cache
+from importlib.resources import files
 from os import PathLike
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from tsdb.data.series import SeriesDataset
 from tsdb.errors import DataError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-CARDS_DIR = REPO_ROOT / "datasets"
+CARDS_DIR = files("tsdb.data") / "cards"
 SHARED_DIR = REPO_ROOT.parent / "shared" / "datasets"
 ENV_VAR = "TSDB_DATA_DIR"
 OFFLINE_VAR = "TSDB_OFFLINE"   # set (the test suite does): never download, fail with a clear error
@@ -130,7 +131,8 @@ def _sha256(path: Path) -> str:
 
 @cache
 def _cards() -> dict[str, dict]:
-    cards = [_read_card(path) for path in sorted(CARDS_DIR.glob("*.yaml"))]
+    cards = [_read_card(path) for path in sorted(CARDS_DIR.iterdir(), key=lambda p: p.name)
+             if path.name.endswith(".yaml")]
     return {card["name"]: card for card in cards}
 
 
@@ -141,7 +143,7 @@ def _card(name: str) -> dict:
     return cards[name]
 
 
-def _read_card(path: Path) -> dict:
+def _read_card(path) -> dict:
     card = yaml.safe_load(path.read_text())
     missing = [field for field in REQUIRED_FIELDS if field not in card]
     if missing:

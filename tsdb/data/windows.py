@@ -8,9 +8,9 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
-from ..errors import DataError
-from .series import SeriesDataset
-from .validate import require_covariates
+from tsdb.errors import DataError
+from tsdb.data.series import SeriesDataset
+from tsdb.data.validate import require_covariates
 
 
 def last_context(target: np.ndarray, context_length: int) -> np.ndarray:

@@ -1,7 +1,7 @@
 """GluonTS integration: :class:`TsdbEstimator` and the predictor it returns.
 
 ``TsdbEstimator(prediction_length=48, ...).train(dataset)`` trains a tsdb model block by
-block with :func:`tsdb.train.train_model` (one Lightning ``Trainer.fit`` per block, each
+block with :func:`tsdb.training.loop.train_model` (one Lightning ``Trainer.fit`` per block, each
 block checkpointed and resumable in ``run_dir``) and returns a standard
 ``PyTorchPredictor`` whose network draws sample paths: ``predictor.predict(dataset)``
 yields ``SampleForecast`` objects of shape ``(num_samples, prediction_length)``, so the
@@ -51,7 +51,7 @@ from tsdb.config import ExperimentConfig, ModelConfig
 from tsdb.data.readers import from_gluonts
 from tsdb.integrations import model_horizon
 from tsdb.strategies import get_strategy
-from tsdb.train import train_model
+from tsdb.training.loop import train_model
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ class TsdbEstimator(PyTorchLightningEstimator):
         trainer_kwargs = dict(trainer_kwargs or {})
         unknown = sorted(set(trainer_kwargs) - set(TRAINER_KWARGS))
         if unknown:
-            raise ValueError(f"TsdbEstimator trains through tsdb.train, which does not take "
+            raise ValueError(f"TsdbEstimator trains through tsdb.training.loop, which does not take "
                              f"trainer_kwargs {unknown}; set them in config['train'] instead")
         super().__init__(trainer_kwargs=trainer_kwargs)
         self.prediction_length = prediction_length
@@ -191,7 +191,7 @@ class TsdbEstimator(PyTorchLightningEstimator):
 
     def create_lightning_module(self):
         raise NotImplementedError("TsdbEstimator trains one Lightning module per block inside "
-                                  "tsdb.train.train_model; there is no single training module")
+                                  "tsdb.training.loop.train_model; there is no single training module")
 
     def create_predictor(self, transformation: Transformation, module: nn.Module) -> PyTorchPredictor:
         """A ``PyTorchPredictor`` around a trained :class:`TsdbPredictionNetwork`."""
@@ -219,7 +219,7 @@ class TsdbEstimator(PyTorchLightningEstimator):
         ckpt_path: Optional[str] = None,
         **kwargs,
     ) -> TrainOutput:
-        """Train every block with :func:`tsdb.train.train_model`; ``trainer`` in the output is None.
+        """Train every block with :func:`tsdb.training.loop.train_model`; ``trainer`` in the output is None.
 
         tsdb trains without a validation loop (``validation_data`` is ignored, with a
         warning); resuming goes through ``run_dir``, not ``ckpt_path``; warm starts

@@ -3,14 +3,14 @@
 One model is trained on every series it is given: a ``pd.Series``, every column of a
 ``pd.DataFrame``, and every instance (and column) of a panel or hierarchical frame are
 all series of one global tsdb model, trained block by block with
-:func:`tsdb.train.train_model`. Point forecasts are the sample median; quantiles and
+:func:`tsdb.training.loop.train_model`. Point forecasts are the sample median; quantiles and
 intervals come from the same sample paths (same seed, same paths).
 
 State after ``fit``: the trained model, the history (``_cur_y``) and, for the strategies
-that stream (``tsdb.streaming.STREAMING_STRATEGIES``), a streaming state built from the last
+that stream (``tsdb.strategies.depth.streaming.STREAMING_STRATEGIES``), a streaming state built from the last
 ``context_length`` values of each series, so that a forecast right after ``fit`` equals
 tsdb's own forecast of that context. ``update(y, update_params=False)`` feeds only the
-new values through ``tsdb.streaming.update`` (cost independent of the history length;
+new values through ``tsdb.strategies.depth.streaming.update`` (cost independent of the history length;
 normalization statistics stay frozen at ``fit``, the streaming rule); the other
 strategies forecast from the last ``context_length`` values of the extended history.
 ``update_params=True`` retrains on all data seen so far, as sktime's default does.
@@ -32,14 +32,14 @@ import pandas as pd
 import torch
 from sktime.forecasting.base import BaseForecaster, ForecastingHorizon
 
-from tsdb import streaming
+import tsdb.strategies.depth.streaming as streaming
 from tsdb.config import ExperimentConfig
 from tsdb.data.series import Series, SeriesDataset
 from tsdb.data.validate import validate_dataset
 from tsdb.data.windows import last_context
 from tsdb.integrations import model_horizon
 from tsdb.strategies import get_strategy
-from tsdb.train import train_model
+from tsdb.training.loop import train_model
 
 # sktime indexes may be plain integers; tsdb models read values only, so the series get a
 # mock start (as M4 does) that nothing downstream reads
@@ -244,7 +244,7 @@ class TsdbForecaster(BaseForecaster):
         return np.stack([out[key[:-1]] for key in self._keys])
 
     def _stream(self, new_values: list[np.ndarray], new_covs: list) -> streaming.StreamingState:
-        """The state after ``tsdb.streaming.update`` with each series' new values (and covariates)."""
+        """The state after ``tsdb.strategies.depth.streaming.update`` with each series' new values (and covariates)."""
         by_length: dict[int, list[int]] = {}
         for i, values in enumerate(new_values):
             by_length.setdefault(len(values), []).append(i)

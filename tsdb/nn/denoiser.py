@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..errors import TsdbError
-from .layers import KV, SigmaEmbedding, TransformerLayer, modulate, rope_angles, sliding_causal_mask
+from tsdb.errors import TsdbError
+from tsdb.nn.layers import KV, SigmaEmbedding, TransformerLayer, modulate, rope_angles, sliding_causal_mask
 
 CONTEXT_CHANNELS = 2  # normalized value, observed mask (then one channel per covariate)
 

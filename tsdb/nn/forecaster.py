@@ -7,10 +7,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..diffusion import NoiseDistribution, Preconditioning, SigmaSchedule
-from ..errors import DataError, TsdbError
-from ..samplers import SAMPLERS
-from .denoiser import BlockDenoiser, ContextEncoding, CovariateFeatures
+from tsdb.core import NoiseDistribution, Preconditioning, SigmaSchedule
+from tsdb.errors import DataError, TsdbError
+from tsdb.core.samplers import SAMPLERS
+from tsdb.nn.denoiser import BlockDenoiser, ContextEncoding, CovariateFeatures
 
 
 def instance_stats(values: Tensor) -> tuple[Tensor, Tensor]:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from ..config import ModelConfig
-from ..errors import TsdbError
-from .base import Batch, Strategy, TrainUnit
-from .depth import DepthStrategy
-from .e2e import EndToEndStrategy
-from .horizon import HorizonStrategy
-from .looped import LoopedBPTTStrategy, LoopedStrategy
+from tsdb.config import ModelConfig
+from tsdb.errors import TsdbError
+from tsdb.strategies.base import Batch, Strategy, TrainUnit
+from tsdb.strategies.depth.strategy import DepthStrategy
+from tsdb.strategies.depth.e2e import EndToEndStrategy
+from tsdb.strategies.horizon.strategy import HorizonStrategy
+from tsdb.strategies.looped.strategy import LoopedBPTTStrategy, LoopedStrategy
 
 STRATEGIES: dict[str, type[Strategy]] = {
     cls.name: cls for cls in (DepthStrategy, EndToEndStrategy, HorizonStrategy, LoopedStrategy,

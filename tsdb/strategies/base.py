@@ -15,8 +15,8 @@ from typing import Callable, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..config import ModelConfig
-from ..diffusion import NoiseDistribution, Preconditioning
+from tsdb.config import ModelConfig
+from tsdb.core import NoiseDistribution, Preconditioning
 
 # (context [b, C] raw with NaN, target [b, H] raw with NaN[, draws [b, 1 + H][, covariates
 # [b, n_cov, C + H]]]): draws are the step's random numbers (u ~ U[0,1), then eps ~ N(0,1) per

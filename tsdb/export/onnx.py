@@ -1,0 +1,285 @@
+"""ONNX export of a trained run for streaming inference without torch.
+
+``export_run(run_dir, out_dir)`` writes::
+
+    OUT/update.onnx         context path of every block: new patches + caches -> caches
+    OUT/denoise_<i>.onnx    one preconditioned denoiser call D(z, sigma | state) of block i
+    OUT/tsdb_model.json     metadata (strategy, shapes, sigma grids with the block of each step,
+                            normalization rule, graph files + sha256, version)
+
+Graphs (``torch.onnx.export(dynamo=True, external_data=False)``, opset 18), state as named
+inputs/outputs, dynamic ``batch``, ``new_tokens``, ``cache`` and ``samples`` axes:
+
+``update``
+    inputs ``features [batch, new_tokens, P, 2]`` (normalized value, observed mask),
+    ``start [batch]`` int64 (absolute position of the first new token) and, for every block
+    ``i``, ``cache_k_<i>``/``cache_v_<i>`` ``[layers, batch, heads, cache, head_dim]`` (``layers``:
+    a looped block's prelude layers, then its own);
+    outputs ``new_cache_k_<i>``/``new_cache_v_<i>``: the last ``min(W, cache + new_tokens)``
+    tokens. Initialisation runs it with an empty cache (``cache = 0``); the partial token of
+    a forecast is the last entry of its output for the NaN-padded unfinished patch.
+``denoise_<i>``
+    inputs ``cache_k``/``cache_v`` (block i's cache), ``partial_k``/``partial_v``
+    ``[layers, batch, heads, 1, head_dim]``, ``has_partial [batch]`` bool,
+    ``tokens [batch]`` int64, ``z [batch, samples, H]``, ``sigma [batch]``;
+    output ``denoised [batch, samples, H]`` (normalized scale).
+
+Covariates (``model.num_covariates = n > 0``): ``features`` carries them as channels
+``2 .. 2 + n`` (each normalized with its own frozen statistics, NaN -> 0, so the update graph
+takes the covariate patches with the values) and every ``denoise_<i>`` graph has one more
+input, ``future_covariates [batch, H, n]`` (the normalized known-future covariates). The
+metadata then says ``shapes.num_covariates`` and ``normalization.covariates``. A model
+without covariates exports exactly the graphs and metadata it did before.
+
+Why one denoiser call per block, looped on the host (rather than one graph with all K
+sampler steps): the block a step uses is given by the schedule, so a single graph would
+bake one sigma grid (K, sampler) into the file and, after constant folding, duplicate a
+block's weights at every step that calls it; with a host loop the file holds each
+weight once, K and the sampler stay runtime knobs, the runtime is ~30 lines of numpy
+(Euler/Heun), and for the looped strategy ``denoise_0`` is exactly one application of the
+weight-tied core, looped K times on the host.
+The cost is ~2K small ``session.run`` calls per forecast (tens of microseconds each).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from tsdb.errors import TsdbError
+from tsdb.nn.forecaster import DiffusionForecaster
+from tsdb.strategies.depth.streaming import (NORMALIZATION_RULE, STREAMING_STRATEGIES, context_layers, denoise_step, encode_tokens,
+                        init_tokens, sampler_for, window_tokens)
+
+FORMAT = "tsdb-streaming-onnx"
+FORMAT_VERSION = 2  # 2: the block of each step comes with the grid (schedules)
+METADATA_FILE = "tsdb_model.json"
+OPSET = 18
+
+
+class UpdateGraph(nn.Module):
+    """All blocks' context path: ``(features, start, *caches) -> *new_caches``."""
+
+    def __init__(self, model: DiffusionForecaster):
+        super().__init__()
+        self.blocks = model.blocks
+
+    def forward(self, features: Tensor, start: Tensor, *caches: Tensor) -> tuple[Tensor, ...]:
+        out = []
+        for i, block in enumerate(self.blocks):
+            k, v = encode_tokens(block, features, start, caches[2 * i], caches[2 * i + 1])
+            out += [k, v]
+        return tuple(out)
+
+
+class DenoiseGraph(nn.Module):
+    """One preconditioned denoiser call of one block."""
+
+    def __init__(self, model: DiffusionForecaster, index: int):
+        super().__init__()
+        self.block = model.blocks[index]
+        self.precond = model.precond
+
+    def forward(self, cache_k, cache_v, partial_k, partial_v, has_partial, tokens, z, sigma, future_covariates=None):
+        return denoise_step(self.block, self.precond, cache_k, cache_v, partial_k, partial_v, has_partial,
+                            tokens, z, sigma, future_covariates)
+
+
+def _tsdb_version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("tsdb")
+    except Exception:  # not installed (source checkout)
+        return "0+unknown"
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _export(module: nn.Module, args: tuple, path: Path, input_names, output_names, dynamic_shapes) -> None:
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, args, str(path), input_names=list(input_names),
+                          output_names=list(output_names), dynamo=True, external_data=False,
+                          opset_version=OPSET, dynamic_shapes=dynamic_shapes, verbose=False)
+    if not path.exists():
+        raise TsdbError(f"ONNX export did not write {path}")
+
+
+class TraceExamples:
+    """Example inputs and dynamic dimensions for tracing a model's graphs (size >= 2 on every
+    dynamic axis, since export specializes sizes 0 and 1)."""
+
+    def __init__(self, model):
+        from torch.export import Dim
+
+        shape = model.blocks[0].shape
+        self.p, self.w = shape.patch_length, window_tokens(model)
+        self.heads, self.hd = shape.n_heads, shape.d_model // shape.n_heads
+        self.layers = [len(context_layers(b)) for b in model.blocks]
+        self.b, self.m, self.c, self.s = 2, 3, max(2, self.w - 1), 3
+        self.batch, self.new = Dim("batch", min=1), Dim("new_tokens", min=1)
+        self.cache, self.samples = Dim("cache", min=0), Dim("samples", min=1)
+        self._generator = torch.Generator().manual_seed(0)
+
+    def rand(self, *size) -> Tensor:
+        return torch.randn(*size, generator=self._generator)
+
+
+def export_update_graph(model, out: Path, ex: TraceExamples, n_cov: int = 0) -> tuple[list[str], list[str]]:
+    """Write ``update.onnx`` (new context patches + caches in, updated caches out); returns
+    its input and output names."""
+    feats = torch.stack([ex.rand(ex.b, ex.m, ex.p), (ex.rand(ex.b, ex.m, ex.p) > 0).float()], dim=-1)
+    if n_cov:
+        feats = torch.cat([feats, ex.rand(ex.b, ex.m, ex.p, n_cov)], dim=-1)
+    start = torch.tensor([5, 9], dtype=torch.long)
+    caches = []
+    for nl in ex.layers:
+        caches += [ex.rand(nl, ex.b, ex.heads, ex.c, ex.hd), ex.rand(nl, ex.b, ex.heads, ex.c, ex.hd)]
+    cache_names = [f"cache_{kv}_{i}" for i in range(len(ex.layers)) for kv in "kv"]
+    update_in = ["features", "start", *cache_names]
+    update_out = [f"new_{n}" for n in cache_names]
+    dyn = ({0: ex.batch, 1: ex.new}, {0: ex.batch}, tuple({1: ex.batch, 3: ex.cache} for _ in cache_names))
+    with torch.no_grad():
+        _export(UpdateGraph(model), (feats, start, *caches), out / "update.onnx", update_in, update_out, dyn)
+    return update_in, update_out
+
+
+def export_model(model: DiffusionForecaster, strategy, out_dir: str | Path, sampler: str | None = None,
+                 num_steps: int | None = None, arm: str | None = None) -> dict:
+    """Export ``model`` (a depth/e2e/looped ``DiffusionForecaster``) to ``out_dir``; returns the metadata.
+
+    ``sampler`` defaults to the strategy's (Euler for looped, ``cfg.sampler`` otherwise).
+    """
+    if not isinstance(model, DiffusionForecaster) or strategy.name not in STREAMING_STRATEGIES:
+        raise TsdbError(f"ONNX export supports the {'/'.join(STREAMING_STRATEGIES)} strategies; "
+                        f"got {strategy.name!r}")
+    sampler = sampler or sampler_for(strategy)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = model.eval().float()
+    shape = model.blocks[0].shape
+    ex = TraceExamples(model)
+    p, w, heads, hd, layers = ex.p, ex.w, ex.heads, ex.hd, ex.layers
+    nb = len(model.blocks)
+    n_cov = shape.covariates
+    batch, cache, samples = ex.batch, ex.cache, ex.samples
+    b_ex, c_ex, s_ex = ex.b, ex.c, ex.s
+    rand = ex.rand
+    update_in, update_out = export_update_graph(model, out, ex, n_cov)
+
+    # -- denoise graphs ----------------------------------------------------------------
+    denoise_in = ["cache_k", "cache_v", "partial_k", "partial_v", "has_partial", "tokens", "z", "sigma"]
+    if n_cov:
+        denoise_in.append("future_covariates")
+    denoise_files = []
+    for i, nl in enumerate(layers):
+        args = (rand(nl, b_ex, heads, c_ex, hd), rand(nl, b_ex, heads, c_ex, hd),
+                rand(nl, b_ex, heads, 1, hd), rand(nl, b_ex, heads, 1, hd),
+                torch.tensor([True, False]), torch.tensor([7, 3], dtype=torch.long),
+                rand(b_ex, s_ex, shape.horizon), rand(b_ex).abs() + 0.1)
+        dyn = ({1: batch, 3: cache}, {1: batch, 3: cache}, {1: batch}, {1: batch}, {0: batch}, {0: batch},
+               {0: batch, 1: samples}, {0: batch})
+        if n_cov:
+            args += (rand(b_ex, shape.horizon, n_cov),)
+            dyn += ({0: batch},)
+        name = f"denoise_{i}.onnx"
+        with torch.no_grad():
+            _export(DenoiseGraph(model, i), args, out / name, denoise_in, ["denoised"], dyn)
+        denoise_files.append(name)
+
+    k = num_steps or strategy.cfg.inference_steps
+    schedules = {}
+    for n in sorted({k, nb, 2 * nb, 4 * nb, 8, 16}):
+        sched = strategy.schedule(n)
+        schedules[str(n)] = {"sigmas": sched.sigmas.tolist(), "blocks": list(sched.blocks)}
+    tsdb_version = _tsdb_version()
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "tsdb_version": tsdb_version,
+        "strategy": strategy.name,
+        "arm": arm or strategy.arm_name(),
+        "opset": OPSET,
+        "shapes": {
+            "core_layers": [len(b.layers) for b in model.blocks],
+            "context_length": shape.context_length, "horizon": shape.horizon, "patch_length": p,
+            "context_channels": shape.context_channels, "d_model": shape.d_model, "n_heads": heads,
+            "head_dim": hd, "n_blocks": nb, "layers_per_block": layers, "window_tokens": w,
+            "init_tokens": init_tokens(model), "future_tokens": shape.future_tokens,
+        },
+        "params": sum(q.numel() for q in model.parameters()),
+        "sampler": sampler,
+        "num_steps": k,
+        "sigmas": schedules[str(k)]["sigmas"],
+        "step_blocks": schedules[str(k)]["blocks"],
+        "schedules": schedules,
+        "band_edges": [float(e) for e in model.edges.tolist()],
+        "sigma_data": model.precond.sigma_data,
+        "normalization": {
+            "rule": NORMALIZATION_RULE,
+            "stats_window": shape.context_length,
+            "scale_floor": 1e-6,
+            "description": ("loc/scale = NaN-aware mean/std (population) of the last context_length values "
+                            "at initialisation; scale = 1 where std <= 1e-6 * (1 + |loc|). Frozen while the "
+                            "cache is valid; a refresh recomputes them and re-encodes the cache from the "
+                            "last init_tokens * patch_length raw values."),
+        },
+        "graphs": {
+            "update": {"file": "update.onnx", "inputs": update_in, "outputs": update_out},
+            "denoise": [{"file": f, "inputs": denoise_in, "outputs": ["denoised"]} for f in denoise_files],
+        },
+    }
+    if n_cov:
+        meta["shapes"]["num_covariates"] = n_cov
+        meta["normalization"]["covariates"] = (
+            "each covariate: NaN-aware mean/std of its own last context_length values at initialisation, with "
+            "the target's scale floor and freezing; update features channels 2.. hold the normalized covariates "
+            "of the same steps (NaN -> 0, as the unfinished patch's empty slots); future_covariates "
+            "[batch, horizon, num_covariates] are the normalized covariates of the horizon")
+    for entry in [meta["graphs"]["update"], *meta["graphs"]["denoise"]]:
+        entry["sha256"] = _sha256(out / entry["file"])
+    meta["model_id"] = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
+    (out / METADATA_FILE).write_text(json.dumps(meta, indent=2))
+    return meta
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
+    """Export a trained run directory (``tsdb train``) for streaming; returns ``out_dir``.
+
+    ``out_dir`` defaults to ``RUN_DIR/onnx``.
+    """
+    from tsdb.training.loop import load_model
+
+    cfg, strategy, model = load_model(run_dir)
+    out = Path(out_dir) if out_dir is not None else Path(run_dir) / "onnx"
+    if strategy.name == "horizon":  # per-token sigma graphs and a rolling-window state
+        from tsdb.strategies.horizon.export import export_horizon_model
+        export_horizon_model(model, strategy, out, num_steps=cfg.model.inference_steps)
+        return out
+    export_model(model, strategy, out, num_steps=cfg.model.inference_steps)
+    return out
+
+
+def load_metadata(model_dir: str | Path) -> dict:
+    """Read and validate ``tsdb_model.json`` (also done, without torch, by ``tsdb_streaming``)."""
+    path = Path(model_dir) / METADATA_FILE
+    if not path.exists():
+        raise TsdbError(f"{model_dir} has no {METADATA_FILE}; run `tsdb export RUN_DIR` first")
+    meta = json.loads(path.read_text())
+    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+        raise TsdbError(f"{path}: unsupported format {meta.get('format')!r} v{meta.get('format_version')}")
+    for entry in [meta["graphs"]["update"], *meta["graphs"]["denoise"]]:
+        f = Path(model_dir) / entry["file"]
+        if not f.exists() or _sha256(f) != entry["sha256"]:
+            raise TsdbError(f"{f} is missing or does not match the metadata checksum; re-export")
+    if not math.isclose(meta["sigmas"][-1], 0.0):
+        raise TsdbError(f"{path}: sigma grid must end in 0")
+    return meta
