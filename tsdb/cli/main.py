@@ -126,6 +126,11 @@ def cmd_bench(args) -> None:
         default = "reports/streaming" if args.strategy == "depth" else f"reports/streaming-{args.strategy}"
         run_streaming_bench(args.out or default, model_cfg=BENCH_MODELS[args.strategy])
         return
+    if args.name == "sampling":
+        from tsdb.bench.sampling import run_sampling_bench
+        r = run_sampling_bench(args.out or "reports/sampling", against=args.against)
+        print(f"speed-up {r['speedup']:.2f}x against {args.against}; report in {args.out or 'reports/sampling'}")
+        return
     if args.name == "parallel":
         from tsdb.bench.parallel import run_parallel_bench
         run_parallel_bench(args.out or "reports/parallel")
@@ -258,11 +263,13 @@ def build_parser() -> argparse.ArgumentParser:
                                  ("ablate", cmd_ablate, "train and evaluate a grid of split strategies")):
         s = sub.add_parser(name, help=helptext)
         if name == "bench":
-            s.add_argument("name", help="m4-hourly, etth1, parallel, streaming or covariates")
+            s.add_argument("name", help="m4-hourly, etth1, parallel, streaming, covariates or sampling")
             s.add_argument("--tier", default="quick", choices=["quick", "full"])
             s.add_argument("--config", help="override the benchmark's YAML")
             s.add_argument("--strategy", default="depth", choices=["depth", "horizon", "looped"],
                            help="streaming benchmark only: the model family to stream")
+            s.add_argument("--against", default="8ad1f17",
+                           help="sampling benchmark only: the git revision to time against")
         else:
             s.add_argument("--config", required=True)
         s.add_argument("--out", default=None)

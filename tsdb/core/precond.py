@@ -40,8 +40,10 @@ class Preconditioning:
     def denoise(self, net: RawNetwork, context: Tensor, z: Tensor, sigma: Tensor) -> Tensor:
         """D(z, sigma | x) = c_skip z + c_out F(x, c_in z, c_noise).
 
-        ``sigma`` is either per sample ``[batch]`` or per position ``[batch, horizon]``.
+        ``z`` is ``[batch, H]`` or ``[batch, samples, H]``; ``sigma`` is per series ``[batch]`` or
+        per position ``[batch, H]``.
         """
-        s = sigma if sigma.dim() == z.dim() else sigma.view(-1, *([1] * (z.dim() - 1)))
+        # per series [b] or per position [b, H], broadcast over samples [b, S, H] and positions
+        s = sigma.reshape(sigma.shape[0], *([1] * (z.dim() - sigma.dim())), *sigma.shape[1:])
         f = net(context, self.c_in(s) * z, self.c_noise(sigma))
         return self.c_skip(s) * z + self.c_out(s) * f

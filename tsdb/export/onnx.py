@@ -53,7 +53,7 @@ from torch import Tensor, nn
 
 from tsdb.errors import TsdbError
 from tsdb.nn.forecaster import DiffusionForecaster
-from tsdb.strategies.depth.streaming import (NORMALIZATION_RULE, STREAMING_STRATEGIES, context_layers, denoise_step, encode_tokens,
+from tsdb.strategies.depth.streaming import (NORMALIZATION_RULE, STREAMING_STRATEGIES, denoise_step, encode_tokens,
                         init_tokens, sampler_for, window_tokens)
 
 FORMAT = "tsdb-streaming-onnx"
@@ -123,7 +123,7 @@ class TraceExamples:
         shape = model.blocks[0].shape
         self.p, self.w = shape.patch_length, window_tokens(model)
         self.heads, self.hd = shape.n_heads, shape.d_model // shape.n_heads
-        self.layers = [len(context_layers(b)) for b in model.blocks]
+        self.layers = [len(b.context_layers) for b in model.blocks]
         self.b, self.m, self.c, self.s = 2, 3, max(2, self.w - 1), 3
         self.batch, self.new = Dim("batch", min=1), Dim("new_tokens", min=1)
         self.cache, self.samples = Dim("cache", min=0), Dim("samples", min=1)

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from tsdb.errors import TsdbError
-from tsdb.nn.layers import KV, SigmaEmbedding, TransformerLayer, modulate, rope_angles, sliding_causal_mask
+from tsdb.nn.layers import KV, SigmaEmbedding, TransformerLayer, modulate, rope_angles, window_mask
 
 CONTEXT_CHANNELS = 2  # normalized value, observed mask (then one channel per covariate)
 
@@ -65,22 +65,30 @@ class CovariateFeatures:
 
 
 class ContextEncoding:
-    """Per-layer context keys/values plus the token offset where future tokens start, and
-    (with covariates) the embedding ``[batch, H/P, d]`` added to the future tokens."""
+    """What the future path needs from a context, for a batch of series.
 
-    def __init__(self, kv: list[KV], num_tokens: int, future: Tensor | None = None):
-        self.kv = kv
-        self.num_tokens = num_tokens
-        self.future = future
+    kv: per context layer (a looped block's prelude, then its own layers) the keys/values
+        ``[batch, heads, tokens, head_dim]``;
+    next_position: ``[batch]`` int64, the position of the first future token;
+    mask: ``[batch, tokens]`` bool, the keys the future sees (None: all), e.g. a
+        streaming cache plus an optional partial token;
+    future: with covariates, the embedding ``[batch, H/P, d]`` added to the future tokens.
+    """
+
+    def __init__(self, kv: list[KV], next_position: Tensor, mask: Tensor | None = None,
+                 future: Tensor | None = None):
+        self.kv, self.next_position, self.mask, self.future = kv, next_position, mask, future
 
     def repeat(self, n: int) -> "ContextEncoding":
-        """Repeat each series' cache n times (one per sample), series-major."""
-        return ContextEncoding([KV(k.repeat_interleave(n, 0), v.repeat_interleave(n, 0)) for k, v in self.kv],
-                               self.num_tokens, None if self.future is None else self.future.repeat_interleave(n, 0))
+        """Repeat each series n times, series-major (for trajectories whose contexts diverge)."""
+        rep = lambda t: None if t is None else t.repeat_interleave(n, 0)  # noqa: E731
+        return ContextEncoding([KV(rep(k), rep(v)) for k, v in self.kv], rep(self.next_position), rep(self.mask),
+                               rep(self.future))
 
-    def select(self, idx: slice) -> "ContextEncoding":
-        return ContextEncoding([KV(k[idx], v[idx]) for k, v in self.kv], self.num_tokens,
-                               None if self.future is None else self.future[idx])
+    def last(self, tokens: int) -> "ContextEncoding":
+        """Keep the last ``tokens`` keys/values of every layer (a sliding window)."""
+        return ContextEncoding([KV(k[:, :, -tokens:], v[:, :, -tokens:]) for k, v in self.kv], self.next_position,
+                               None if self.mask is None else self.mask[:, -tokens:], self.future)
 
 
 class BlockDenoiser(nn.Module):
@@ -107,6 +115,11 @@ class BlockDenoiser(nn.Module):
             self.covariate_embed = nn.Linear(p * shape.covariates, d)
 
     # -- context path (independent of sigma) -------------------------------------------
+    @property
+    def context_layers(self) -> list[TransformerLayer]:
+        """Layers whose context keys/values an encoding holds (a looped block adds its prelude)."""
+        return list(self.layers)
+
     def embed_context(self, context: Tensor) -> Tensor:
         """``context [batch, C, channels]`` -> tokens ``[batch, C/P, d]``."""
         b, c, ch = context.shape
@@ -121,67 +134,84 @@ class BlockDenoiser(nn.Module):
 
     def split_features(self, features: Tensor | CovariateFeatures) -> tuple[Tensor, Tensor | None]:
         """``(context features, future covariate embedding or None)``; checks that the
-        inputs match the block's covariate count."""
+        inputs match the block's covariate count. (Streaming passes context features with
+        covariate channels alone: their future part comes with each forecast.)"""
+        future = None
         if isinstance(features, CovariateFeatures):
             if not self.shape.covariates:
                 raise TsdbError("covariates given to a model built without them (model.num_covariates = 0)")
-            return features.context, self.embed_future_covariates(features.future)
-        if self.shape.covariates:
+            features, future = features.context, self.embed_future_covariates(features.future)
+        if features.shape[-1] != self.shape.context_channels:
             raise TsdbError(f"this model takes {self.shape.covariates} covariate(s); pass covariates "
                             f"[batch, {self.shape.covariates}, context + horizon]")
-        return features, None
+        return features, future
 
-    def encode_context(self, context: Tensor | CovariateFeatures, window: int | None = None,
-                       position_offset: int = 0) -> ContextEncoding:
-        """Run the context tokens through every layer, keeping each layer's keys/values.
+    def rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """RoPE tables ``[batch, 1, n, head_dim/2]`` for per-series positions ``[batch, n]``."""
+        cos, sin = rope_angles(positions, self.shape.d_model // self.shape.n_heads)
+        return cos[:, None], sin[:, None]
 
-        ``window`` (tokens) limits causal attention to a sliding window, so a context
-        longer than the training one is handled exactly as the streaming cache does.
-        With covariates, ``context`` is a :class:`CovariateFeatures` and the encoding also
-        holds the embedding of the future covariates.
+    def encode_context(self, context: Tensor | CovariateFeatures, start: Tensor | int = 0,
+                       cache: list[KV] | None = None, window: int | None = None) -> ContextEncoding:
+        """Run context tokens through every context layer, keeping each layer's keys/values.
+
+        ``context``: features ``[batch, m * P, channels]`` of ``m`` new patches (with
+        covariates a :class:`CovariateFeatures`, whose future part is embedded for the
+        future tokens); ``start``: position of the first new token (int or ``[batch]``);
+        ``cache``: per context layer the keys/values of the tokens right before (streaming);
+        ``window``: causal attention limited to the last ``window`` tokens (a sliding window,
+        so a context longer than the training one is handled as the streaming cache does).
+        The encoding holds the keys/values of cache + new tokens.
         """
         context, future = self.split_features(context)
         h = self.embed_context(context)
-        n = h.shape[1]
-        head_dim = self.shape.d_model // self.shape.n_heads
-        rope = rope_angles(torch.arange(position_offset, position_offset + n, device=h.device), head_dim)
-        mask = None if window is None or window >= n else sliding_causal_mask(n, window, h.device)
-        h = self.encode_prelude(h, rope, mask)
+        b, m = h.shape[:2]
+        start = torch.as_tensor(start, device=h.device).expand(b)
+        rope = self.rope(start[:, None] + torch.arange(m, device=h.device))
+        cached = 0 if cache is None else cache[0].k.shape[2]
+        mask = None if cache is None and (window is None or window >= m) else window_mask(cached, m, window, h.device)
+        layers = self.context_layers
         kv = []
-        for layer in self.layers[:-1]:
-            h, layer_kv = layer.context(h, rope, mask)
+        for i, layer in enumerate(layers):
+            h, layer_kv = layer.context(h, rope, None if cache is None else cache[i], mask,
+                                        need_output=i < len(layers) - 1)
             kv.append(layer_kv)
-        # the last layer's context outputs feed nothing: only its keys/values are needed
-        kv.append(self.layers[-1].context_kv(h, rope)[1])
-        return ContextEncoding(kv, position_offset + n, future)
-
-    def encode_prelude(self, h: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None) -> Tensor:
-        """Context-only layers run before the stack: none in a plain block (``LoopedDenoiser`` adds some)."""
-        return h
+        return ContextEncoding(kv, start + m, future=future)
 
     # -- future path (depends on sigma) ---------------------------------------------------
     def cond(self, c_noise: Tensor) -> Tensor:
-        """sigma conditioning, ``[batch, 1, d]`` for per-sample or ``[batch, tokens, d]`` per position."""
+        """sigma conditioning ``[batch, 1 or H/P, d]`` from per-series ``c_noise [batch]`` or
+        per-position ``[batch, H]`` (one value per future patch)."""
         if c_noise.dim() == 1:
             return self.sigma_embed(c_noise)[:, None, :]
-        # per-position sigma [batch, H]: one value per future patch
         return self.sigma_embed(c_noise[:, :: self.shape.patch_length])
 
     def denoise_future(self, ctx: ContextEncoding, scaled_noisy: Tensor, c_noise: Tensor) -> Tensor:
-        """F for the future given a context encoding: ``[batch, H]``."""
-        b, hz = scaled_noisy.shape
+        """F for the future given a context encoding.
+
+        ``scaled_noisy`` is ``[batch, H]`` (one sample per series) or ``[batch, S, H]`` (S
+        samples sharing their series' context, which is never copied per sample);
+        ``c_noise`` is per series ``[batch]`` or per position ``[batch, H]``. Returns F of the
+        same shape as ``scaled_noisy``.
+        """
         p = self.shape.patch_length
-        h = self.future_embed(scaled_noisy.view(b, hz // p, p)) + self.lead_time
+        samples = scaled_noisy.dim() == 3
+        x = scaled_noisy if samples else scaled_noisy[:, None]
+        b, s, hz = x.shape
+        h = self.future_embed(x.reshape(b, s, hz // p, p)) + self.lead_time
         if ctx.future is not None:
-            h = h + ctx.future
-        cond = self.cond(c_noise)
-        head_dim = self.shape.d_model // self.shape.n_heads
-        n_fut = h.shape[1]
-        rope = rope_angles(torch.arange(ctx.num_tokens, ctx.num_tokens + n_fut, device=h.device), head_dim)
-        for layer, kv in zip(self.layers, ctx.kv):
-            h = layer.future(h, kv, cond, rope)
+            h = h + ctx.future[:, None]
+        cond = self.cond(c_noise)[:, None]                                    # [b, 1, 1 or n, d]
+        rope = self.rope(ctx.next_position[:, None] + torch.arange(hz // p, device=h.device))
+        if samples:
+            rope = tuple(t[:, :, None] for t in rope)                         # [b, 1, 1, n, hd/2]
+        else:
+            h, cond = h[:, 0], cond[:, 0]
+        own = ctx.kv[len(ctx.kv) - len(self.layers):]                         # skip a looped prelude's
+        for layer, kv in zip(self.layers, own):
+            h = layer.future(h, kv, ctx.mask, cond, rope)
         shift, scale = self.final_ada(cond).chunk(2, dim=-1)
-        return self.out(modulate(self.final_norm(h), shift, scale)).reshape(b, hz)
+        return self.out(modulate(self.final_norm(h), shift, scale)).reshape(scaled_noisy.shape)
 
     def forward(self, context: Tensor | CovariateFeatures, scaled_noisy: Tensor, c_noise: Tensor) -> Tensor:
         return self.denoise_future(self.encode_context(context), scaled_noisy, c_noise)

@@ -133,8 +133,7 @@ class DiffusionForecaster(nn.Module):
         encoding; the sampling schedule says which one takes each step."""
 
         def denoiser(block: BlockDenoiser, ctx: ContextEncoding):
-            return lambda z, sigma: self.precond.denoise(lambda _x, zz, cn: block.denoise_future(ctx, zz, cn),
-                                                         None, z, sigma)
+            return lambda z, sigma: self.precond.denoise(block.denoise_future, ctx, z, sigma)
 
         return [denoiser(block, ctx) for block, ctx in zip(self.blocks, encodings)]
 
@@ -158,8 +157,7 @@ class DiffusionForecaster(nn.Module):
         per_chunk = max(1, max_batch // num_samples)
         for start in range(0, n, per_chunk):
             sl = slice(start, min(n, start + per_chunk))
-            encodings = [e.repeat(num_samples) for e in self.encode(features[sl])]
-            x = noise[sl].reshape(-1, self.horizon) * sigmas[0]
-            y = SAMPLERS[sampler](self.denoisers(encodings), x, sigmas, schedule.blocks)
-            out[sl] = y.view(-1, num_samples, self.horizon)
+            # [series, samples, H]: the samples of a series share its context encoding
+            x = noise[sl] * sigmas[0]
+            out[sl] = SAMPLERS[sampler](self.denoisers(self.encode(features[sl])), x, sigmas, schedule.blocks)
         return out * scale[:, :, None] + loc[:, :, None]

@@ -1,9 +1,19 @@
-"""Transformer layers for the forecaster.
+"""Transformer layers for the forecaster: the one attention of the project.
 
-The token sequence is ``[context ; future]``. Context tokens attend causally to context
-only and carry no sigma modulation, so their keys/values do not depend on the noise and
-can be computed once per forecast (and cached for streaming). Future tokens attend to all
-context and to each other and are modulated by sigma via adaLN-Zero.
+The token sequence is ``[context ; future]``. Context tokens attend causally (within a
+sliding window of ``W`` tokens when asked) to context only and carry no sigma
+modulation, so their keys/values do not depend on the noise: they are computed once per
+forecast, shared by every sample and sampler step, and cached for streaming. Future
+tokens attend to the context keys/values and to the future tokens of their own sample,
+and are modulated by sigma via adaLN-Zero.
+
+Three paths through the same weights and the same attention:
+
+- context, full or incremental (:meth:`TransformerLayer.context`): new context tokens
+  attend to an optional cache of earlier keys/values and to themselves;
+- future (:meth:`TransformerLayer.future`): one sample per series (training), or ``S``
+  samples of a series, ``[batch, S, n, d]``, attending to the series' context keys/values,
+  which are never copied per sample (one matrix product over all samples' queries).
 """
 
 from __future__ import annotations
@@ -24,9 +34,9 @@ class KV(NamedTuple):
 
 
 def rope_angles(positions: Tensor, head_dim: int, base: float = 10000.0) -> tuple[Tensor, Tensor]:
-    """cos/sin tables ``[tokens, head_dim/2]`` for rotary embeddings at integer positions."""
+    """cos/sin tables ``[..., head_dim/2]`` for rotary embeddings at integer ``positions [...]``."""
     inv_freq = base ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
-    angles = positions.float()[:, None] * inv_freq[None, :]
+    angles = positions.float()[..., None] * inv_freq
     return angles.cos(), angles.sin()
 
 
@@ -37,15 +47,47 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return out.flatten(-2)
 
 
-def sliding_causal_mask(num_tokens: int, window: int, device=None) -> Tensor:
-    """Boolean mask (True = attend): token i sees tokens j with i - window < j <= i."""
-    i = torch.arange(num_tokens, device=device)[:, None]
-    j = torch.arange(num_tokens, device=device)[None, :]
-    return (j <= i) & (j > i - window)
+def window_mask(cached: int, new: int, window: int | None, device=None) -> Tensor:
+    """Boolean mask ``[new, cached + new]`` (True = attend) for new tokens after ``cached`` ones:
+    query j sees key t iff t is not after it and at most ``window - 1`` tokens back."""
+    rel = torch.arange(cached + new, device=device)[None, :] - cached - torch.arange(new, device=device)[:, None]
+    mask = rel <= 0
+    return mask if window is None else mask & (rel > -window)
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return x * (1 + scale) + shift
+
+
+def future_attention(q: Tensor, ctx: KV, k: Tensor, v: Tensor, ctx_mask: Tensor | None,
+                     dropout: float = 0.0) -> Tensor:
+    """Softmax attention of future queries over ``[context ; own future]`` keys.
+
+    ``ctx``: context keys/values ``[batch, heads, c, head_dim]``, visible where ``ctx_mask``
+    (``[batch, c]`` bool, or None = all). Either one sample per series, q/k/v
+    ``[batch, heads, n, head_dim]`` (training: the fused kernel over the concatenated keys),
+    or S samples per series sharing the context, q/k/v ``[batch, heads, S, n, head_dim]``:
+    every sample's queries meet the shared context keys in one matrix product, so the
+    context is never copied per sample. The rank decides (a static property, so exported
+    graphs keep a dynamic sample axis).
+    """
+    if q.dim() == 4:
+        n = q.shape[2]
+        mask = None if ctx_mask is None else torch.cat(
+            [ctx_mask, ctx_mask.new_ones(ctx_mask.shape[0], n)], dim=1)[:, None, None, :]
+        return F.scaled_dot_product_attention(q, torch.cat([ctx.k, k], dim=2), torch.cat([ctx.v, v], dim=2),
+                                              attn_mask=mask, dropout_p=dropout)
+    b, heads, s, n, hd = q.shape
+    c = ctx.k.shape[2]
+    s_ctx = torch.matmul(q.reshape(b, heads, s * n, hd), ctx.k.transpose(-1, -2)).reshape(b, heads, s, n, c)
+    if ctx_mask is not None:
+        s_ctx = s_ctx.masked_fill(~ctx_mask[:, None, None, None, :], float("-inf"))
+    s_fut = torch.matmul(q, k.transpose(-1, -2))
+    att = torch.softmax(torch.cat([s_ctx, s_fut], dim=-1) / math.sqrt(hd), dim=-1)
+    if dropout:
+        att = F.dropout(att, dropout)
+    out = torch.matmul(att[..., :c].reshape(b, heads, s * n, c), ctx.v).reshape(b, heads, s, n, hd)
+    return out + torch.matmul(att[..., c:], v)
 
 
 class SigmaEmbedding(nn.Module):
@@ -90,45 +132,51 @@ class TransformerLayer(nn.Module):
         nn.init.zeros_(self.ada[1].bias)
 
     def _heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        b, n, _ = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        return q, k, v
+        """``[..., n, d]`` -> q, k, v ``[batch, heads, ..., n, head_dim]``."""
+        lead = x.shape[:-1]
+        qkv = self.qkv(x).view(*lead, 3, self.n_heads, self.head_dim)
+        qkv = qkv.movedim(-3, 0).movedim(-2, 2)      # [3, batch, heads, ..., n, head_dim]
+        return qkv[0], qkv[1], qkv[2]
 
-    def _merge(self, a: Tensor) -> Tensor:
-        b, h, n, d = a.shape
-        return a.transpose(1, 2).reshape(b, n, h * d)
+    @staticmethod
+    def _merge(a: Tensor) -> Tensor:
+        """``[batch, heads, ..., n, head_dim]`` -> ``[batch, ..., n, heads * head_dim]``."""
+        return a.movedim(1, -2).flatten(-2)
 
-    def _attend(self, q, k, v, mask=None, is_causal=False) -> Tensor:
-        p = self.dropout if self.training else 0.0
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal)
+    def context(self, h: Tensor, rope: tuple[Tensor, Tensor], cache: KV | None = None, mask: Tensor | None = None,
+                need_output: bool = True) -> tuple[Tensor | None, KV]:
+        """Context path: new tokens ``h [batch, m, d]`` attend to ``cache`` (keys/values of
+        earlier tokens) and to themselves under ``mask`` (bool ``[m, cache + m]``, True =
+        attend; None = plain causal). ``rope``: tables ``[batch, 1, m, head_dim/2]``.
 
-    def context_kv(self, h: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, KV]:
-        """Queries and the (cacheable) keys/values of context tokens, RoPE applied."""
-        q, k, v = self._heads(self.ctx_norm1(h))
-        return apply_rope(q, *rope), KV(apply_rope(k, *rope), v)
-
-    def context(self, h: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None = None) -> tuple[Tensor, KV]:
-        """Context path: causal self-attention among context tokens. Returns new h and its KV.
-
-        ``mask`` (bool, True = attend) replaces plain causality, e.g. a sliding window.
+        Returns the new hidden states (None when ``need_output`` is False: the last layer's
+        context outputs feed nothing) and the keys/values of cache + new tokens.
         """
-        q, kv = self.context_kv(h, rope)
-        a = self._attend(q, kv.k, kv.v, mask=mask, is_causal=mask is None)
+        q, k, v = self._heads(self.ctx_norm1(h))
+        k = apply_rope(k, *rope)
+        if cache is not None:
+            k, v = torch.cat([cache.k, k], dim=2), torch.cat([cache.v, v], dim=2)
+        if not need_output:
+            return None, KV(k, v)
+        p = self.dropout if self.training else 0.0
+        a = F.scaled_dot_product_attention(apply_rope(q, *rope), k, v, attn_mask=mask, dropout_p=p,
+                                           is_causal=mask is None)
         h = h + self.proj(self._merge(a))
-        h = h + self.mlp(self.ctx_norm2(h))
-        return h, kv
+        return h + self.mlp(self.ctx_norm2(h)), KV(k, v)
 
-    def future(self, h: Tensor, ctx: KV, cond: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
-        """Future path: attend to all (cached) context keys/values and to every future token.
+    def future(self, h: Tensor, ctx: KV, ctx_mask: Tensor | None, cond: Tensor,
+               rope: tuple[Tensor, Tensor]) -> Tensor:
+        """Future path: ``h`` ``[batch, n, d]`` (one sample per series) or ``[batch, S, n, d]``
+        (S samples sharing their series' context) attends to the context ``ctx``
+        (``[batch, heads, c, head_dim]``, visible where ``ctx_mask [batch, c]``) and to its own
+        sample's future tokens.
 
-        ``cond`` is ``[batch, 1 or tokens, d_model]`` (per-sample or per-token sigma).
+        ``cond`` broadcasts against ``h`` (``[batch, (1,) 1 or n, d]``: per-series or per-token
+        sigma); ``rope`` tables against ``[batch, heads, (S,) n, head_dim/2]``.
         """
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(cond).chunk(6, dim=-1)
         q, k, v = self._heads(modulate(self.fut_norm1(h), shift1, scale1))
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        k = torch.cat([ctx.k.expand(q.shape[0], -1, -1, -1), k], dim=2)
-        v = torch.cat([ctx.v.expand(q.shape[0], -1, -1, -1), v], dim=2)
-        a = self._attend(q, k, v)
+        a = future_attention(q, ctx, k, v, ctx_mask, self.dropout if self.training else 0.0)
         h = h + gate1 * self.proj(self._merge(a))
-        h = h + gate2 * self.mlp(modulate(self.fut_norm2(h), shift2, scale2))
-        return h
+        return h + gate2 * self.mlp(modulate(self.fut_norm2(h), shift2, scale2))

@@ -54,7 +54,6 @@ holds no state. The same per-block functions (:func:`encode_tokens`,
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, fields
 
 import torch
@@ -65,7 +64,7 @@ from tsdb.errors import TsdbError
 from tsdb.nn.denoiser import BlockDenoiser, ContextEncoding
 from tsdb.nn.denoiser import CovariateFeatures
 from tsdb.nn.forecaster import DiffusionForecaster, context_features, instance_stats, normalize_covariates
-from tsdb.nn.layers import KV, modulate, rope_angles
+from tsdb.nn.layers import KV
 from tsdb.core.samplers import SAMPLERS
 
 STREAMING_STRATEGIES = ("depth", "e2e", "looped", "looped-bptt")
@@ -142,13 +141,6 @@ def _check_model(model: DiffusionForecaster) -> None:
                         f"(a DiffusionForecaster); got {type(model).__name__}")
 
 
-def context_layers(block: BlockDenoiser) -> list:
-    """The layers whose context keys/values the state caches: a looped block's prelude
-    (context-only) layers, then the block's own layers. The future path reads only the
-    keys/values of the block's own (last ``len(block.layers)``) layers."""
-    return [*getattr(block, "prelude", ()), *block.layers]
-
-
 def sampler_for(strategy, default: str | None = None) -> str:
     """The sampler a strategy forecasts with (the looped core takes Euler steps)."""
     if strategy.name.startswith("looped"):
@@ -163,86 +155,45 @@ def window_tokens(model: DiffusionForecaster) -> int:
 
 def init_tokens(model: DiffusionForecaster) -> int:
     """R: tokens whose receptive field covers the cache exactly (``layers * W``)."""
-    return max(len(context_layers(b)) for b in model.blocks) * window_tokens(model)
+    return max(len(b.context_layers) for b in model.blocks) * window_tokens(model)
 
 
 # ---------------------------------------------------------------------------------------
 # Per-block building blocks (exported to ONNX by tsdb.export.onnx)
 # ---------------------------------------------------------------------------------------
 
-def batched_rope(positions: Tensor, head_dim: int) -> tuple[Tensor, Tensor]:
-    """RoPE tables for per-series positions ``[batch, n]`` -> ``[batch, 1, n, head_dim/2]``."""
-    b, n = positions.shape
-    cos, sin = rope_angles(positions.reshape(-1), head_dim)
-    return cos.reshape(b, 1, n, -1), sin.reshape(b, 1, n, -1)
-
-
 def encode_tokens(block: BlockDenoiser, features: Tensor, start: Tensor,
                   k_cache: Tensor | None = None, v_cache: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Run ``m`` new context patches through the block's layers, attending to the cache.
+    """Run ``m`` new context patches through the block's context layers, attending to the cache.
 
     features: ``[batch, m, P, channels]`` normalized context features of complete (or, for
         the partial token, NaN-padded) patches.
     start: ``[batch]`` int64 absolute position of the first new token.
     k_cache, v_cache: ``[layers, batch, heads, c, head_dim]`` keys/values of the ``c``
         tokens just before (``None``: no cache, as at initialisation).
-    Returns the keys/values of the last ``min(W, c + m)`` tokens, same layout.
-
-    Attention is causal within a sliding window of ``W`` tokens, exactly as
-    ``encode_context(..., window=W)`` on the whole sequence.
+    Returns the keys/values of the last ``min(W, c + m)`` tokens, same layout: the block's
+    own ``encode_context`` with a sliding window of ``W`` tokens.
     """
-    b, m = features.shape[0], features.shape[1]
+    b, m, p, ch = features.shape
+    cache = None if k_cache is None else [KV(k, v) for k, v in zip(k_cache, v_cache)]
     w = block.shape.context_tokens
-    head_dim = block.shape.d_model // block.shape.n_heads
-    h = block.context_embed(features.reshape(b, m, -1))
-    pos = start[:, None] + torch.arange(m, device=h.device)
-    rope = batched_rope(pos, head_dim)
-    c = 0 if k_cache is None else k_cache.shape[3]
-    # key t (0..c+m-1) sits at offset t - c from the first new token; query j sees it iff
-    # it is not in the future and at most W - 1 tokens back.
-    rel = torch.arange(c + m, device=h.device)[None, :] - c - torch.arange(m, device=h.device)[:, None]
-    mask = (rel <= 0) & (rel > -w)
-    ks, vs = [], []
-    layers = context_layers(block)
-    last = len(layers) - 1
-    for i, layer in enumerate(layers):
-        q, k, v = layer._heads(layer.ctx_norm1(h))
-        k = _rope_apply(k, rope)
-        if k_cache is not None:
-            k = torch.cat([k_cache[i], k], dim=2)
-            v = torch.cat([v_cache[i], v], dim=2)
-        ks.append(k[:, :, -w:])  # the sliding window (all of it while shorter)
-        vs.append(v[:, :, -w:])
-        if i < last:  # the last layer's outputs feed nothing: only its keys/values are kept
-            a = layer._attend(_rope_apply(q, rope), k, v, mask=mask)
-            h = h + layer.proj(layer._merge(a))
-            h = h + layer.mlp(layer.ctx_norm2(h))
-    return torch.stack(ks), torch.stack(vs)
+    enc = block.encode_context(features.reshape(b, m * p, ch), start, cache, window=w).last(w)
+    return torch.stack([kv.k for kv in enc.kv]), torch.stack([kv.v for kv in enc.kv])
 
 
-def _rope_apply(x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
-    cos, sin = rope
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
-
-
-def _softmax(x: Tensor) -> Tensor:
-    """Softmax over the last axis written out (torch's CPU kernel is slow for short rows)."""
-    e = torch.exp(x - x.amax(dim=-1, keepdim=True))
-    return e / e.sum(dim=-1, keepdim=True)
-
-
-def context_key_mask(has_partial: Tensor, c: int, w: int) -> Tensor:
-    """Which of the ``c + 1`` keys ``[cache ; partial]`` the future sees: ``[batch, c + 1]``.
-
-    With a partial token: the last ``W`` (``W - 1`` cache tokens and the partial one);
-    without: the last ``W`` cache tokens.
-    """
+def state_encoding(k_cache: Tensor, v_cache: Tensor, k_partial: Tensor, v_partial: Tensor,
+                   has_partial: Tensor, tokens: Tensor, window: int) -> ContextEncoding:
+    """The context a forecast from a streaming state sees: the cache ``[layers, batch, heads,
+    c, head_dim]`` then the partial token (``[layers, batch, heads, 1, head_dim]``, from the
+    unfinished patch, where ``has_partial [batch]``), of which the last ``window`` are
+    visible (``window - 1`` cache tokens and the partial one, or ``window`` cache tokens)."""
+    c = k_cache.shape[3]
+    kv = [KV(torch.cat([k, kp], dim=2), torch.cat([v, vp], dim=2))
+          for k, v, kp, vp in zip(k_cache, v_cache, k_partial, v_partial)]
     idx = torch.arange(c + 1, device=has_partial.device)[None, :]
-    with_p = idx >= c + 1 - w
-    without = (idx < c) & (idx >= c - w)
     has = has_partial[:, None]
-    return (has & with_p) | (~has & without)  # (ORT has no bool Where)
+    mask = (has & (idx >= c + 1 - window)) | (~has & (idx < c) & (idx >= c - window))  # (ORT has no bool Where)
+    return ContextEncoding(kv, tokens + has_partial.to(tokens.dtype), mask)
 
 
 def denoise_step(block: BlockDenoiser, precond, k_cache: Tensor, v_cache: Tensor,
@@ -251,60 +202,18 @@ def denoise_step(block: BlockDenoiser, precond, k_cache: Tensor, v_cache: Tensor
     """One preconditioned denoiser call ``D(z, sigma | state)`` of one block.
 
     k_cache, v_cache: ``[layers, batch, heads, c, head_dim]`` (all context layers, see
-    :func:`context_layers`); k_partial, v_partial: ``[layers, batch, heads, 1, head_dim]``
-    (ignored where ``has_partial`` is False); tokens: ``[batch]`` complete tokens;
+    ``BlockDenoiser.context_layers``); k_partial, v_partial: ``[layers, batch, heads, 1,
+    head_dim]`` (ignored where ``has_partial`` is False); tokens: ``[batch]`` complete tokens;
     z: ``[batch, S, H]`` noisy future; sigma: ``[batch]`` (one noise level for all samples
     of a series, as the samplers use); future_covariates: ``[batch, H, n_cov]`` normalized
     known-future covariates (models with covariates only).
-    Returns the denoised future ``[batch, S, H]`` (normalized scale).
-
-    The sigma conditioning is computed once per series, and the queries of all samples
-    meet the series' context keys in one matrix product (the cache is never copied per
-    sample); each sample's future tokens also attend to one another.
+    Returns the denoised future ``[batch, S, H]`` (normalized scale): the block's own
+    future path, its S samples sharing the state's cache.
     """
-    b, s, hz = z.shape
-    p = block.shape.patch_length
-    nf = hz // p
-    n_heads = block.shape.n_heads
-    head_dim = block.shape.d_model // n_heads
-    d_model = n_heads * head_dim
-    c = k_cache.shape[3]
-    w = block.shape.context_tokens
-    sig = sigma.reshape(b, 1, 1)
-    scaled = precond.c_in(sig) * z
-    h = block.future_embed(scaled.reshape(b, s, nf, p)) + block.lead_time   # [b, s, nf, d]
+    ctx = state_encoding(k_cache, v_cache, k_partial, v_partial, has_partial, tokens, block.shape.context_tokens)
     if future_covariates is not None:
-        h = h + block.embed_future_covariates(future_covariates)[:, None]    # same for every sample
-    cond = block.cond(precond.c_noise(sigma))[:, :, None, :]                 # [b, 1, 1, d]
-    start = tokens + has_partial.to(tokens.dtype)
-    pos = start[:, None] + torch.arange(nf, device=z.device)
-    cos, sin = batched_rope(pos, head_dim)                                   # [b, 1, nf, hd/2]
-    rope = (cos[:, :, None], sin[:, :, None])                                # [b, 1, 1, nf, hd/2]
-    key_ok = context_key_mask(has_partial, c, w)[:, None, None, None, :]     # [b, 1, 1, 1, c+1]
-    scale = 1.0 / math.sqrt(head_dim)
-    first = len(context_layers(block)) - len(block.layers)  # skip a looped prelude's caches
-    for j, layer in enumerate(block.layers):
-        i = first + j
-        shift1, scale1, gate1, shift2, scale2, gate2 = layer.ada(cond).chunk(6, dim=-1)
-        x = modulate(layer.fut_norm1(h), shift1, scale1)
-        qkv = layer.qkv(x).reshape(b, s, nf, 3, n_heads, head_dim).permute(3, 0, 4, 1, 2, 5)
-        q, k, v = qkv[0], qkv[1], qkv[2]                                     # [b, heads, s, nf, hd]
-        q, k = _rope_apply(q, rope), _rope_apply(k, rope)
-        kc = torch.cat([k_cache[i], k_partial[i]], dim=2)                    # [b, heads, c+1, hd]
-        vc = torch.cat([v_cache[i], v_partial[i]], dim=2)
-        s_ctx = torch.matmul(q.reshape(b, n_heads, s * nf, head_dim), kc.transpose(-1, -2))
-        s_ctx = s_ctx.reshape(b, n_heads, s, nf, c + 1) * scale
-        s_ctx = s_ctx.masked_fill(~key_ok, float("-inf"))
-        s_fut = torch.matmul(q, k.transpose(-1, -2)) * scale                 # [b, heads, s, nf, nf]
-        att = _softmax(torch.cat([s_ctx, s_fut], dim=-1))
-        a_ctx = torch.matmul(att[..., : c + 1].reshape(b, n_heads, s * nf, c + 1), vc)
-        a = a_ctx.reshape(b, n_heads, s, nf, head_dim) + torch.matmul(att[..., c + 1:], v)
-        a = a.permute(0, 2, 3, 1, 4).reshape(b, s, nf, d_model)
-        h = h + gate1 * layer.proj(a)
-        h = h + gate2 * layer.mlp(modulate(layer.fut_norm2(h), shift2, scale2))
-    shift, sc = block.final_ada(cond).chunk(2, dim=-1)
-    f = block.out(modulate(block.final_norm(h), shift, sc)).reshape(b, s, hz)
-    return precond.c_skip(sig) * z + precond.c_out(sig) * f
+        ctx.future = block.embed_future_covariates(future_covariates)
+    return precond.denoise(block.denoise_future, ctx, z, sigma)
 
 
 # ---------------------------------------------------------------------------------------
@@ -536,20 +445,14 @@ def forecast(model: DiffusionForecaster, state: StreamingState, noise: Tensor, s
     the H steps after the last observed value.
     """
     _check_model(model)
-    b, s, hz = noise.shape
     future = future_covariates(model, state, covariates)
     kp, vp, has_p = partial_kv(model, state)
-    x = noise.reshape(b * s, hz) * schedule.sigmas[0]
-
-    def denoiser(i: int):
-        def denoise(z: Tensor, sigma: Tensor) -> Tensor:
-            d = denoise_step(model.blocks[i], model.precond, state.k[i], state.v[i], kp[i], vp[i], has_p,
-                             state.tokens, z.reshape(b, s, hz), sigma.reshape(b, s)[:, 0], future)
-            return d.reshape(b * s, hz)
-        return denoise
-
-    denoisers = [denoiser(i) for i in range(len(model.blocks))]
-    y = SAMPLERS[sampler](denoisers, x, schedule.sigmas, schedule.blocks).reshape(b, s, hz)
+    encodings = []
+    for block, k, v, k_p, v_p in zip(model.blocks, state.k, state.v, kp, vp):
+        ctx = state_encoding(k, v, k_p, v_p, has_p, state.tokens, block.shape.context_tokens)
+        ctx.future = None if future is None else block.embed_future_covariates(future)
+        encodings.append(ctx)
+    y = SAMPLERS[sampler](model.denoisers(encodings), noise * schedule.sigmas[0], schedule.sigmas, schedule.blocks)
     if normalized:
         return y
     return y * state.scale[:, :, None] + state.loc[:, :, None]
@@ -614,14 +517,8 @@ def recompute_forecast(model: DiffusionForecaster, history: Tensor, noise: Tenso
         feats = CovariateFeatures(torch.cat([feats, normalize_covariates(cov, cov_loc, cov_scale)], dim=-1),
                                   normalize_covariates(covariates[:, :, t:], cov_loc, cov_scale))
     offset = 0 if next_token is None else next_token - n
-    b, s, hz = noise.shape
-    encodings = []
-    for block in model.blocks:
-        enc = block.encode_context(feats, window=w, position_offset=offset)
-        kv = [KV(kk[:, :, -w:], vv[:, :, -w:]) for kk, vv in enc.kv]
-        encodings.append(ContextEncoding(kv, enc.num_tokens, enc.future).repeat(s))
-    x = noise.reshape(b * s, hz) * schedule.sigmas[0]
-    y = SAMPLERS[sampler](model.denoisers(encodings), x, schedule.sigmas, schedule.blocks).reshape(b, s, hz)
+    encodings = [block.encode_context(feats, offset, window=w).last(w) for block in model.blocks]
+    y = SAMPLERS[sampler](model.denoisers(encodings), noise * schedule.sigmas[0], schedule.sigmas, schedule.blocks)
     if normalized:
         return y
     return y * scale[:, :, None] + loc[:, :, None]
@@ -629,4 +526,4 @@ def recompute_forecast(model: DiffusionForecaster, history: Tensor, noise: Tenso
 
 __all__ = ["NORMALIZATION_RULE", "STREAMING_STRATEGIES", "StreamingState", "denoise_step", "encode_tokens",
            "forecast", "future_covariates", "init_state", "init_tokens", "partial_kv", "recompute_forecast",
-           "refresh", "update", "window_tokens", "context_layers", "sampler_for"]
+           "refresh", "update", "window_tokens", "sampler_for", "state_encoding"]

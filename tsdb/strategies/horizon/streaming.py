@@ -93,8 +93,8 @@ from tsdb.errors import TsdbError
 from tsdb.nn.denoiser import ContextEncoding
 from tsdb.nn.forecaster import context_features, instance_stats
 from tsdb.strategies.horizon.model import HorizonForecaster
-from tsdb.nn.layers import KV, modulate
-from tsdb.strategies.depth.streaming import BatchedState, _align, batched_rope, encode_tokens, init_tokens, window_tokens
+from tsdb.nn.layers import KV
+from tsdb.strategies.depth.streaming import BatchedState, _align, encode_tokens, init_tokens, window_tokens
 
 NORMALIZATION_RULE = "frozen-at-init"
 
@@ -165,8 +165,8 @@ def rolls_due(model: HorizonForecaster, state: HorizonStreamingState, n: int) ->
 # ---------------------------------------------------------------------------------------
 
 def _encodings(k: tuple[Tensor, ...], v: tuple[Tensor, ...], tokens: Tensor) -> list[ContextEncoding]:
-    """The cache as the library's per-block ``ContextEncoding``s (all rows at the same position)."""
-    return [ContextEncoding([KV(kb[i], vb[i]) for i in range(kb.shape[0])], int(tokens[0])) for kb, vb in zip(k, v)]
+    """The cache as the library's per-block ``ContextEncoding``s."""
+    return [ContextEncoding([KV(kb[i], vb[i]) for i in range(kb.shape[0])], tokens) for kb, vb in zip(k, v)]
 
 
 def _ingest(model: HorizonForecaster, k, v, tokens: Tensor, values: Tensor, loc: Tensor, scale: Tensor):
@@ -373,26 +373,8 @@ def denoise_tokens(block, precond, k_cache: Tensor, v_cache: Tensor, tokens: Ten
     keeps chunk j of block j's output. Equals ``BlockDenoiser.denoise_future`` through
     ``Preconditioning.denoise`` with positions given per series.
     """
-    b, s, hz = z.shape
-    p = block.shape.patch_length
-    nf = hz // p
-    head_dim = block.shape.d_model // block.shape.n_heads
-    sig = sigma[:, None, :]                                                   # [b, 1, H]
-
-    def per_sample(x: Tensor) -> Tensor:                                      # [b, ...] -> [b * s, ...]
-        return x[:, None].expand(b, s, *x.shape[1:]).reshape(b * s, *x.shape[1:])
-
-    h = block.future_embed((precond.c_in(sig) * z).reshape(b * s, nf, p)) + block.lead_time
-    cond = per_sample(block.cond(precond.c_noise(sigma)))                     # [b * s, nf, d]
-    cos, sin = batched_rope(tokens[:, None] + torch.arange(nf, device=z.device), head_dim)
-    rope = (per_sample(cos), per_sample(sin))                                 # [b * s, 1, nf, hd / 2]
-    first = k_cache.shape[0] - len(block.layers)
-    for j, layer in enumerate(block.layers):
-        kv = KV(per_sample(k_cache[first + j]), per_sample(v_cache[first + j]))
-        h = layer.future(h, kv, cond, rope)
-    shift, scale = block.final_ada(cond).chunk(2, dim=-1)
-    f = block.out(modulate(block.final_norm(h), shift, scale)).reshape(b, s, hz)
-    return precond.c_skip(sig) * z + precond.c_out(sig) * f
+    ctx = ContextEncoding([KV(k, v) for k, v in zip(k_cache, v_cache)], tokens)
+    return precond.denoise(block.denoise_future, ctx, z, sigma)
 
 
 # ---------------------------------------------------------------------------------------
@@ -410,8 +392,7 @@ def sliding_replay_model(model: HorizonForecaster, position_offset: int = 0) -> 
     def encode(features: Tensor) -> list[ContextEncoding]:
         out = []
         for block in model.blocks:
-            enc = block.encode_context(features, window=w, position_offset=position_offset)
-            out.append(ContextEncoding([KV(kk[:, :, -w:], vv[:, :, -w:]) for kk, vv in enc.kv], enc.num_tokens))
+            out.append(block.encode_context(features, position_offset, window=w).last(w))
         return out
 
     ref.encode = encode

@@ -14,7 +14,7 @@ at a time, without backpropagation through time.
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import nn
 
 from tsdb.nn.denoiser import BlockDenoiser, DenoiserShape
 from tsdb.nn.layers import TransformerLayer
@@ -34,7 +34,7 @@ class LoopedDenoiser(BlockDenoiser):
         super().__init__(shape)
         self.prelude = nn.ModuleList(context_layer(shape) for _ in range(prelude_layers))
 
-    def encode_prelude(self, h: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None) -> Tensor:
-        for layer in self.prelude:
-            h, _ = layer.context(h, rope, mask)
-        return h
+    @property
+    def context_layers(self) -> list[TransformerLayer]:
+        """The prelude's layers, then the core's: the core's context path reads the prelude's output."""
+        return [*self.prelude, *self.layers]
