@@ -18,7 +18,7 @@ from tsdb.data.windows import TrainingWindows
 from tsdb.errors import DataError, TsdbError
 from tsdb.evaluation.tasks import evaluate_predictor, rolling_task
 from tsdb.bench.experiment import torch_predictor
-from tsdb.export.onnx import export_model
+from tsdb.strategies.depth.export import export_model
 from tsdb.nn.denoiser import CovariateFeatures
 from tsdb.cli.stream import import_runtime
 from tsdb.training.loop import train_model
@@ -225,7 +225,7 @@ def test_streaming_parity_with_covariates(strategy, t0, total):
     cov = torch.from_numpy(rng.normal(size=(3, 2, total + H)).astype(np.float32)) * 5 + 20
     state = _stream(model, history, cov, t0, rng)
     noise = torch.randn(3, 7, H, generator=torch.Generator().manual_seed(1))
-    schedule, sampler = strat.schedule(4), st.sampler_for(strat)
+    schedule, sampler = strat.schedule(4), strat.sampler
     got = st.forecast(model, state, noise, schedule, sampler, normalized=True, covariates=cov[:, :, total:])
     ref = st.recompute_forecast(model, history, noise, schedule, sampler, pending=(total - t0) % P,
                                 loc=state.loc, scale=state.scale, next_token=int(state.tokens[0]),

@@ -53,7 +53,7 @@ def test_update_then_forecast_equals_recompute(strategy, t0, total):
     assert state.k[0].shape[3] == C // P  # the cache stays bounded
     schedule = strat.schedule(4)
     noise = torch.randn(3, 8, H, generator=torch.Generator().manual_seed(1))
-    sampler = st.sampler_for(strat)
+    sampler = strat.sampler
     got = st.forecast(model, state, noise, schedule, sampler=sampler, normalized=True)
     want = st.recompute_forecast(model, history, noise, schedule, sampler=sampler, pending=(total - t0) % P,
                                  loc=state.loc, scale=state.scale, next_token=int(state.tokens[0]),
@@ -74,7 +74,7 @@ def test_a_short_start_outlives_the_window_in_deep_blocks(strategy):
     state = stream(model, history, 7, [1] * 60)       # 7 values: padded to W = 8 tokens, then evicted
     schedule = strat.schedule(4)
     noise = torch.randn(2, 6, H, generator=torch.Generator().manual_seed(4))
-    kw = dict(sampler=st.sampler_for(strat), pending=60 % P, loc=state.loc, scale=state.scale,
+    kw = dict(sampler=strat.sampler, pending=60 % P, loc=state.loc, scale=state.scale,
               next_token=int(state.tokens[0]), normalized=True)
     got = st.forecast(model, state, noise, schedule, sampler=kw["sampler"], normalized=True)
     same = st.recompute_forecast(model, history, noise, schedule, init_length=7, **kw)
@@ -125,7 +125,7 @@ def test_short_history_equals_the_library_sampler(strategy):
         context = torch.full((2, C), float("nan"))
         context[:, C - n:] = history
         want = strat.forecast(model, context, 5, noise=noise)
-        got = st.forecast(model, st.init_state(model, history), noise, schedule, sampler=st.sampler_for(strat))
+        got = st.forecast(model, st.init_state(model, history), noise, schedule, sampler=strat.sampler)
         err = (got - want).abs().max().item()
         assert err < 1e-5 * (1 + want.abs().max().item()), (n, err)
 
@@ -190,7 +190,7 @@ def test_update_is_pure_and_bounded():
 
 
 def test_rejects_other_models():
-    with pytest.raises(TsdbError, match="streaming supports"):
+    with pytest.raises(TsdbError, match="needs a DiffusionForecaster"):
         st.init_state(torch.nn.Linear(2, 2), torch.randn(1, 4))
 
 

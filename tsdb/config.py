@@ -102,8 +102,6 @@ class ModelConfig(_Strict):
                              f"{self.patch_length}")
         if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
             raise ValueError("d_model / n_heads must be an even integer (RoPE pairs)")
-        if self.strategy == "depth" and self.n_layers % self.n_blocks:
-            raise ValueError(f"n_layers {self.n_layers} must be divisible by n_blocks {self.n_blocks}")
         if self.sigma_min >= self.sigma_max:
             raise ValueError("sigma_min must be below sigma_max")
         return self

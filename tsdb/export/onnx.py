@@ -45,19 +45,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from tsdb.errors import TsdbError
-from tsdb.nn.forecaster import DiffusionForecaster
-from tsdb.strategies.depth.streaming import (NORMALIZATION_RULE, STREAMING_STRATEGIES, denoise_step, encode_tokens,
-                        init_tokens, sampler_for, window_tokens)
+from tsdb.nn.cache import encode_tokens, window_tokens
 
-FORMAT = "tsdb-streaming-onnx"
-FORMAT_VERSION = 2  # 2: the block of each step comes with the grid (schedules)
 METADATA_FILE = "tsdb_model.json"
 OPSET = 18
 
@@ -65,7 +60,7 @@ OPSET = 18
 class UpdateGraph(nn.Module):
     """All blocks' context path: ``(features, start, *caches) -> *new_caches``."""
 
-    def __init__(self, model: DiffusionForecaster):
+    def __init__(self, model: nn.Module):
         super().__init__()
         self.blocks = model.blocks
 
@@ -77,20 +72,7 @@ class UpdateGraph(nn.Module):
         return tuple(out)
 
 
-class DenoiseGraph(nn.Module):
-    """One preconditioned denoiser call of one block."""
-
-    def __init__(self, model: DiffusionForecaster, index: int):
-        super().__init__()
-        self.block = model.blocks[index]
-        self.precond = model.precond
-
-    def forward(self, cache_k, cache_v, partial_k, partial_v, has_partial, tokens, z, sigma, future_covariates=None):
-        return denoise_step(self.block, self.precond, cache_k, cache_v, partial_k, partial_v, has_partial,
-                            tokens, z, sigma, future_covariates)
-
-
-def _tsdb_version() -> str:
+def tsdb_version() -> str:
     try:
         from importlib.metadata import version
         return version("tsdb")
@@ -102,7 +84,7 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _export(module: nn.Module, args: tuple, path: Path, input_names, output_names, dynamic_shapes) -> None:
+def export_graph(module: nn.Module, args: tuple, path: Path, input_names, output_names, dynamic_shapes) -> None:
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -148,102 +130,29 @@ def export_update_graph(model, out: Path, ex: TraceExamples, n_cov: int = 0) -> 
     update_out = [f"new_{n}" for n in cache_names]
     dyn = ({0: ex.batch, 1: ex.new}, {0: ex.batch}, tuple({1: ex.batch, 3: ex.cache} for _ in cache_names))
     with torch.no_grad():
-        _export(UpdateGraph(model), (feats, start, *caches), out / "update.onnx", update_in, update_out, dyn)
+        export_graph(UpdateGraph(model), (feats, start, *caches), out / "update.onnx", update_in, update_out, dyn)
     return update_in, update_out
 
 
-def export_model(model: DiffusionForecaster, strategy, out_dir: str | Path, sampler: str | None = None,
-                 num_steps: int | None = None, arm: str | None = None) -> dict:
-    """Export ``model`` (a depth/e2e/looped ``DiffusionForecaster``) to ``out_dir``; returns the metadata.
+def export_run(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
+    """Export a trained run directory (``tsdb train``) for streaming; returns ``out_dir``.
 
-    ``sampler`` defaults to the strategy's (Euler for looped, ``cfg.sampler`` otherwise).
+    ``out_dir`` defaults to ``RUN_DIR/onnx``. The graphs and metadata are the strategy's
+    (``strategy.streaming().export``).
     """
-    if not isinstance(model, DiffusionForecaster) or strategy.name not in STREAMING_STRATEGIES:
-        raise TsdbError(f"ONNX export supports the {'/'.join(STREAMING_STRATEGIES)} strategies; "
-                        f"got {strategy.name!r}")
-    sampler = sampler or sampler_for(strategy)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model = model.eval().float()
-    shape = model.blocks[0].shape
-    ex = TraceExamples(model)
-    p, w, heads, hd, layers = ex.p, ex.w, ex.heads, ex.hd, ex.layers
-    nb = len(model.blocks)
-    n_cov = shape.covariates
-    batch, cache, samples = ex.batch, ex.cache, ex.samples
-    b_ex, c_ex, s_ex = ex.b, ex.c, ex.s
-    rand = ex.rand
-    update_in, update_out = export_update_graph(model, out, ex, n_cov)
+    from tsdb.training.loop import load_model
 
-    # -- denoise graphs ----------------------------------------------------------------
-    denoise_in = ["cache_k", "cache_v", "partial_k", "partial_v", "has_partial", "tokens", "z", "sigma"]
-    if n_cov:
-        denoise_in.append("future_covariates")
-    denoise_files = []
-    for i, nl in enumerate(layers):
-        args = (rand(nl, b_ex, heads, c_ex, hd), rand(nl, b_ex, heads, c_ex, hd),
-                rand(nl, b_ex, heads, 1, hd), rand(nl, b_ex, heads, 1, hd),
-                torch.tensor([True, False]), torch.tensor([7, 3], dtype=torch.long),
-                rand(b_ex, s_ex, shape.horizon), rand(b_ex).abs() + 0.1)
-        dyn = ({1: batch, 3: cache}, {1: batch, 3: cache}, {1: batch}, {1: batch}, {0: batch}, {0: batch},
-               {0: batch, 1: samples}, {0: batch})
-        if n_cov:
-            args += (rand(b_ex, shape.horizon, n_cov),)
-            dyn += ({0: batch},)
-        name = f"denoise_{i}.onnx"
-        with torch.no_grad():
-            _export(DenoiseGraph(model, i), args, out / name, denoise_in, ["denoised"], dyn)
-        denoise_files.append(name)
+    cfg, strategy, model = load_model(run_dir)
+    streaming = strategy.streaming()
+    if streaming is None:
+        raise TsdbError(f"strategy {strategy.name!r} does not stream, so it has no ONNX export")
+    out = Path(out_dir) if out_dir is not None else Path(run_dir) / "onnx"
+    streaming.export(model, out, num_steps=cfg.model.inference_steps)
+    return out
 
-    k = num_steps or strategy.cfg.inference_steps
-    schedules = {}
-    for n in sorted({k, nb, 2 * nb, 4 * nb, 8, 16}):
-        sched = strategy.schedule(n)
-        schedules[str(n)] = {"sigmas": sched.sigmas.tolist(), "blocks": list(sched.blocks)}
-    tsdb_version = _tsdb_version()
-    meta = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "tsdb_version": tsdb_version,
-        "strategy": strategy.name,
-        "arm": arm or strategy.arm_name(),
-        "opset": OPSET,
-        "shapes": {
-            "core_layers": [len(b.layers) for b in model.blocks],
-            "context_length": shape.context_length, "horizon": shape.horizon, "patch_length": p,
-            "context_channels": shape.context_channels, "d_model": shape.d_model, "n_heads": heads,
-            "head_dim": hd, "n_blocks": nb, "layers_per_block": layers, "window_tokens": w,
-            "init_tokens": init_tokens(model), "future_tokens": shape.future_tokens,
-        },
-        "params": sum(q.numel() for q in model.parameters()),
-        "sampler": sampler,
-        "num_steps": k,
-        "sigmas": schedules[str(k)]["sigmas"],
-        "step_blocks": schedules[str(k)]["blocks"],
-        "schedules": schedules,
-        "band_edges": [float(e) for e in model.edges.tolist()],
-        "sigma_data": model.precond.sigma_data,
-        "normalization": {
-            "rule": NORMALIZATION_RULE,
-            "stats_window": shape.context_length,
-            "scale_floor": 1e-6,
-            "description": ("loc/scale = NaN-aware mean/std (population) of the last context_length values "
-                            "at initialisation; scale = 1 where std <= 1e-6 * (1 + |loc|). Frozen while the "
-                            "cache is valid; a refresh recomputes them and re-encodes the cache from the "
-                            "last init_tokens * patch_length raw values."),
-        },
-        "graphs": {
-            "update": {"file": "update.onnx", "inputs": update_in, "outputs": update_out},
-            "denoise": [{"file": f, "inputs": denoise_in, "outputs": ["denoised"]} for f in denoise_files],
-        },
-    }
-    if n_cov:
-        meta["shapes"]["num_covariates"] = n_cov
-        meta["normalization"]["covariates"] = (
-            "each covariate: NaN-aware mean/std of its own last context_length values at initialisation, with "
-            "the target's scale floor and freezing; update features channels 2.. hold the normalized covariates "
-            "of the same steps (NaN -> 0, as the unfinished patch's empty slots); future_covariates "
-            "[batch, horizon, num_covariates] are the normalized covariates of the horizon")
+
+def write_metadata(meta: dict, out: Path) -> dict:
+    """Add the graphs' checksums and the model id, and write ``tsdb_model.json``."""
     for entry in [meta["graphs"]["update"], *meta["graphs"]["denoise"]]:
         entry["sha256"] = _sha256(out / entry["file"])
     meta["model_id"] = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
@@ -251,35 +160,12 @@ def export_model(model: DiffusionForecaster, strategy, out_dir: str | Path, samp
     return meta
 
 
-def export_run(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
-    """Export a trained run directory (``tsdb train``) for streaming; returns ``out_dir``.
-
-    ``out_dir`` defaults to ``RUN_DIR/onnx``.
-    """
-    from tsdb.training.loop import load_model
-
-    cfg, strategy, model = load_model(run_dir)
-    out = Path(out_dir) if out_dir is not None else Path(run_dir) / "onnx"
-    if strategy.name == "horizon":  # per-token sigma graphs and a rolling-window state
-        from tsdb.strategies.horizon.export import export_horizon_model
-        export_horizon_model(model, strategy, out, num_steps=cfg.model.inference_steps)
-        return out
-    export_model(model, strategy, out, num_steps=cfg.model.inference_steps)
-    return out
-
-
 def load_metadata(model_dir: str | Path) -> dict:
-    """Read and validate ``tsdb_model.json`` (also done, without torch, by ``tsdb_streaming``)."""
-    path = Path(model_dir) / METADATA_FILE
-    if not path.exists():
-        raise TsdbError(f"{model_dir} has no {METADATA_FILE}; run `tsdb export RUN_DIR` first")
-    meta = json.loads(path.read_text())
-    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
-        raise TsdbError(f"{path}: unsupported format {meta.get('format')!r} v{meta.get('format_version')}")
-    for entry in [meta["graphs"]["update"], *meta["graphs"]["denoise"]]:
-        f = Path(model_dir) / entry["file"]
-        if not f.exists() or _sha256(f) != entry["sha256"]:
-            raise TsdbError(f"{f} is missing or does not match the metadata checksum; re-export")
-    if not math.isclose(meta["sigmas"][-1], 0.0):
-        raise TsdbError(f"{path}: sigma grid must end in 0")
-    return meta
+    """Read and validate ``tsdb_model.json`` with the runtime's own checks (``tsdb_streaming``)."""
+    from tsdb.cli.stream import import_runtime
+
+    rt = import_runtime()
+    try:
+        return rt.load_metadata(model_dir)
+    except rt.StreamingError as e:
+        raise TsdbError(str(e)) from None

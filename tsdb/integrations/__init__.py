@@ -8,7 +8,9 @@ from tsdb.config import ModelConfig
 
 
 def model_horizon(model: ModelConfig, steps: int) -> int:
-    """The smallest horizon of ``model``'s shape that covers ``steps``: whole patches, and
-    for the ``horizon`` strategy whole chunks of ``n_blocks`` patches."""
-    unit = model.patch_length * (model.n_blocks if model.strategy == "horizon" else 1)
+    """The smallest horizon of ``model``'s shape that covers ``steps`` (whole patches, or what
+    the strategy needs, e.g. whole chunks)."""
+    from tsdb.strategies import STRATEGIES
+
+    unit = STRATEGIES[model.strategy].horizon_multiple(model)
     return -(-steps // unit) * unit

@@ -7,7 +7,7 @@ all series of one global tsdb model, trained block by block with
 intervals come from the same sample paths (same seed, same paths).
 
 State after ``fit``: the trained model, the history (``_cur_y``) and, for the strategies
-that stream (``tsdb.strategies.depth.streaming.STREAMING_STRATEGIES``), a streaming state built from the last
+that stream through the depth family's state (``depth``, ``e2e``, ``looped``), a streaming state built from the last
 ``context_length`` values of each series, so that a forecast right after ``fit`` equals
 tsdb's own forecast of that context. ``update(y, update_params=False)`` feeds only the
 new values through ``tsdb.strategies.depth.streaming.update`` (cost independent of the history length;
@@ -33,6 +33,7 @@ import torch
 from sktime.forecasting.base import BaseForecaster, ForecastingHorizon
 
 import tsdb.strategies.depth.streaming as streaming
+from tsdb.strategies.depth.online import DepthStreaming
 from tsdb.config import ExperimentConfig
 from tsdb.data.series import Series, SeriesDataset
 from tsdb.data.validate import validate_dataset
@@ -134,7 +135,7 @@ class TsdbForecaster(BaseForecaster):
             self.model_, _ = train_model(self.config_, dataset, run_dir, strategy=self.strategy_)
         self.model_.eval()
         self._stream_state = None
-        if self.config_.model.strategy in streaming.STREAMING_STRATEGIES:
+        if isinstance(self.strategy_.streaming(), DepthStreaming):  # this wrapper streams the depth family's state
             contexts, covs = self._contexts()
             self._stream_state = streaming.init_state(self.model_, torch.from_numpy(contexts),
                                                       covariates=_tensor(covs))
@@ -269,8 +270,8 @@ class TsdbForecaster(BaseForecaster):
                 return self.strategy_.forecast(self.model_, torch.from_numpy(contexts), cfg.num_samples,
                                                generator=generator, covariates=covariates).numpy()
             noise = torch.randn(self._stream_state.batch_size, cfg.num_samples, cfg.horizon, generator=generator)
-            sampler = streaming.sampler_for(self.strategy_)
-            return streaming.forecast(self.model_, self._stream_state, noise, self.strategy_.schedule(), sampler,
+            return streaming.forecast(self.model_, self._stream_state, noise, self.strategy_.schedule(),
+                                      self.strategy_.sampler,
                                       covariates=_tensor(future)).numpy()
 
     def _frame(self, fh, values: np.ndarray, columns: pd.Index) -> pd.DataFrame:

@@ -56,7 +56,8 @@ def window_mask(cached: int, new: int, window: int | None, device=None) -> Tenso
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    return x * (1 + scale) + shift
+    """adaLN: ``x * (1 + scale) + shift`` (one fused pass over x)."""
+    return torch.addcmul(shift, x, 1 + scale)
 
 
 def future_attention(q: Tensor, ctx: KV, k: Tensor, v: Tensor, ctx_mask: Tensor | None,
@@ -178,5 +179,5 @@ class TransformerLayer(nn.Module):
         q, k, v = self._heads(modulate(self.fut_norm1(h), shift1, scale1))
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         a = future_attention(q, ctx, k, v, ctx_mask, self.dropout if self.training else 0.0)
-        h = h + gate1 * self.proj(self._merge(a))
-        return h + gate2 * self.mlp(modulate(self.fut_norm2(h), shift2, scale2))
+        h = torch.addcmul(h, gate1, self.proj(self._merge(a)))
+        return torch.addcmul(h, gate2, self.mlp(modulate(self.fut_norm2(h), shift2, scale2)))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from tsdb.config import ModelConfig
 from tsdb.errors import TsdbError
-from tsdb.strategies.base import Batch, Strategy, TrainUnit
+from tsdb.strategies.base import Batch, Strategy, StreamingSupport, TrainUnit
 from tsdb.strategies.depth.strategy import DepthStrategy
 from tsdb.strategies.depth.e2e import EndToEndStrategy
 from tsdb.strategies.horizon.strategy import HorizonStrategy
@@ -16,9 +16,14 @@ STRATEGIES: dict[str, type[Strategy]] = {
 
 
 def register(cls: type[Strategy]) -> type[Strategy]:
-    """Class decorator adding a strategy to the registry."""
+    """Class decorator adding a strategy to the registry (a package outside tsdb can add one)."""
     STRATEGIES[cls.name] = cls
     return cls
+
+
+def streamable() -> list[str]:
+    """Names of the strategies whose models stream (export to ONNX, ``tsdb bench streaming``)."""
+    return sorted(name for name, cls in STRATEGIES.items() if cls.streaming_class is not None)
 
 
 def get_strategy(cfg: ModelConfig) -> Strategy:
@@ -28,4 +33,4 @@ def get_strategy(cfg: ModelConfig) -> Strategy:
         raise TsdbError(f"unknown strategy {cfg.strategy!r}; choose one of {sorted(STRATEGIES)}") from None
 
 
-__all__ = ["Batch", "STRATEGIES", "Strategy", "TrainUnit", "get_strategy", "register"]
+__all__ = ["Batch", "STRATEGIES", "Strategy", "StreamingSupport", "TrainUnit", "get_strategy", "register", "streamable"]

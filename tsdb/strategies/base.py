@@ -41,6 +41,8 @@ class TrainUnit:
 
 class Strategy(ABC):
     name: ClassVar[str]
+    # how the strategy's models stream (ONNX export, streaming benchmark); None: they do not
+    streaming_class: ClassVar[type["StreamingSupport"] | None] = None
 
     def __init__(self, cfg: ModelConfig):
         self.cfg = cfg
@@ -68,3 +70,68 @@ class Strategy(ABC):
     def arm_name(self) -> str:
         """Name in results tables, pattern ``strategy-bN[-variant]``."""
         return self.name
+
+    def describe(self) -> str:
+        """The model's layout in words (reports)."""
+        return f"{self.cfg.n_layers} layers in {self.cfg.n_blocks} blocks"
+
+    @property
+    def sampler(self) -> str:
+        """The sampler this strategy forecasts with."""
+        return self.cfg.sampler
+
+    @classmethod
+    def horizon_multiple(cls, cfg: ModelConfig) -> int:
+        """Model horizons are whole multiples of this (a patch; more for strategies that cut
+        the horizon into chunks)."""
+        return cfg.patch_length
+
+    def streaming(self) -> "StreamingSupport | None":
+        """Online inference for this strategy's models (None: the strategy does not stream)."""
+        return None if self.streaming_class is None else self.streaming_class(self)
+
+
+class StreamingSupport(ABC):
+    """Online inference of one strategy's models: its ONNX export for the torch-free runtime
+    (a format ``tsdb_streaming`` registers) and its part of ``tsdb bench streaming``. The
+    torch state machines themselves live in each strategy's ``streaming`` module.
+
+    ``bench_model``: the ``ModelConfig`` fields of ``tsdb bench streaming --strategy NAME``.
+    """
+
+    bench_model: ClassVar[dict] = {}
+    sweeps_samples: ClassVar[bool] = True   # the benchmark also times forecasts against the sample count
+
+    def __init__(self, strategy: Strategy):
+        self.strategy = strategy
+
+    @abstractmethod
+    def export(self, model: nn.Module, out_dir, num_steps: int | None = None) -> dict:
+        """Write the ONNX graphs and ``tsdb_model.json`` to ``out_dir``; returns the metadata."""
+
+    @abstractmethod
+    def measure(self, model: nn.Module, runtime, history, t: int, warmup: int, updates: int, num_samples: int,
+                rng) -> tuple[dict, float, float, int]:
+        """Time streaming (runtime and torch) against recomputation after ``t`` values of
+        ``history``; returns ``(times ms per key of tsdb.bench.streaming.TIMED, parity runtime
+        vs torch, parity stream vs recompute, cached tokens)``."""
+
+    @abstractmethod
+    def calls_per_forecast(self) -> int:
+        """Block (denoiser graph) calls per forecast."""
+
+    def explain(self, res: dict) -> list[str]:
+        """Where a streamed forecast's time goes, for the benchmark report (``res``: its results)."""
+        s, c = res["setup"], res["model"]["config"]
+        return [
+            "Where the time goes: a forecast runs the sampler, "
+            f"{s['denoiser_calls_per_forecast']} denoiser calls over {s['num_samples']} samples x "
+            f"{c['horizon'] // c['patch_length']} future tokens, whatever the history; streaming removes the "
+            "context encoding (the update column) but not the sampler, so the speedup over recomputation is "
+            "1 + encode / sample and reaches large factors only when the history is long compared with the "
+            "sampling work.",
+        ]
+
+    def runtime_options(self, num_samples: int) -> dict:
+        """Keyword arguments of ``tsdb_streaming.StreamingForecaster`` for the benchmark."""
+        return {}

@@ -7,7 +7,9 @@ from torch import Tensor
 
 from tsdb.core import PARTITIONS, EDMLoss, SigmaSchedule, block_bands, edges_at, sampling_schedule
 from tsdb.nn import BlockDenoiser, DenoiserShape, DiffusionForecaster
+from tsdb.errors import TsdbError
 from tsdb.strategies.base import Batch, Strategy, TrainUnit
+from tsdb.strategies.depth.online import DepthStreaming
 
 
 def denoiser_shape(cfg, n_layers: int) -> DenoiserShape:
@@ -17,6 +19,12 @@ def denoiser_shape(cfg, n_layers: int) -> DenoiserShape:
 
 class DepthStrategy(Strategy):
     name = "depth"
+    streaming_class = DepthStreaming
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        if cfg.n_layers % self.num_blocks:
+            raise TsdbError(f"n_layers {cfg.n_layers} must be divisible by n_blocks {self.num_blocks}")
 
     @property
     def num_blocks(self) -> int:

@@ -54,7 +54,7 @@ holds no state. The same per-block functions (:func:`encode_tokens`,
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -64,37 +64,16 @@ from tsdb.errors import TsdbError
 from tsdb.nn.denoiser import BlockDenoiser, ContextEncoding
 from tsdb.nn.denoiser import CovariateFeatures
 from tsdb.nn.forecaster import DiffusionForecaster, context_features, instance_stats, normalize_covariates
+from tsdb.nn.cache import BatchedState, align_history, encode_tokens, init_tokens, pick, window_tokens
 from tsdb.nn.layers import KV
 from tsdb.core.samplers import SAMPLERS
 
-STREAMING_STRATEGIES = ("depth", "e2e", "looped", "looped-bptt")
 NORMALIZATION_RULE = "frozen-at-init"
 
 
 # ---------------------------------------------------------------------------------------
 # State
 # ---------------------------------------------------------------------------------------
-
-class BatchedState:
-    """Batch-axis operations shared by the streaming states: the first two fields are the
-    per-block key/value tuples (batch on axis 1), every other field has batch on axis 0
-    (or is None)."""
-
-    def select(self, idx):
-        """The state of a subset of series (index tensor, list or slice)."""
-        return type(self)(tuple(k[:, idx] for k in self.k), tuple(v[:, idx] for v in self.v),
-                          *(_pick(getattr(self, f.name), idx) for f in fields(self)[2:]))
-
-    @classmethod
-    def cat(cls, states: list):
-        """Concatenate states of different series along the batch axis."""
-        nb = len(states[0].k)
-        return cls(
-            tuple(torch.cat([s.k[i] for s in states], 1) for i in range(nb)),
-            tuple(torch.cat([s.v[i] for s in states], 1) for i in range(nb)),
-            *(None if getattr(states[0], f.name) is None else torch.cat([getattr(s, f.name) for s in states], 0)
-              for f in fields(cls)[2:]))
-
 
 @dataclass(frozen=True)
 class StreamingState(BatchedState):
@@ -131,55 +110,14 @@ class StreamingState(BatchedState):
     def batch_size(self) -> int:
         return int(self.tokens.shape[0])
 
-def _pick(x: Tensor | None, idx) -> Tensor | None:
-    return None if x is None else x[idx]
-
-
 def _check_model(model: DiffusionForecaster) -> None:
     if not isinstance(model, DiffusionForecaster):
-        raise TsdbError(f"streaming supports the {'/'.join(STREAMING_STRATEGIES)} strategies "
-                        f"(a DiffusionForecaster); got {type(model).__name__}")
-
-
-def sampler_for(strategy, default: str | None = None) -> str:
-    """The sampler a strategy forecasts with (the looped core takes Euler steps)."""
-    if strategy.name.startswith("looped"):
-        return "euler"
-    return default or strategy.cfg.sampler
-
-
-def window_tokens(model: DiffusionForecaster) -> int:
-    """W: context tokens the cache keeps (the training context)."""
-    return model.blocks[0].shape.context_tokens
-
-
-def init_tokens(model: DiffusionForecaster) -> int:
-    """R: tokens whose receptive field covers the cache exactly (``layers * W``)."""
-    return max(len(b.context_layers) for b in model.blocks) * window_tokens(model)
+        raise TsdbError(f"this streaming state machine needs a DiffusionForecaster; got {type(model).__name__}")
 
 
 # ---------------------------------------------------------------------------------------
 # Per-block building blocks (exported to ONNX by tsdb.export.onnx)
 # ---------------------------------------------------------------------------------------
-
-def encode_tokens(block: BlockDenoiser, features: Tensor, start: Tensor,
-                  k_cache: Tensor | None = None, v_cache: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Run ``m`` new context patches through the block's context layers, attending to the cache.
-
-    features: ``[batch, m, P, channels]`` normalized context features of complete (or, for
-        the partial token, NaN-padded) patches.
-    start: ``[batch]`` int64 absolute position of the first new token.
-    k_cache, v_cache: ``[layers, batch, heads, c, head_dim]`` keys/values of the ``c``
-        tokens just before (``None``: no cache, as at initialisation).
-    Returns the keys/values of the last ``min(W, c + m)`` tokens, same layout: the block's
-    own ``encode_context`` with a sliding window of ``W`` tokens.
-    """
-    b, m, p, ch = features.shape
-    cache = None if k_cache is None else [KV(k, v) for k, v in zip(k_cache, v_cache)]
-    w = block.shape.context_tokens
-    enc = block.encode_context(features.reshape(b, m * p, ch), start, cache, window=w).last(w)
-    return torch.stack([kv.k for kv in enc.kv]), torch.stack([kv.v for kv in enc.kv])
-
 
 def state_encoding(k_cache: Tensor, v_cache: Tensor, k_partial: Tensor, v_partial: Tensor,
                    has_partial: Tensor, tokens: Tensor, window: int) -> ContextEncoding:
@@ -231,9 +169,9 @@ def _features(values: Tensor, loc: Tensor, scale: Tensor, p: int, cov: Tensor | 
 
 
 def _align_cov(cov: Tensor, p: int, min_tokens: int, max_tokens: int) -> Tensor:
-    """``_align`` for covariates ``[batch, n_cov, T]`` (each row as its series' values)."""
+    """``align_history`` for covariates ``[batch, n_cov, T]`` (each row as its series' values)."""
     b, n, t = cov.shape
-    return _align(cov.reshape(b * n, t), p, min_tokens, max_tokens).reshape(b, n, -1)
+    return align_history(cov.reshape(b * n, t), p, min_tokens, max_tokens).reshape(b, n, -1)
 
 
 def _check_covariates(model: DiffusionForecaster, covariates, values: Tensor, what: str,
@@ -254,18 +192,6 @@ def _check_covariates(model: DiffusionForecaster, covariates, values: Tensor, wh
     if torch.isinf(covariates).any() or (finite and torch.isnan(covariates).any()):
         raise TsdbError(f"{what}: covariates must be finite (they are known at every observed step)")
     return covariates
-
-
-def _align(history: Tensor, p: int, min_tokens: int, max_tokens: int) -> Tensor:
-    """Left-pad with NaN to whole patches and at least ``min_tokens``; keep the last ``max_tokens``."""
-    b, t = history.shape
-    n = max(min_tokens, -(-t // p))
-    n = min(n, max_tokens)
-    keep = min(t, n * p)
-    out = history.new_full((b, n * p), float("nan"))
-    if keep:
-        out[:, n * p - keep:] = history[:, t - keep:]
-    return out
 
 
 @torch.no_grad()
@@ -308,8 +234,8 @@ def _init_equal(model: DiffusionForecaster, history: Tensor, cov: Tensor | None 
     b, t = history.shape
     p = model.blocks[0].shape.patch_length
     w, r = window_tokens(model), init_tokens(model)
-    loc, scale = instance_stats(_align(history, p, w, w))   # the last C values, as in training
-    values = _align(history, p, w, r)
+    loc, scale = instance_stats(align_history(history, p, w, w))   # the last C values, as in training
+    values = align_history(history, p, w, r)
     n = values.shape[1] // p
     cov_state = {}
     if cov is None:
@@ -356,7 +282,7 @@ def update(model: DiffusionForecaster, state: StreamingState, new_values: Tensor
     for i, ph in enumerate(phases):
         groups.setdefault(ph, []).append(i)
     order = [i for idx in groups.values() for i in idx]
-    parts = [_update_equal_phase(model, state.select(idx), new_values[idx], _pick(covariates, idx))
+    parts = [_update_equal_phase(model, state.select(idx), new_values[idx], pick(covariates, idx))
              for idx in groups.values()]
     return StreamingState.cat(parts).select(torch.argsort(torch.tensor(order)))
 
@@ -489,9 +415,9 @@ def recompute_forecast(model: DiffusionForecaster, history: Tensor, noise: Tenso
     t = history.shape[1]
     full = history[:, : t - pending]
     if init_length is not None and init_length < t - pending:   # padded as the stream's init was
-        values = torch.cat([_align(full[:, :init_length], p, w, 1 << 40), full[:, init_length:]], dim=1)
+        values = torch.cat([align_history(full[:, :init_length], p, w, 1 << 40), full[:, init_length:]], dim=1)
     else:
-        values = _align(full, p, w, 1 << 40)
+        values = align_history(full, p, w, 1 << 40)
     n = values.shape[1] // p
     if loc is None or scale is None:
         loc, scale = instance_stats(values[:, -w * p:])
@@ -524,6 +450,6 @@ def recompute_forecast(model: DiffusionForecaster, history: Tensor, noise: Tenso
     return y * scale[:, :, None] + loc[:, :, None]
 
 
-__all__ = ["NORMALIZATION_RULE", "STREAMING_STRATEGIES", "StreamingState", "denoise_step", "encode_tokens",
+__all__ = ["NORMALIZATION_RULE", "StreamingState", "denoise_step", "encode_tokens",
            "forecast", "future_covariates", "init_state", "init_tokens", "partial_kv", "recompute_forecast",
-           "refresh", "update", "window_tokens", "sampler_for", "state_encoding"]
+           "refresh", "update", "window_tokens", "state_encoding"]

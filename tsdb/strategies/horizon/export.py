@@ -31,22 +31,19 @@ The torch-free runtime serves it with ``tsdb_streaming.HorizonStreamingForecaste
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from tsdb.errors import TsdbError
-from tsdb.export.onnx import OPSET, TraceExamples, _export, _sha256, _tsdb_version, export_update_graph
+from tsdb.export.onnx import OPSET, TraceExamples, export_graph, tsdb_version, export_update_graph, write_metadata
 from tsdb.strategies.horizon.model import HorizonForecaster
-from tsdb.strategies.depth.streaming import init_tokens
+from tsdb.nn.cache import init_tokens
 from tsdb.strategies.horizon.streaming import NORMALIZATION_RULE, denoise_tokens
 
 FORMAT = "tsdb-streaming-onnx-horizon"
 FORMAT_VERSION = 1
-METADATA_FILE = "tsdb_model.json"
 DENOISE_INPUTS = ("cache_k", "cache_v", "tokens", "z", "sigma")
 
 
@@ -65,8 +62,8 @@ class HorizonDenoiseGraph(nn.Module):
 def export_horizon_model(model: HorizonForecaster, strategy, out_dir: str | Path, num_steps: int | None = None,
                          arm: str | None = None) -> dict:
     """Export a horizon ``model`` to ``out_dir``; returns the metadata."""
-    if not isinstance(model, HorizonForecaster) or strategy.name != "horizon":
-        raise TsdbError(f"horizon export needs a HorizonForecaster and the horizon strategy; got {strategy.name!r}")
+    if not isinstance(model, HorizonForecaster):
+        raise TsdbError(f"horizon export needs a HorizonForecaster; got {type(model).__name__}")
     if getattr(model, "num_covariates", 0):
         raise TsdbError("horizon export does not support covariates yet")
     out = Path(out_dir)
@@ -89,14 +86,14 @@ def export_horizon_model(model: HorizonForecaster, strategy, out_dir: str | Path
                {0: ex.batch, 1: ex.samples}, {0: ex.batch})
         name = f"denoise_{i}.onnx"
         with torch.no_grad():
-            _export(HorizonDenoiseGraph(model, i), args, out / name, DENOISE_INPUTS, ["denoised"], dyn)
+            export_graph(HorizonDenoiseGraph(model, i), args, out / name, DENOISE_INPUTS, ["denoised"], dyn)
         denoise_files.append(name)
 
     phases = torch.linspace(0.0, 1.0, substeps + 1, dtype=torch.float64)
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "tsdb_version": _tsdb_version(),
+        "tsdb_version": tsdb_version(),
         "strategy": strategy.name,
         "arm": arm or strategy.arm_name(),
         "opset": OPSET,
@@ -121,11 +118,7 @@ def export_horizon_model(model: HorizonForecaster, strategy, out_dir: str | Path
             "denoise": [{"file": f, "inputs": list(DENOISE_INPUTS), "outputs": ["denoised"]} for f in denoise_files],
         },
     }
-    for entry in [meta["graphs"]["update"], *meta["graphs"]["denoise"]]:
-        entry["sha256"] = _sha256(out / entry["file"])
-    meta["model_id"] = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
-    (out / METADATA_FILE).write_text(json.dumps(meta, indent=2))
-    return meta
+    return write_metadata(meta, out)
 
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "HorizonDenoiseGraph", "export_horizon_model"]

@@ -24,6 +24,7 @@ from tsdb.nn import BlockDenoiser
 from tsdb.strategies.horizon.model import HorizonForecaster
 from tsdb.strategies.base import Batch, Strategy, TrainUnit, masked_mean
 from tsdb.strategies.depth.strategy import denoiser_shape
+from tsdb.strategies.horizon.online import HorizonStreaming
 
 
 def staircase_loss(model: HorizonForecaster, j: int, features: Tensor, z: Tensor, sigma: Tensor,
@@ -41,6 +42,7 @@ def staircase_loss(model: HorizonForecaster, j: int, features: Tensor, z: Tensor
 
 class HorizonStrategy(Strategy):
     name = "horizon"
+    streaming_class = HorizonStreaming
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -91,3 +93,8 @@ class HorizonStrategy(Strategy):
 
     def arm_name(self) -> str:
         return f"horizon-b{self.num_blocks}"
+
+    @classmethod
+    def horizon_multiple(cls, cfg) -> int:
+        """Whole chunks: ``n_blocks`` patches."""
+        return cfg.patch_length * cfg.n_blocks

@@ -94,7 +94,7 @@ from tsdb.nn.denoiser import ContextEncoding
 from tsdb.nn.forecaster import context_features, instance_stats
 from tsdb.strategies.horizon.model import HorizonForecaster
 from tsdb.nn.layers import KV
-from tsdb.strategies.depth.streaming import BatchedState, _align, encode_tokens, init_tokens, window_tokens
+from tsdb.nn.cache import BatchedState, align_history, encode_tokens, init_tokens, window_tokens
 
 NORMALIZATION_RULE = "frozen-at-init"
 
@@ -236,7 +236,7 @@ def init_state(model: HorizonForecaster, history: Tensor, num_samples: int, nois
     p = model.blocks[0].shape.patch_length
     w = window_tokens(model)
     loc, scale = instance_stats(history[:, -model.context_length:])
-    values = _align(history[:, :-h], p, w, init_tokens(model))  # the context before the window
+    values = align_history(history[:, :-h], p, w, init_tokens(model))  # the context before the window
     start = torch.zeros(b, dtype=torch.long)
     k, v, tokens = _ingest(model, [None] * len(model.blocks), [None] * len(model.blocks), start,
                            values, loc, scale)
@@ -423,7 +423,7 @@ def recompute_forecast(model: HorizonForecaster, history: Tensor, init_length: i
     if init_length < h:
         head = torch.cat([head.new_full((b, h - init_length), float("nan")), head], dim=1)
     loc, scale = instance_stats(head[:, -model.context_length:])
-    ctx = _align(head[:, :-h], p, window_tokens(model), 1 << 40)
+    ctx = align_history(head[:, :-h], p, window_tokens(model), 1 << 40)
     n = ctx.shape[1] // p
     ref = sliding_replay_model(model, position_offset=min(n, init_tokens(model)) - n)  # streaming's positions
     observed = torch.cat([head[:, -h:], history[:, init_length:]], dim=1)  # values after the init context

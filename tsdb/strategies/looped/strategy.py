@@ -31,6 +31,7 @@ from tsdb.strategies.looped.model import LoopedDenoiser
 from tsdb.core.samplers import to_d
 from tsdb.strategies.base import Batch, TrainUnit, masked_mean
 from tsdb.strategies.depth.strategy import DepthStrategy, denoiser_shape
+from tsdb.strategies.looped.online import LoopedStreaming
 
 
 def shifted_grid(num_steps: int, phase: Tensor, noise: NoiseDistribution) -> Tensor:
@@ -67,6 +68,7 @@ def unrolled_crps(model: DiffusionForecaster, batch: Batch, iters: int) -> Tenso
 
 class LoopedStrategy(DepthStrategy):
     name = "looped"
+    streaming_class = LoopedStreaming
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -93,6 +95,14 @@ class LoopedStrategy(DepthStrategy):
 
     def arm_name(self) -> str:
         return "looped"
+
+    @property
+    def sampler(self) -> str:
+        return "euler"  # one application of the weight-tied core per step
+
+    def describe(self) -> str:
+        prelude = self.cfg.n_layers - self.core_layers
+        return f"a prelude of {prelude} layers and a core of {self.core_layers} layers applied once per sampler step"
 
 
 class LoopedBPTTStrategy(LoopedStrategy):
