@@ -355,10 +355,10 @@ class StreamingForecaster:
         i = np.flatnonzero(bad.reshape(-1))[0]
         x, lo, sc, zz = (float(a.reshape(-1)[i]) for a in (values, loc, scale, z))
         if np.isinf(x):
-            return (f"series {item!r}: {what} {x} is infinite; send a finite number, or NaN for a missing "
-                    f"reading (the series was left unchanged)")
+            return (f"series {item!r}: {what} {x} is infinite (or beyond float32's range, 3.4e38); the series "
+                    f"was left unchanged: send a finite number, or NaN for a missing reading")
         return (f"series {item!r}: {what} {x:.6g} lies {zz:.3g} scales from the series' level {lo:.6g} "
-                f"(scale {sc:.6g}), beyond the {MAX_NORMALIZED:g} a state can hold; the series was left "
+                f"(scale {sc:.6g}), beyond the {MAX_NORMALIZED:g} scales a state can hold; the series was left "
                 f"unchanged: correct the {what}, send NaN for a missing reading, or call "
                 f"reset_series([{item!r}]) to restart the series at a new level")
 
@@ -416,7 +416,8 @@ class StreamingForecaster:
         arrays = []
         for item, v in zip(item_ids, values):
             try:
-                arrays.append(np.atleast_1d(np.asarray(v, dtype=np.float32)).reshape(-1))
+                with np.errstate(over="ignore"):    # beyond float32 -> +-inf, refused by the value checks
+                    arrays.append(np.atleast_1d(np.asarray(v, dtype=np.float32)).reshape(-1))
             except (TypeError, ValueError):
                 raise StreamingError(f"series {item!r}: values must be numbers (NaN for a missing reading), got "
                                      f"{str(v)[:40]!r}") from None
