@@ -311,6 +311,39 @@ def test_runtime_state_round_trip_and_checks(exported, tmp_path):
         _runtime(bad)
 
 
+def test_runtime_refuses_poisoning_values_per_series(exported):
+    """A value 1e30 (or inf) completing a chunk is refused before its roll reaches the state:
+    the series keeps its windows and caches, the other series of the call rolls on; a new
+    series with an overflowing history stays unknown; a call-level error changes nothing."""
+    from tsdb_streaming import SeriesRefused, StreamingError
+
+    strat, model, kw, out, meta = exported
+    rng = np.random.default_rng(5)
+    hist = {k: (rng.normal(size=50).cumsum() + 3).astype(np.float32) for k in "ab"}
+    f, ref = _runtime(out, num_samples=3, seed=1), _runtime(out, num_samples=3, seed=1)
+    for g in (f, ref):
+        g.update(list(hist), list(hist.values()))
+    before = f._rows(f._slots(["a"]))
+    step = np.arange(8, dtype=np.float32)                    # completes a chunk: one roll each
+    for bad in (1e30, float("inf")):
+        with pytest.raises(SeriesRefused, match="series 'a'") as e:
+            f.update(["a", "b"], [np.r_[step[:7], bad], step])
+        assert e.value.applied == ["b"]
+        ref.update(["b"], [step])
+    after = f._rows(f._slots(["a"]))
+    assert all(np.array_equal(before[k], after[k], equal_nan=True) for k in before if k not in ("k", "v"))
+    for item in "ab":
+        assert np.array_equal(f.forecast([item], seed=[2]).samples, ref.forecast([item], seed=[2]).samples)
+    with pytest.raises(SeriesRefused) as e:
+        f.update(["c", "d"], [hist["a"] * np.float32(1e25), hist["b"]])
+    assert list(e.value.refused) == ["c"] and "c" not in f and "d" in f
+    with pytest.raises(StreamingError, match="update noise of series 'a'"):
+        f.update(["e", "a"], [hist["a"], step], noise=[np.zeros((3, 0), np.float32), np.zeros((3, 2), np.float32)])
+    assert "e" not in f and f.item_ids == ["a", "b", "d"]
+    assert f.reset_series(["a"]) == ["a"] and f.item_ids == ["b", "d"]
+    assert np.array_equal(f.forecast(["b"], seed=[2]).samples, ref.forecast(["b"], seed=[2]).samples)
+
+
 def test_runtime_refresh_keeps_the_observation_count(exported):
     strat, model, kw, out, meta = exported
     f = _runtime(out, num_samples=2)

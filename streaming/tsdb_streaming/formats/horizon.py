@@ -1,4 +1,4 @@
-"""Streaming forecasts for ``horizon`` exports (staircase noise over lead time), numpy + onnxruntime.
+"""Format ``tsdb-streaming-onnx-horizon``: horizon exports (staircase noise over lead time).
 
 Mirrors ``tsdb.streaming_horizon`` (the PyTorch reference) operation for operation. The
 state of a series is its context cache (per block and layer, the keys/values of the last
@@ -7,10 +7,11 @@ after the last chunk boundary (staircase phase 0: chunk ``j`` at block ``j``'s n
 and the values observed since that boundary (fewer than ``c = H / B``).
 
 - ``update``: values are buffered; each time ``c`` of them complete a chunk, one observed
-  *roll*: every window moves one band down (the metadata's ``roll_sigmas`` sub-step grid,
-  Euler/Heun on the host, the last sub-step Euler, each block's ``denoise_<j>`` graph
-  providing chunk ``j`` of the denoised window), chunk 0 is dropped, a fresh chunk of
-  ``sigma_max`` noise is appended and the observed chunk enters the cache (``update`` graph).
+  *roll*: every window moves one band down (``sampler.sample`` over the metadata's
+  ``roll_sigmas`` per-position sub-step grid, Euler/Heun, the last sub-step Euler, each
+  block's ``denoise_<j>`` graph providing chunk ``j`` of the denoised window), chunk 0 is
+  dropped, a fresh chunk of ``sigma_max`` noise is appended and the observed chunk enters
+  the cache (``update`` graph).
 - ``forecast``: ``B`` free rolls (``B + 1`` with pending values) from a copy of the
   windows, every emitted chunk entering a per-trajectory copy of the cache; returns the
   ``S`` samples of the ``H`` steps after the last observation. The state is unchanged.
@@ -23,130 +24,92 @@ forecast continues window ``s``. The noise of the rolls an update performs is dr
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from .runtime import (DEFAULT_QUANTILES, HORIZON_FORMAT, Forecast, StreamingError, StreamingForecaster,
-                      _check_files, _check_version, _read_metadata, align, features, forecast_noise,
-                      instance_stats, series_seed)
+from ..core import DEFAULT_QUANTILES, Field, Forecast, StreamingForecaster
+from ..errors import StreamingError
+from ..numerics import align, features, forecast_noise, instance_stats, normalize, series_seed
+from ..registry import register_format
+from ..sampler import sample
 
-HORIZON_FORMAT_VERSION = 1
+FORMAT = "tsdb-streaming-onnx-horizon"
+FORMAT_VERSION = 1
 DENOISE_INPUTS = ("cache_k", "cache_v", "tokens", "z", "sigma")
 _INIT, _ROLL, _REFRESH = 0, 1, 2      # noise streams of a series
 
 
-def load_horizon_metadata(model_dir: str | os.PathLike) -> dict:
-    """Read and validate the ``tsdb_model.json`` of a horizon export."""
-    model_dir = Path(model_dir)
-    path, meta = _read_metadata(model_dir)
-    _check_version(path, meta, HORIZON_FORMAT, HORIZON_FORMAT_VERSION,
-                   ("strategy", "shapes", "roll_sigmas", "substeps", "last_substep", "sigma_data", "normalization",
-                    "graphs", "sampler", "model_id"))
-    if meta["strategy"] != "horizon":
-        raise StreamingError(f"{path}: format {HORIZON_FORMAT!r} is for the horizon strategy, not "
-                             f"{meta['strategy']!r}")
-    sh = meta["shapes"]
-    nb, h, p, c = sh["n_blocks"], sh["horizon"], sh["patch_length"], sh["chunk_length"]
-    if len(meta["graphs"]["denoise"]) != nb or len(sh["layers_per_block"]) != nb:
-        raise StreamingError(f"{path}: {nb} blocks but inconsistent graphs / layers")
-    if h != nb * c or c % p or sh["context_length"] != sh["window_tokens"] * p:
-        raise StreamingError(f"{path}: inconsistent shapes {sh}")
-    grid = meta["roll_sigmas"]
-    if len(grid) != meta["substeps"] + 1 or any(len(row) != h or min(row) <= 0 for row in grid):
-        raise StreamingError(f"{path}: roll_sigmas must be {meta['substeps'] + 1} rows of {h} positive sigmas")
-    if meta["last_substep"] != "euler":
-        raise StreamingError(f"{path}: unknown last_substep {meta['last_substep']!r}")
-    _check_files(model_dir, meta)
-    return meta
-
-
+@register_format(FORMAT)
 class HorizonStreamingForecaster(StreamingForecaster):
     """Online forecasts for many series from a ``horizon`` export.
 
-    Parameters
-    ----------
-    model_dir: directory written by ``tsdb export`` for a horizon run.
-    num_samples: S, the noisy windows kept per series; every forecast returns S samples.
-    seed: seed of the noise the updates' rolls draw (per series and observation count).
-    intra_op_num_threads, refresh, refresh_every, providers: as ``StreamingForecaster``
-        (a refresh re-initialises the series from its recent values with fresh windows).
-
-    ``StreamingForecaster(model_dir)`` returns this class for a horizon export.
+    Parameters as ``StreamingForecaster``; here ``num_samples`` is S, the noisy windows kept
+    per series (every forecast returns S samples), and ``seed`` seeds the noise of the
+    updates' rolls (per series and observation count). A refresh re-initialises the series
+    from its recent values with fresh windows.
     """
 
-    def __init__(self, model_dir: str | os.PathLike, intra_op_num_threads: int = 1, refresh: str = "warmup",
-                 refresh_every: int | None = None, providers: Sequence[str] | None = None,
-                 num_samples: int = 100, seed: int = 0):
-        self.model_dir = Path(model_dir)
-        self.meta = meta = load_horizon_metadata(self.model_dir)
-        if int(num_samples) < 1:
-            raise StreamingError(f"num_samples must be >= 1, got {num_samples}")
-        self.num_samples = int(num_samples)
-        self.seed = int(seed)
-        self._set_common(meta, refresh, refresh_every)
+    FORMAT_VERSION = FORMAT_VERSION
+    METADATA_KEYS = ("roll_sigmas", "substeps", "last_substep")
+
+    @classmethod
+    def check_metadata(cls, path: Path, meta: dict) -> None:
         sh = meta["shapes"]
-        self.n_blocks = int(sh["n_blocks"])
-        self.chunk_length = int(sh["chunk_length"])
+        nb, h, p, c = sh["n_blocks"], sh["horizon"], sh["patch_length"], sh["chunk_length"]
+        if h != nb * c or c % p:
+            raise StreamingError(f"{path}: inconsistent shapes {sh}")
+        grid = meta["roll_sigmas"]
+        if len(grid) != meta["substeps"] + 1 or any(len(row) != h or min(row) <= 0 for row in grid):
+            raise StreamingError(f"{path}: roll_sigmas must be {meta['substeps'] + 1} rows of {h} positive sigmas")
+        if meta["last_substep"] != "euler":
+            raise StreamingError(f"{path}: unknown last_substep {meta['last_substep']!r}")
+
+    def _configure(self, meta: dict) -> None:
+        self.n_blocks = int(meta["shapes"]["n_blocks"])
+        self.chunk_length = int(meta["shapes"]["chunk_length"])
         self.grid = np.asarray(meta["roll_sigmas"], dtype=np.float32)     # [substeps + 1, H]
-        self._open_graphs(intra_op_num_threads, providers)
 
-    # -- storage ---------------------------------------------------------------------------
-    _STATE_FIELDS = ("tokens", "loc", "scale", "windows", "pending", "pending_count", "count", "recent")
-
-    @property
-    def _FIELDS(self) -> tuple:
-        return self._STATE_FIELDS
-
-    def _alloc(self, capacity: int) -> None:
-        w, r, p, h = self.window, self.init_tokens, self.patch_length, self.horizon
-        self.k = [np.zeros((nl, capacity, self.heads, w, self.head_dim), np.float32) for nl in self.layers]
-        self.v = [np.zeros_like(k) for k in self.k]
-        self.tokens = np.zeros(capacity, np.int64)
-        self.loc = np.zeros((capacity, 1), np.float32)
-        self.scale = np.ones((capacity, 1), np.float32)
-        self.windows = np.zeros((capacity, self.num_samples, h), np.float32)
-        self.pending = np.full((capacity, self.chunk_length), np.nan, np.float32)
-        self.pending_count = np.zeros(capacity, np.int64)
-        self.count = np.zeros(capacity, np.int64)
-        self.recent = np.full((capacity, r * p + h), np.nan, np.float32)   # enough to re-initialise
+    def _layout(self) -> dict[str, Field]:
+        r, p, h = self.init_tokens, self.patch_length, self.horizon
+        return {"tokens": Field((), np.int64, 0), "loc": Field((1,), np.float32, 0, True),
+                "scale": Field((1,), np.float32, 1, True),
+                "windows": Field((self.num_samples, h), np.float32, 0, True),
+                "pending": Field((self.chunk_length,), np.float32, np.nan), "pending_count": Field((), np.int64, 0),
+                "count": Field((), np.int64, 0),
+                "recent": Field((r * p + h,), np.float32, np.nan)}   # enough to re-initialise
 
     def _check_loaded(self, path: Path, data: dict) -> None:
-        s = data["windows"].shape[1] if data["windows"].ndim == 3 else None
+        w = data.get("windows")
+        s = w.shape[1] if w is not None and w.ndim == 3 else None
         if s != self.num_samples:
             raise StreamingError(f"{path} holds {s} sample windows per series; open the model with "
                                  f"num_samples={s}")
 
-    def _noise(self, item, slot: int, stream: int, shape: tuple[int, ...]) -> np.ndarray:
-        rng = np.random.default_rng((*series_seed(self.seed, item, int(self.count[slot])), stream))
+    def _noise(self, slot: int, stream: int, shape: tuple[int, ...]) -> np.ndarray:
+        rng = np.random.default_rng((*series_seed(self.seed, self._items[slot], int(self.count[slot])), stream))
         return rng.standard_normal(shape, dtype=np.float32)
 
     # -- the roll ----------------------------------------------------------------------------
-    def _denoise_window(self, z: np.ndarray, sigma: np.ndarray, ks: list, vs: list, tokens: np.ndarray) -> np.ndarray:
-        """Chunk ``j`` of ``z [N, S', H]`` denoised by block ``j`` (caches ``[.., N, ..]``)."""
-        n, c = z.shape[0], self.chunk_length
-        sig = np.ascontiguousarray(np.broadcast_to(sigma, (n, self.horizon)), np.float32)
-        return np.concatenate([
-            sess.run(["denoised"], {"cache_k": ks[j], "cache_v": vs[j], "tokens": tokens, "z": z,
-                                    "sigma": sig})[0][..., j * c:(j + 1) * c]
-            for j, sess in enumerate(self._denoise)], axis=-1)
+    def _window_denoiser(self, ks: list, vs: list, tokens: np.ndarray):
+        """``(z [N, S', H], sigma [H]) ->`` chunk ``j`` of ``z`` denoised by block ``j``."""
+        c = self.chunk_length
+
+        def denoise(z: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+            sig = np.ascontiguousarray(np.broadcast_to(sigma, (z.shape[0], self.horizon)), np.float32)
+            return np.concatenate([
+                sess.run(["denoised"], {"cache_k": ks[j], "cache_v": vs[j], "tokens": tokens, "z": z,
+                                        "sigma": sig})[0][..., j * c:(j + 1) * c]
+                for j, sess in enumerate(self._denoise)], axis=-1)
+        return denoise
 
     def _roll(self, z: np.ndarray, fresh: np.ndarray, ks: list, vs: list, tokens: np.ndarray):
         """One roll of windows ``z [N, S', H]`` at phase 0; ``fresh [N, S', c]`` standard normal.
         Returns the emitted chunk (normalized, at sigma_min) and the next windows."""
-        g, c = self.grid, self.chunk_length
-        for i in range(len(g) - 1):
-            s, s_next = g[i], g[i + 1]
-            d = (z - self._denoise_window(z, s, ks, vs, tokens)) / s
-            z_euler = z + (s_next - s) * d
-            if self.sampler == "euler" or i == len(g) - 2:   # the sub-step landing on sigma_min is Euler
-                z = z_euler
-            else:
-                d_next = (z_euler - self._denoise_window(z_euler, s_next, ks, vs, tokens)) / s_next
-                z = z + (s_next - s) * (d + d_next) / np.float32(2)
-        return z[..., :c], np.concatenate([z[..., c:], g[0, -c:] * fresh], axis=-1)
+        c = self.chunk_length
+        z = sample(self.sampler, self._window_denoiser(ks, vs, tokens), z, self.grid)
+        return z[..., :c], np.concatenate([z[..., c:], self.grid[0, -c:] * fresh], axis=-1)
 
     def _ingest(self, raw: np.ndarray, loc, scale, ks: list, vs: list, tokens: np.ndarray):
         """Whole patches of raw ``[N, m P]`` into the caches."""
@@ -161,16 +124,14 @@ class HorizonStreamingForecaster(StreamingForecaster):
         for i in range(int(m.max(initial=0))):
             act = np.flatnonzero(m > i)
             s = slots[act]
-            ks, vs = [k[:, s] for k in self.k], [v[:, s] for v in self.v]
+            ks, vs = self._caches(s)
             noise = np.stack([fresh[j][:, i * c:(i + 1) * c] for j in act])
             _, self.windows[s] = self._roll(self.windows[s], noise, ks, vs, self.tokens[s])
             chunk = np.stack([raws[j][i * c:(i + 1) * c] for j in act])
             ks, vs, self.tokens[s] = self._ingest(chunk, self.loc[s], self.scale[s], ks, vs, self.tokens[s])
-            for b in range(len(self.layers)):
-                self.k[b][:, s] = ks[b]
-                self.v[b][:, s] = vs[b]
+            self._set_caches(s, ks, vs)
 
-    # -- init / refresh ------------------------------------------------------------------------
+    # -- init / update -------------------------------------------------------------------------
     def _init_slots(self, slots: np.ndarray, histories: list[np.ndarray], covs=None,
                     noise: list[np.ndarray] | None = None) -> None:
         """Cold start: the windows over the last H values (truth + staircase noise), then B
@@ -178,8 +139,7 @@ class HorizonStreamingForecaster(StreamingForecaster):
         p, w, r, h = self.patch_length, self.window, self.init_tokens, self.horizon
         padded = [np.concatenate([np.full(max(h - len(x), 0), np.nan, np.float32), x]) for x in histories]
         if noise is None:
-            ids = list(self._slot)
-            noise = [self._noise(ids[s], int(s), _REFRESH if self.count[s] else _INIT, (self.num_samples, 2 * h))
+            noise = [self._noise(int(s), _REFRESH if self.count[s] else _INIT, (self.num_samples, 2 * h))
                      for s in slots]
         groups: dict[int, list[int]] = {}
         for j, x in enumerate(padded):
@@ -188,15 +148,14 @@ class HorizonStreamingForecaster(StreamingForecaster):
             s = slots[js]
             loc, scale = instance_stats(np.stack([align(padded[j], p, w, w) for j in js]))
             ctx = np.stack([align(padded[j][:-h], p, n, n) for j in js])
+            truth = np.stack([padded[j][-h:] for j in js])
+            self._guard(s, np.concatenate([ctx, truth], axis=1), loc, scale)
             ks, vs = self._run_update(features(ctx, loc, scale, p), np.zeros(len(js), np.int64),
                                       *self._empty_cache(len(js)))
-            for b in range(len(self.layers)):
-                self.k[b][:, s] = ks[b]
-                self.v[b][:, s] = vs[b]
+            self._set_caches(s, ks, vs)
             self.tokens[s] = n
             self.loc[s], self.scale[s] = loc, scale
-            truth = np.stack([padded[j][-h:] for j in js])
-            y = np.nan_to_num((truth - loc) / scale, nan=0.0).astype(np.float32)
+            y = normalize(truth, loc, scale)
             self.windows[s] = y[:, None, :] + self.grid[0] * np.stack([noise[j][:, :h] for j in js])
             self.pending[s] = np.nan
             self.pending_count[s] = 0
@@ -208,7 +167,6 @@ class HorizonStreamingForecaster(StreamingForecaster):
             if keep:
                 self.recent[slot, -keep:] = x[len(x) - keep:]
 
-    # -- public API ----------------------------------------------------------------------------
     def values_pending(self, item_id) -> int:
         """Values of ``item_id`` observed since its last chunk boundary (``< c``): the next
         ``c - values_pending`` values complete a chunk and trigger an observed roll."""
@@ -222,28 +180,38 @@ class HorizonStreamingForecaster(StreamingForecaster):
         [S, 2H]`` overrides the drawn noise). Every ``c`` values of a known series complete a
         chunk and cost one observed roll (``noise[j] [S, >= rolls * c]`` overrides the drawn
         noise of its rolls, in order); other values are only buffered. The cost per series
-        does not depend on how much history it has seen.
+        does not depend on how much history it has seen. Atomic per series
+        (``SeriesRefused`` names the refused ones; see ``tsdb_streaming.core``).
         """
         if covariates is not None:
             raise StreamingError("horizon exports do not take covariates")
-        item_ids = list(item_ids)
-        values = list(values)
-        if len(values) != len(item_ids):
-            raise StreamingError(f"{len(item_ids)} series but {len(values)} value arrays")
-        if len(set(item_ids)) != len(item_ids):
-            raise StreamingError("item_ids must be unique within one update")
-        arrays = [np.atleast_1d(np.asarray(v, dtype=np.float32)).reshape(-1) for v in values]
-        new = [j for j, i in enumerate(item_ids) if i not in self._slot]
+        options = {k: v for k, v in (("noise", noise), ("init_noise", init_noise)) if v is not None}
+        super().update(item_ids, values, None, **options)
+
+    def _check_options(self, item_ids: list, arrays: list[np.ndarray], new: list[int], noise=None,
+                       init_noise=None) -> None:
         shape = (self.num_samples, 2 * self.horizon)
+        for name, given in (("noise", noise), ("init_noise", init_noise)):
+            if given is not None and len(given) != len(item_ids):
+                raise StreamingError(f"{len(item_ids)} series but {len(given)} {name} arrays")
         if init_noise is not None and any(np.shape(init_noise[j]) != shape for j in new):
-            raise StreamingError(f"init noise must be {list(shape)} per new series")   # before any state changes
+            raise StreamingError(f"init noise must be {list(shape)} per new series")
+        if noise is None:
+            return
+        c = self.chunk_length
+        for j, (item, a) in enumerate(zip(item_ids, arrays)):
+            if j in new or not len(a):
+                continue
+            need = (int(self.pending_count[self._slot[item]]) + len(a)) // c * c
+            f = np.asarray(noise[j], np.float32)
+            if f.ndim != 2 or f.shape[0] != self.num_samples or f.shape[1] < need:
+                raise StreamingError(f"update noise of series {item!r} must be [{self.num_samples}, >= {need}], "
+                                     f"got {f.shape}")
+
+    def _apply(self, item_ids: list, arrays: list[np.ndarray], covs, new: list[int],
+               noise: Sequence[np.ndarray] | None = None, init_noise: Sequence[np.ndarray] | None = None) -> None:
         if new:
-            self._grow(self._n + len(new))
-            slots = np.arange(self._n, self._n + len(new))
-            for j, s in zip(new, slots):
-                self._slot[item_ids[j]] = int(s)
-            self._n += len(new)
-            self._init_slots(slots, [arrays[j] for j in new],
+            self._init_slots(self._slots([item_ids[j] for j in new]), [arrays[j] for j in new],
                              noise=None if init_noise is None else [np.asarray(init_noise[j], np.float32)
                                                                     for j in new])
         fresh_ids = set(new)
@@ -253,15 +221,8 @@ class HorizonStreamingForecaster(StreamingForecaster):
         c = self.chunk_length
         slots = self._slots([item_ids[j] for j in old])
         raws = [np.concatenate([self.pending[s, :self.pending_count[s]], arrays[j]]) for s, j in zip(slots, old)]
-        fresh = []
-        for s, j, raw in zip(slots, old, raws):
-            need = len(raw) // c * c
-            f = (self._noise(item_ids[j], int(s), _ROLL, (self.num_samples, need)) if noise is None
-                 else np.asarray(noise[j], np.float32))
-            if f.ndim != 2 or f.shape[0] != self.num_samples or f.shape[1] < need:
-                raise StreamingError(f"update noise of series {item_ids[j]!r} must be [{self.num_samples}, >= {need}], "
-                                     f"got {f.shape}")
-            fresh.append(f)
+        fresh = [self._noise(int(s), _ROLL, (self.num_samples, len(raw) // c * c)) if noise is None
+                 else np.asarray(noise[j], np.float32) for s, j, raw in zip(slots, old, raws)]
         self._observed_rolls(slots, raws, fresh)
         refresh = []
         for s, j, raw in zip(slots, old, raws):
@@ -277,6 +238,7 @@ class HorizonStreamingForecaster(StreamingForecaster):
         if refresh:
             self._reinit(np.asarray(refresh))
 
+    # -- forecast --------------------------------------------------------------------------------
     def forecast(self, item_ids: Sequence, num_samples: int | None = None, seed=None,
                  quantiles: Sequence[float] = DEFAULT_QUANTILES, noise: np.ndarray | None = None,
                  normalized: bool = False, **unsupported: Any) -> Forecast:
@@ -284,7 +246,7 @@ class HorizonStreamingForecaster(StreamingForecaster):
         their quantiles; the state is not modified.
 
         ``noise [b, S, H + c]`` standard normal (the chunk appended by each free roll)
-        overrides ``seed`` (an int, one seed per series, or None, as ``StreamingForecaster``).
+        overrides ``seed`` (an int, one seed per series, or None, as the depth format).
         """
         if unsupported:
             raise StreamingError(f"horizon forecasts run the exported roll grid; {sorted(unsupported)} "
@@ -332,4 +294,4 @@ class HorizonStreamingForecaster(StreamingForecaster):
         return np.stack([y[j, :, r[j]:r[j] + h] for j in range(b)])
 
 
-__all__ = ["HORIZON_FORMAT_VERSION", "HorizonStreamingForecaster", "load_horizon_metadata"]
+__all__ = ["DENOISE_INPUTS", "FORMAT", "FORMAT_VERSION", "HorizonStreamingForecaster"]
