@@ -10,7 +10,6 @@ from torch.utils.data import IterableDataset
 
 from tsdb.errors import DataError
 from tsdb.data.series import SeriesDataset
-from tsdb.data.validate import require_covariates
 
 
 def last_context(target: np.ndarray, context_length: int) -> np.ndarray:
@@ -51,6 +50,8 @@ class TrainingWindows(IterableDataset):
                  covariates: int = 0):
         self.rank, self.world_size = rank, world_size
         self.num_covariates = covariates
+        from tsdb.data.validate import require_covariates  # (validation pulls polars: only when needed)
+
         self.covariates = ([require_covariates(s, covariates).astype(np.float32) for s in dataset]
                            if covariates else None)
         self.patch_length = patch_length
