@@ -162,3 +162,17 @@ def test_a_trained_model_beats_the_climatology_on_a_sine(tmp_path):
     mae = np.abs(np.median(samples, 1) - truth).mean()
     climatology = np.abs(ctx.numpy().mean(1, keepdims=True) - truth).mean()
     assert mae < 0.5 * climatology
+
+
+def test_weight_decay_applies_to_matrices_only():
+    from tsdb.config import TrainConfig
+    from tsdb.training.loop import make_optimizer
+
+    strategy = get_strategy(tiny_cfg().model)
+    block = strategy.build().blocks[0]
+    opt = make_optimizer(block.parameters(), TrainConfig(weight_decay=0.1))
+    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] == 0.1 for p in g["params"]}
+    for name, p in block.named_parameters():
+        assert (id(p) in decayed) == (p.dim() >= 2), name
+    assert any("weight" in n and p.dim() == 2 for n, p in block.named_parameters() if id(p) in decayed)
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(block.parameters()))

@@ -53,7 +53,12 @@ def warmup_cosine(warmup: int, total: int, floor: float = 0.1):
 
 
 def make_optimizer(params, train: TrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+    """AdamW with weight decay on matrices only (linear weights, the lead-time table), as in
+    nanoGPT: decaying biases and LayerNorm gains toward 0 only fights the normalisation."""
+    params = [p for p in params if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": train.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=train.lr)
 
 
 class UnitModule(L.LightningModule):

@@ -1,0 +1,1 @@
+"""The ``tsdb`` command line."""

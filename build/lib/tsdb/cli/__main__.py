@@ -1,0 +1,5 @@
+import sys
+
+from tsdb.cli.main import main
+
+sys.exit(main())

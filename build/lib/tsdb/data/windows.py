@@ -1,0 +1,106 @@
+"""Training windows: random (context, target) pairs cut from a SeriesDataset."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset
+
+from tsdb.errors import DataError
+from tsdb.data.series import SeriesDataset
+
+
+def last_context(target: np.ndarray, context_length: int) -> np.ndarray:
+    """The last ``context_length`` values, left-padded with NaN when the series is shorter."""
+    out = np.full(context_length, np.nan, dtype=np.float32)
+    tail = target[-context_length:]
+    out[context_length - len(tail):] = tail
+    return out
+
+
+class TrainingWindows(IterableDataset):
+    """An endless, seeded stream of ``(context [C], target [H], draws [1 + H])`` float32 windows,
+    plus ``covariates [n_cov, C + H]`` when ``covariates = n_cov > 0``.
+
+    ``draws`` are the diffusion step's random numbers for this window (u ~ U[0,1), then
+    eps ~ N(0,1) per lead time). Drawn here, they make every arm see the same noise and
+    let ``rank``/``world_size`` split one global stream exactly across data-parallel
+    processes (process r keeps windows r, r + W, ...).
+
+    Series are drawn with probability proportional to their number of admissible window
+    ends; a window needs at least ``min_context`` observed context points, and contexts
+    reaching before the series start are left-padded with NaN (masked in the model).
+
+    With probability ``partial_patch_prob`` the context ends inside its last patch: the last
+    ``pad`` slots (1 <= pad < patch_length) are NaN and the target starts right after the
+    last observed value. This is what a streaming model sees between patch boundaries.
+
+    Covariates (``series.past_covariates``, every series must have exactly ``covariates``
+    complete rows) are cut at the same positions as context and target: the context part
+    is NaN where the context is (left padding, the unobserved slots of a partial patch),
+    the horizon part holds the covariates of the target's time steps. They use no random
+    numbers, so the stream of windows and draws is the same with and without them.
+    """
+
+    def __init__(self, dataset: SeriesDataset, context_length: int, horizon: int,
+                 seed: int = 0, min_context: int | None = None, patch_length: int = 1,
+                 partial_patch_prob: float = 0.0, rank: int = 0, world_size: int = 1,
+                 covariates: int = 0):
+        self.rank, self.world_size = rank, world_size
+        self.num_covariates = covariates
+        from tsdb.data.validate import require_covariates  # (validation pulls polars: only when needed)
+
+        self.covariates = ([require_covariates(s, covariates).astype(np.float32) for s in dataset]
+                           if covariates else None)
+        self.patch_length = patch_length
+        self.partial_patch_prob = partial_patch_prob if patch_length > 1 else 0.0
+        self.targets = [s.target.astype(np.float32) for s in dataset]
+        self.context_length = context_length
+        self.horizon = horizon
+        self.seed = seed
+        self.min_context = min_context if min_context is not None else min(context_length, 2 * horizon)
+        counts = np.array([max(0, len(t) - self.min_context - horizon + 1) for t in self.targets], dtype=np.float64)
+        if counts.sum() == 0:
+            raise DataError(f"dataset '{dataset.name}': no series has {self.min_context + horizon} points "
+                            f"(min context {self.min_context} + horizon {horizon}); use a shorter horizon or "
+                            f"context")
+        self.weights = counts / counts.sum()
+
+    def shard(self, rank: int, world_size: int) -> "TrainingWindows":
+        """The same stream, keeping every ``world_size``-th window from ``rank``."""
+
+        out = copy.copy(self)
+        out.rank, out.world_size = rank, world_size
+        return out
+
+    def window(self, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+        i = rng.choice(len(self.targets), p=self.weights)
+        t = self.targets[i]
+        end = int(rng.integers(self.min_context + self.horizon, len(t) + 1))  # exclusive end of target
+        split = end - self.horizon
+        pad = 0
+        if self.partial_patch_prob and rng.random() < self.partial_patch_prob:
+            pad = int(rng.integers(1, self.patch_length))
+        context = last_context(t[:split], self.context_length - pad)
+        if pad:
+            context = np.concatenate([context, np.full(pad, np.nan, dtype=np.float32)])
+        draws = np.concatenate([rng.random(1), rng.standard_normal(self.horizon)]).astype(np.float32)
+        if self.covariates is None:
+            return context, t[split:end], draws
+        cov = self.covariates[i]
+        past = np.stack([last_context(row[:split], self.context_length - pad) for row in cov])
+        pads = np.full((len(cov), pad), np.nan, dtype=np.float32)
+        return context, t[split:end], draws, np.concatenate([past, pads, cov[:, split:end]], axis=1)
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker = 0 if info is None else info.id
+        rng = np.random.default_rng([self.seed, worker])
+        index = 0
+        while True:
+            window = self.window(rng)
+            if index % self.world_size == self.rank:
+                yield window
+            index += 1

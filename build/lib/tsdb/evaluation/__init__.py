@@ -1,0 +1,1 @@
+"""Evaluation protocols (gluonts splits and metrics), baselines and plots."""

@@ -1,0 +1,82 @@
+"""Matplotlib figures: forecast fan charts and per-arm comparison bars."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def fan_chart(panels: list[dict], path: str | Path, title: str = "", history_points: int = 192) -> Path:
+    """One panel per series: history, median and 50%/80% bands of the sample paths.
+
+    Each panel dict has ``item_id``, ``history`` ``[T]``, ``samples`` ``[S, H]`` and
+    optionally ``truth`` ``[H]``.
+    """
+    n = len(panels)
+    fig, axes = plt.subplots(n, 1, figsize=(10, 2.6 * n), squeeze=False)
+    for ax, p in zip(axes[:, 0], panels):
+        hist = np.asarray(p["history"])[-history_points:]
+        t_hist = np.arange(-len(hist), 0)
+        samples = np.asarray(p["samples"])
+        t_fut = np.arange(samples.shape[1])
+        q = np.nanquantile(samples, [0.1, 0.25, 0.5, 0.75, 0.9], axis=0)
+        ax.plot(t_hist, hist, color="black", lw=1, label="history")
+        ax.fill_between(t_fut, q[0], q[4], color="tab:blue", alpha=0.2, label="80% interval")
+        ax.fill_between(t_fut, q[1], q[3], color="tab:blue", alpha=0.35, label="50% interval")
+        ax.plot(t_fut, q[2], color="tab:blue", lw=1.5, label="median")
+        if p.get("truth") is not None:
+            ax.plot(t_fut, p["truth"], color="tab:red", lw=1, ls="--", label="actual")
+        ax.set_title(str(p["item_id"]), fontsize=9, loc="left")
+        ax.axvline(0, color="grey", lw=0.5)
+    axes[0, 0].legend(loc="upper left", fontsize=7, ncol=5)
+    axes[-1, 0].set_xlabel("steps relative to forecast start")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def bar_chart(values: dict[str, float], path: str | Path, ylabel: str, title: str = "",
+              reference: float | None = None, reference_label: str = "") -> Path:
+    """Bars per arm; an optional horizontal reference line (e.g. the e2e arm)."""
+    names = list(values)
+    fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(names) + 2), 3.5))
+    ax.bar(names, [values[k] for k in names], color="tab:blue")
+    if reference is not None:
+        ax.axhline(reference, color="tab:red", ls="--", lw=1, label=reference_label)
+        ax.legend(fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def line_chart(series: dict[str, tuple[list, list]], path: str | Path, xlabel: str, ylabel: str,
+               title: str = "", logx: bool = False) -> Path:
+    """One line per name: ``{name: (xs, ys)}``."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, (xs, ys) in series.items():
+        ax.plot(xs, ys, marker="o", label=name)
+    if logx:
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,1 @@
+"""ONNX export of trained models for the torch-free streaming runtime (``tsdb_streaming``)."""

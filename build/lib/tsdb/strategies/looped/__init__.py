@@ -1,0 +1,1 @@
+"""Recurrent depth (``looped``, ``looped-bptt``): one weight-tied core applied K times."""
