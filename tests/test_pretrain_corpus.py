@@ -14,11 +14,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from pydantic import ValidationError
 from torch.utils.data import DataLoader
 
 from tsdb.data import Series, SeriesDataset, load_dataset
 from tsdb.data.windows import TrainingWindows
-from tsdb.errors import DataError
+from tsdb.errors import DataError, TsdbError
 from tsdb.pretrain import Corpus, CorpusConfig, CorpusWindows, KernelSynth, TSMixup
 from tsdb.pretrain.kernel_synth import DEFAULT_BANK, Kernel
 from tsdb.pretrain.leakage import chunk_hashes, contained, fingerprints
@@ -242,7 +243,7 @@ def test_tsmixup_is_a_convex_mixture_of_mean_scaled_crops():
     a = mixup.sample(np.random.default_rng(5), lambda r: base[r.integers(0, 100):])
     b = mixup.sample(np.random.default_rng(5), lambda r: base[r.integers(0, 100):])
     np.testing.assert_array_equal(a, b)
-    with pytest.raises(Exception, match="shorter than min_length"):
+    with pytest.raises(TsdbError, match="shorter than min_length"):
         mixup.mix([base[:10]], rng)
 
 
@@ -359,5 +360,9 @@ def test_stream_holds_a_bounded_number_of_series():
 def test_impossible_windows_are_one_clear_error():
     with pytest.raises(DataError, match="kernel_synth: series of 200 points, 400 needed"):
         small_windows(context_length=384, horizon=16, min_context=384)
-    with pytest.raises(Exception, match="unknown source 'm4'"):
+    only_mixed = Corpus(CorpusConfig(weights={"real": 1.0, "tsmixup": 1.0}, real=["statsmodels_sunspots"],
+                                     tsmixup={"min_length": 310, "max_length": 400}))
+    with pytest.raises(DataError, match=r"source real \(statsmodels_sunspots\): no series has the 310 points"):
+        CorpusWindows(only_mixed, context_length=64, horizon=16)  # sunspots: 309 points
+    with pytest.raises(ValidationError, match="unknown source 'm4'"):
         CorpusConfig(weights={"m4": 1.0})

@@ -152,9 +152,9 @@ class Corpus:
         """A `DataError` naming the first weighted source that cannot give ``min_length``
         points."""
         hint = "use a shorter context/horizon or give the source weight 0"
-        mixup_min = self._mixup_min(min_length)
-        needs = {"kernel_synth": min_length if "kernel_synth" in self.weights else mixup_min,
-                 "real": min_length if "real" in self.weights else mixup_min}
+        mixup_min = self._mixup_min(min_length)  # >= min_length: mixup components are the longer need
+        mixed = self.components if "tsmixup" in self.weights else {}
+        needs = {source: mixup_min if source in mixed else min_length for source in MIXUP_COMPONENTS}
         if self.uses("kernel_synth") and self.synth.length < needs["kernel_synth"]:
             raise DataError(f"pretraining source kernel_synth: series of {self.synth.length} points, "
                             f"{needs['kernel_synth']} needed; raise kernel_synth.length or {hint}")
