@@ -366,3 +366,16 @@ def test_impossible_windows_are_one_clear_error():
         CorpusWindows(only_mixed, context_length=64, horizon=16)  # sunspots: 309 points
     with pytest.raises(ValidationError, match="unknown source 'm4'"):
         CorpusConfig(weights={"m4": 1.0})
+
+
+def test_the_report_command_prints_composition_and_speed(capsys):
+    import json
+
+    from tsdb.pretrain.corpus import main
+
+    main(["--context", "64", "--horizon", "16", "--synth-series", "3", "--windows", "100"])
+    report = json.loads(capsys.readouterr().out)
+    assert report["composition"]["real_total"] == {"series": sum(c.series for c in cards().values()),
+                                                   "points": sum(c.points for c in cards().values())}
+    assert report["kernel_synth"]["series"] == 3 and report["kernel_synth"]["series_per_cpu_second"] > 0
+    assert report["stream"]["windows"] == 100 and report["stream"]["windows_per_cpu_second"] > 0
