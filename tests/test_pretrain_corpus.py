@@ -373,9 +373,11 @@ def test_the_report_command_prints_composition_and_speed(capsys):
 
     from tsdb.pretrain.corpus import main
 
-    main(["--context", "64", "--horizon", "16", "--synth-series", "3", "--windows", "100"])
+    main(["--context", "64", "--horizon", "16", "--synth-series", "3", "--windows", "100",
+          "--series-per-chunk", "4", "--windows-per-series", "25"])
     report = json.loads(capsys.readouterr().out)
     assert report["composition"]["real_total"] == {"series": sum(c.series for c in cards().values()),
                                                    "points": sum(c.points for c in cards().values())}
     assert report["kernel_synth"]["series"] == 3 and report["kernel_synth"]["series_per_cpu_second"] > 0
     assert report["stream"]["windows"] == 100 and report["stream"]["windows_per_cpu_second"] > 0
+    assert report["stream"]["series_per_chunk"] == 4

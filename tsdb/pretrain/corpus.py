@@ -32,11 +32,11 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch.utils.data import IterableDataset
 
-from ..data.windows import default_min_context, diffusion_draws, padded_context, window_cut
-from ..errors import DataError
-from .kernel_synth import KernelSynth
-from .mixup import TSMixup
-from .sources import CorpusSeries, cards, load_source
+from tsdb.data.windows import default_min_context, diffusion_draws, padded_context, window_cut
+from tsdb.errors import DataError
+from tsdb.pretrain.kernel_synth import KernelSynth
+from tsdb.pretrain.mixup import TSMixup
+from tsdb.pretrain.sources import CorpusSeries, cards, load_source
 
 SOURCES = ("kernel_synth", "tsmixup", "real")
 MIXUP_COMPONENTS = ("kernel_synth", "real")
@@ -271,10 +271,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--horizon", type=int, default=64)
     parser.add_argument("--synth-series", type=int, default=200, help="KernelSynth draws to time")
     parser.add_argument("--windows", type=int, default=4096, help="stream windows to time")
+    parser.add_argument("--series-per-chunk", type=int, default=64)
+    parser.add_argument("--windows-per-series", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     corpus = Corpus()
-    stream = CorpusWindows(corpus, args.context, args.horizon, seed=args.seed)
+    stream = CorpusWindows(corpus, args.context, args.horizon, seed=args.seed,
+                           series_per_chunk=args.series_per_chunk, windows_per_series=args.windows_per_series)
     report = {"composition": corpus.composition(stream.min_length)}
     rng = np.random.default_rng(args.seed)
     # wall and CPU time: on a shared machine the CPU seconds of this (one-thread) process are

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.linalg
 
-from ..errors import TsdbError
+from tsdb.errors import TsdbError
 
 KINDS = ("periodic", "rbf", "rational_quadratic", "linear", "white", "constant")
 

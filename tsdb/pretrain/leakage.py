@@ -40,9 +40,10 @@ def chunk_hashes(values: np.ndarray, width: int = WIDTH, decimals: int = DECIMAL
         block = block[np.all(np.isfinite(block), axis=1)]
         if not len(block):
             continue
+        centred = block - block.mean(axis=1, keepdims=True)
+        std = np.sqrt(np.einsum("ij,ij->i", centred, centred) / width)[:, None]
         with np.errstate(invalid="ignore", divide="ignore"):  # flat runs (std 0): NaN, dropped below
-            z = (block - block.mean(axis=1, keepdims=True)) / block.std(axis=1, keepdims=True)
-            q = np.rint(z * 10 ** decimals)
+            q = np.rint(centred / std * 10 ** decimals)
         ordered = np.sort(q, axis=1)
         distinct = 1 + np.count_nonzero(np.diff(ordered, axis=1), axis=1)
         keep = np.all(np.isfinite(q), axis=1) & (distinct >= min_distinct)

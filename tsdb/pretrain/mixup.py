@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import TsdbError
+from tsdb.errors import TsdbError
 
 
 def mean_scale(values: np.ndarray) -> np.ndarray:

@@ -23,7 +23,7 @@ import pandas as pd
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..errors import DataError
+from tsdb.errors import DataError
 
 EXTRA = "pip install 'tsdb[pretrain]'"
 
