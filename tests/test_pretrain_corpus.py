@@ -213,6 +213,7 @@ def test_periodic_and_linear_draws_have_their_shape():
     assert np.abs(path[24:] - path[:-24]).max() < 0.05 * path.std()
     line = synth.draw(synth.covariance([Kernel("linear", 0.0)], []), rng)
     assert abs(np.corrcoef(line, np.arange(240))[0, 1]) > 0.999
+    assert synth.draw(-np.eye(240), rng) is None  # indefinite: the composition gets redrawn
 
 
 def test_season_metadata_follows_the_periodic_kernels():

@@ -15,7 +15,7 @@ Cholesky factorisation (O(L^3), about 15-25 ms at L = 1024 on one core) and one 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import scipy.linalg
@@ -94,7 +94,6 @@ class SynthSeries:
     expression: str             # the composite kernel, e.g. "(periodic(24) + rbf(0.1)) * linear(1)"
     periods: tuple[int, ...]    # periods (steps) of its periodic kernels, sorted
     freq: str | None = None     # frequency of the shortest period's kernel
-    meta: dict = field(default_factory=dict)
 
     @property
     def season_length(self) -> int:
@@ -169,10 +168,9 @@ class KernelSynth:
         while True:
             kernels, ops = self.compose(rng)
             path = self.draw(self.covariance(kernels, ops), rng)
-            if path is not None and np.all(np.isfinite(path)):
-                values = path.astype(np.float32)
-                if np.all(np.isfinite(values)):
-                    break
+            values = None if path is None else path.astype(np.float32)
+            if values is not None and np.all(np.isfinite(values)):
+                break
             self.redraws += 1
         periodic = sorted((k for k in kernels if k.kind == "periodic"), key=lambda k: k.param)
         expression = str(kernels[0])
