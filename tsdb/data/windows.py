@@ -20,6 +20,36 @@ def last_context(target: np.ndarray, context_length: int) -> np.ndarray:
     return out
 
 
+def padded_context(values: np.ndarray, context_length: int, pad: int = 0) -> np.ndarray:
+    """``last_context`` of ``context_length - pad`` values followed by ``pad`` NaN slots (a
+    context that ends inside its last patch)."""
+    context = last_context(values, context_length - pad)
+    return np.concatenate([context, np.full(pad, np.nan, dtype=np.float32)]) if pad else context
+
+
+def default_min_context(context_length: int, horizon: int) -> int:
+    """Observed context points a training window needs unless told otherwise."""
+    return min(context_length, 2 * horizon)
+
+
+def window_cut(length: int, rng: np.random.Generator, horizon: int, min_context: int,
+               patch_length: int = 1, partial_patch_prob: float = 0.0) -> tuple[int, int]:
+    """A random window of a series of ``length`` points: ``(split, pad)``, the target being
+    ``[split, split + horizon)`` and the context ending ``pad`` NaN slots after ``split``.
+    Needs ``length >= min_context + horizon``."""
+    end = int(rng.integers(min_context + horizon, length + 1))  # exclusive end of target
+    pad = 0
+    if partial_patch_prob and rng.random() < partial_patch_prob:
+        pad = int(rng.integers(1, patch_length))
+    return end - horizon, pad
+
+
+def diffusion_draws(rng: np.random.Generator, horizon: int) -> np.ndarray:
+    """The diffusion step's random numbers of one window: u ~ U[0,1), then eps ~ N(0,1) per
+    lead time, float32 ``[1 + horizon]``."""
+    return np.concatenate([rng.random(1), rng.standard_normal(horizon)]).astype(np.float32)
+
+
 class TrainingWindows(IterableDataset):
     """An endless, seeded stream of ``(context [C], target [H], draws [1 + H])`` float32 windows,
     plus ``covariates [n_cov, C + H]`` when ``covariates = n_cov > 0``.
@@ -60,7 +90,7 @@ class TrainingWindows(IterableDataset):
         self.context_length = context_length
         self.horizon = horizon
         self.seed = seed
-        self.min_context = min_context if min_context is not None else min(context_length, 2 * horizon)
+        self.min_context = min_context if min_context is not None else default_min_context(context_length, horizon)
         counts = np.array([max(0, len(t) - self.min_context - horizon + 1) for t in self.targets], dtype=np.float64)
         if counts.sum() == 0:
             raise DataError(f"dataset '{dataset.name}': no series has {self.min_context + horizon} points "
@@ -78,21 +108,16 @@ class TrainingWindows(IterableDataset):
     def window(self, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
         i = rng.choice(len(self.targets), p=self.weights)
         t = self.targets[i]
-        end = int(rng.integers(self.min_context + self.horizon, len(t) + 1))  # exclusive end of target
-        split = end - self.horizon
-        pad = 0
-        if self.partial_patch_prob and rng.random() < self.partial_patch_prob:
-            pad = int(rng.integers(1, self.patch_length))
-        context = last_context(t[:split], self.context_length - pad)
-        if pad:
-            context = np.concatenate([context, np.full(pad, np.nan, dtype=np.float32)])
-        draws = np.concatenate([rng.random(1), rng.standard_normal(self.horizon)]).astype(np.float32)
+        split, pad = window_cut(len(t), rng, self.horizon, self.min_context, self.patch_length,
+                                self.partial_patch_prob)
+        context = padded_context(t[:split], self.context_length, pad)
+        target = t[split:split + self.horizon]
+        draws = diffusion_draws(rng, self.horizon)
         if self.covariates is None:
-            return context, t[split:end], draws
+            return context, target, draws
         cov = self.covariates[i]
-        past = np.stack([last_context(row[:split], self.context_length - pad) for row in cov])
-        pads = np.full((len(cov), pad), np.nan, dtype=np.float32)
-        return context, t[split:end], draws, np.concatenate([past, pads, cov[:, split:end]], axis=1)
+        past = np.stack([padded_context(row[:split], self.context_length, pad) for row in cov])
+        return context, target, draws, np.concatenate([past, cov[:, split:split + self.horizon]], axis=1)
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
