@@ -33,6 +33,7 @@ import torch
 from sktime.forecasting.base import BaseForecaster, ForecastingHorizon
 
 import tsdb.strategies.depth.streaming as streaming
+from tsdb.nn.cache import by_group
 from tsdb.strategies.depth.online import DepthStreaming
 from tsdb.config import ExperimentConfig
 from tsdb.data.series import Series, SeriesDataset
@@ -246,17 +247,12 @@ class TsdbForecaster(BaseForecaster):
 
     def _stream(self, new_values: list[np.ndarray], new_covs: list) -> streaming.StreamingState:
         """The state after ``tsdb.strategies.depth.streaming.update`` with each series' new values (and covariates)."""
-        by_length: dict[int, list[int]] = {}
-        for i, values in enumerate(new_values):
-            by_length.setdefault(len(values), []).append(i)
-        parts, order = [], []
-        for n, idx in by_length.items():
-            values = torch.from_numpy(np.stack([new_values[i] for i in idx]).reshape(len(idx), n))
+        def run(idx: list[int]) -> streaming.StreamingState:
+            values = torch.from_numpy(np.stack([new_values[i] for i in idx]).reshape(len(idx), len(new_values[idx[0]])))
             covs = None if new_covs[idx[0]] is None else torch.from_numpy(np.stack([new_covs[i] for i in idx]))
-            parts.append(streaming.update(self.model_, self._stream_state.select(idx), values, covariates=covs))
-            order.extend(idx)
-        state = parts[0] if len(parts) == 1 else streaming.StreamingState.cat(parts)
-        return state.select(torch.argsort(torch.tensor(order)))
+            return streaming.update(self.model_, self._stream_state.select(idx), values, covariates=covs)
+
+        return by_group([len(v) for v in new_values], run)
 
     def _sample_paths(self, fh=None, X=None) -> np.ndarray:
         """Raw-scale sample paths ``[series, S, H]``; the same for the same seed, state and X."""

@@ -5,12 +5,15 @@ per block, and the exported ``update`` graph maintains it."""
 from __future__ import annotations
 
 from dataclasses import fields
+from typing import Callable, Sequence, TypeVar
 
 import torch
 from torch import Tensor
 
 from tsdb.nn.denoiser import BlockDenoiser
 from tsdb.nn.layers import KV
+
+T = TypeVar("T")
 
 
 def window_tokens(model) -> int:
@@ -77,3 +80,19 @@ class BatchedState:
             tuple(torch.cat([s.v[i] for s in states], 1) for i in range(nb)),
             *(None if getattr(states[0], f.name) is None else torch.cat([getattr(s, f.name) for s in states], 0)
               for f in fields(cls)[2:]))
+
+
+def by_group(keys: Sequence, run: Callable[[list[int]], T], cat: Callable[[list[T]], T] | None = None) -> T:
+    """``run(indices)`` once per group of rows with equal ``keys`` (rows that move together,
+    e.g. at the same patch phase), reassembled in the original row order. Results are
+    states (``cat``/``select`` of :class:`BatchedState`) or tensors (batch on axis 0)."""
+    groups: dict = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    if len(groups) == 1:
+        return run(list(range(len(keys))))
+    parts = [run(idx) for idx in groups.values()]
+    inverse = torch.argsort(torch.tensor([i for idx in groups.values() for i in idx]))
+    if isinstance(parts[0], Tensor):
+        return torch.cat(parts)[inverse]
+    return (cat or type(parts[0]).cat)(parts).select(inverse)

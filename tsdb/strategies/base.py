@@ -3,7 +3,8 @@
 A strategy builds the model from a ``ModelConfig``, says which independently trained
 *units* the model is made of (a unit is a set of parameters with its own loss), and
 draws forecast samples. Training, evaluation, checkpoints and the CLI only talk to this
-interface, so a new strategy is one new module registered in ``strategies/__init__``.
+interface, so a new strategy is one new package registered in ``strategies/__init__`` (or with
+``tsdb.strategies.register``).
 """
 
 from __future__ import annotations

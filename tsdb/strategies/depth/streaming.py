@@ -64,7 +64,7 @@ from tsdb.errors import TsdbError
 from tsdb.nn.denoiser import BlockDenoiser, ContextEncoding
 from tsdb.nn.denoiser import CovariateFeatures
 from tsdb.nn.forecaster import DiffusionForecaster, context_features, instance_stats, normalize_covariates
-from tsdb.nn.cache import BatchedState, align_history, encode_tokens, init_tokens, pick, window_tokens
+from tsdb.nn.cache import BatchedState, align_history, by_group, encode_tokens, init_tokens, pick, window_tokens
 from tsdb.nn.layers import KV
 from tsdb.core.samplers import SAMPLERS
 
@@ -217,17 +217,9 @@ def init_state(model: DiffusionForecaster, history: Tensor, lengths: Tensor | No
     if lengths is None:
         lengths = torch.full((history.shape[0],), t, dtype=torch.long)
     lengths = torch.as_tensor(lengths, dtype=torch.long).clamp(0, t)
-    groups = {}
-    for i, n in enumerate(lengths.tolist()):
-        groups.setdefault(n, []).append(i)
-    parts, order = [], []
-    for n, idx in groups.items():
-        parts.append(_init_equal(model, history[idx, t - n:], None if covariates is None else covariates[idx, :, t - n:]))
-        order.extend(idx)
-    state = parts[0] if len(parts) == 1 else StreamingState.cat(parts)
-    if order != list(range(len(order))):
-        state = state.select(torch.argsort(torch.tensor(order)))
-    return state
+    return by_group(lengths.tolist(), lambda idx: _init_equal(
+        model, history[idx, t - int(lengths[idx[0]]):],
+        None if covariates is None else covariates[idx, :, t - int(lengths[idx[0]]):]))
 
 
 def _init_equal(model: DiffusionForecaster, history: Tensor, cov: Tensor | None = None) -> StreamingState:
@@ -275,16 +267,8 @@ def update(model: DiffusionForecaster, state: StreamingState, new_values: Tensor
     covariates = _check_covariates(model, covariates, new_values, "update")
     if new_values.shape[1] == 0:
         return state
-    phases = state.pending_count.tolist()
-    if len(set(phases)) == 1:
-        return _update_equal_phase(model, state, new_values, covariates)
-    groups = {}
-    for i, ph in enumerate(phases):
-        groups.setdefault(ph, []).append(i)
-    order = [i for idx in groups.values() for i in idx]
-    parts = [_update_equal_phase(model, state.select(idx), new_values[idx], pick(covariates, idx))
-             for idx in groups.values()]
-    return StreamingState.cat(parts).select(torch.argsort(torch.tensor(order)))
+    return by_group(state.pending_count.tolist(), lambda idx: _update_equal_phase(
+        model, state.select(idx), new_values[idx], pick(covariates, idx)))
 
 
 def _update_equal_phase(model: DiffusionForecaster, state: StreamingState, new_values: Tensor,

@@ -94,7 +94,7 @@ from tsdb.nn.denoiser import ContextEncoding
 from tsdb.nn.forecaster import context_features, instance_stats
 from tsdb.strategies.horizon.model import HorizonForecaster
 from tsdb.nn.layers import KV
-from tsdb.nn.cache import BatchedState, align_history, encode_tokens, init_tokens, window_tokens
+from tsdb.nn.cache import BatchedState, align_history, by_group, encode_tokens, init_tokens, window_tokens
 
 NORMALIZATION_RULE = "frozen-at-init"
 
@@ -182,17 +182,7 @@ def _grouped(state: HorizonStreamingState, fn, *per_series: Tensor | None) -> Ho
     """Apply ``fn(state, *per_series)`` to groups of series at the same pending count and
     position (a roll moves them together), then restore the batch order."""
     keys = list(zip(state.pending_count.tolist(), state.tokens.tolist()))
-    groups: dict = {}
-    for i, key in enumerate(keys):
-        groups.setdefault(key, []).append(i)
-    if len(groups) == 1:
-        return fn(state, *per_series)
-    order = [i for idx in groups.values() for i in idx]
-    parts = [fn(state.select(idx), *(None if t is None else t[idx] for t in per_series)) for idx in groups.values()]
-    inverse = torch.argsort(torch.tensor(order))
-    if isinstance(parts[0], HorizonStreamingState):
-        return HorizonStreamingState.cat(parts).select(inverse)
-    return torch.cat(parts)[inverse]
+    return by_group(keys, lambda idx: fn(state.select(idx), *(None if t is None else t[idx] for t in per_series)))
 
 
 def _noise(noise: Tensor | None, shape: tuple[int, ...], generator, what: str) -> Tensor:
