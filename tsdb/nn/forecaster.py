@@ -140,13 +140,18 @@ class DiffusionForecaster(nn.Module):
     @torch.no_grad()
     def sample(self, context: Tensor, num_samples: int, schedule: SigmaSchedule, sampler: str = "heun",
                noise: Tensor | None = None, generator: torch.Generator | None = None,
-               max_batch: int = 4096, covariates: Tensor | None = None) -> Tensor:
+               max_batch: int | None = None, covariates: Tensor | None = None) -> Tensor:
         """Draw ``[batch, num_samples, H]`` raw-scale samples for raw contexts ``[batch, C]``.
 
         ``noise`` (standard normal, ``[batch, num_samples, H]``) makes sampling reproducible
         and is how exported graphs receive randomness. ``covariates`` ``[batch, n_cov, C + H]``
         (raw; the horizon part is the known future) for a model with covariates.
+        ``max_batch``: trajectories sampled together (whole series at a time). The default
+        keeps a chunk's activations in CPU cache (1024: 1.2x faster than 4096 at the M4 quick
+        shape, ``tsdb bench sampling``) and fills a GPU (16384).
         """
+        if max_batch is None:
+            max_batch = 16384 if context.is_cuda else 1024
         n = context.shape[0]
         if noise is None:
             noise = torch.randn(n, num_samples, self.horizon, generator=generator,

@@ -1,1 +1,0 @@
-"""The ``tsdb`` command line."""

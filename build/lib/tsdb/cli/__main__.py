@@ -1,5 +1,0 @@
-import sys
-
-from tsdb.cli.main import main
-
-sys.exit(main())

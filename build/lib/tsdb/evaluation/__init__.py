@@ -1,1 +1,0 @@
-"""Evaluation protocols (gluonts splits and metrics), baselines and plots."""

@@ -1,1 +1,0 @@
-"""ONNX export of trained models for the torch-free streaming runtime (``tsdb_streaming``)."""

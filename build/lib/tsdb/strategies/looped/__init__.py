@@ -1,1 +1,0 @@
-"""Recurrent depth (``looped``, ``looped-bptt``): one weight-tied core applied K times."""

@@ -1,1 +1,0 @@
-"""Training with Lightning, one unit (block) at a time; memory measurement; block-parallel jobs."""
