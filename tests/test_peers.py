@@ -163,7 +163,7 @@ def test_neuralforecast_peers(m4_tiny, kind):
     budget = result["budget"]
     assert budget["steps_done"] == budget["max_steps"] == 5 and budget["seed"] == 3
     assert budget["library_default_max_steps"] == peers.library_default_steps(kind) >= 1000
-    assert result["params"] > 0 and not budget["early_stopping"]
+    assert result["params"] > 0 and not budget["early_stopping"] and budget["cut_below_library_default"]
 
 
 def test_deepar_peer_keeps_lags_inside_the_lookback():
@@ -176,6 +176,7 @@ def test_deepar_peer_keeps_lags_inside_the_lookback():
                                hidden_size=8, num_layers=1)
     _check_arm(result, task, ("epochs", "num_batches_per_epoch", "steps", "context_length", "max_lag", "params"))
     assert result["budget"]["context_length"] == 31 and result["budget"]["max_lag"] <= 169
+    assert result["budget"]["cut_below_library_default"]
 
 
 # --- the bench ----------------------------------------------------------------------------

@@ -167,7 +167,8 @@ def statsforecast_peer(task: EvalTask, kind: str, season_lengths: list[int] | No
     model = models[kind]()
     timing: dict = {}
     with _clock(timing, "fit"):  # statsforecast's forecast() fits and predicts in one pass
-        frame = _long_frame(window_inputs(task))
+        inputs = window_inputs(task)
+        frame = _long_frame(inputs)
         out = StatsForecast(models=[model], freq=1, n_jobs=n_jobs).forecast(
             df=frame, h=task.horizon, level=list(INTERVAL_LEVELS))
         name = model.alias
@@ -175,7 +176,9 @@ def statsforecast_peer(task: EvalTask, kind: str, season_lengths: list[int] | No
                    + [f"{name}-hi-{lv}" for lv in INTERVAL_LEVELS])
         values = _by_window(out, columns, task.num_windows, task.horizon)
     samples = quantiles_as_samples(values, values[:, _MEDIAN])
+    lengths = [len(x) for x in inputs]
     budget = {"model": repr(model), "season_lengths": seasons, "fitted_on": "each window's input",
+              "input_points": [min(lengths), max(lengths)],
               "interval_levels": list(INTERVAL_LEVELS), "n_jobs": n_jobs}
     if kind == "mstl":
         budget["trend_forecaster"] = f"AutoETS(model={mstl_trend!r})"
@@ -240,6 +243,7 @@ def neuralforecast_peer(task: EvalTask, kind: str, input_size: int, max_steps: i
     samples = quantiles_as_samples(values, values[:, _MEDIAN])
     trained = nf.models[0]
     budget = {"model": type(trained).__name__, "max_steps": steps, "library_default_max_steps": default_steps,
+              "cut_below_library_default": steps < default_steps,
               "steps_done": len(trained.train_trajectories),  # one entry per optimizer step
               "input_size": input_size, "loss": "MQLoss(0.1..0.9)", "early_stopping": False, "seed": seed,
               "batch_size": trained.batch_size, "windows_batch_size": trained.windows_batch_size,
@@ -374,6 +378,8 @@ def linear_peer(task: EvalTask, lookback: int, alphas: list[float] | None = None
 
 # -- GluonTS DeepAR ----------------------------------------------------------------------
 
+DEEPAR_DEFAULT_WINDOWS = 100 * 50 * 32  # GluonTS 0.17: max_epochs 100 x 50 batches of 32 windows
+
 def deepar_peer(task: EvalTask, context_length: int, epochs: int = 100, num_batches_per_epoch: int = 50,
                 batch_size: int = 32, max_lag: int = 169, seed: int = 0, num_samples: int = 100,
                 **estimator_kwargs: Any) -> dict:
@@ -396,7 +402,9 @@ def deepar_peer(task: EvalTask, context_length: int, epochs: int = 100, num_batc
     net = arm.predictor.prediction_net
     params = int(sum(p.numel() for p in net.parameters()))
     budget = {"model": "DeepAR", "epochs": epochs, "num_batches_per_epoch": num_batches_per_epoch,
-              "batch_size": batch_size, "steps": epochs * num_batches_per_epoch, "context_length": context,
+              "batch_size": batch_size, "steps": epochs * num_batches_per_epoch,
+              "cut_below_library_default": epochs * num_batches_per_epoch * batch_size < DEEPAR_DEFAULT_WINDOWS,
+              "context_length": context,
               "max_lag": int(max(net.model.lags_seq)) + 1, "seed": seed, "params": params,
               "options": estimator_kwargs}
     # train_seconds / predict_seconds: GluonTSArm's (training, sampling); the clock adds scoring
