@@ -37,6 +37,7 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 import pandas as pd
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from tsdb.evaluation.baselines import fit_deepar
@@ -98,7 +99,6 @@ def _long_frame(arrays: list[np.ndarray]) -> pd.DataFrame:
 
 def _by_window(frame: pd.DataFrame, columns: list[str], num_windows: int, horizon: int) -> np.ndarray:
     """Forecast columns of a Nixtla output frame -> ``[N, len(columns), H]`` in window order."""
-    frame = frame.reset_index() if "unique_id" not in frame.columns else frame
     frame = frame.sort_values(["unique_id", "ds"])
     values = frame[columns].to_numpy(dtype=np.float64)
     if len(values) != num_windows * horizon:
@@ -129,14 +129,8 @@ def _result(task: EvalTask, samples: np.ndarray, timing: dict, library: str, bud
     train, predict = timing.get("fit_seconds", 0.0), timing.get("predict_seconds", 0.0)
     return {**metrics, "train_seconds": train, "predict_seconds": predict,
             "fit_predict_seconds": train + predict, "cpu_seconds": timing.get("cpu_seconds", 0.0),
-            "torch_threads": _torch_threads(), "library": library, "budget": budget,
+            "torch_threads": torch.get_num_threads(), "library": library, "budget": budget,
             "num_samples": int(samples.shape[1])}
-
-
-def _torch_threads() -> int | None:
-    import sys
-    torch = sys.modules.get("torch")
-    return torch.get_num_threads() if torch else None
 
 
 # -- statsforecast -----------------------------------------------------------------------
@@ -409,7 +403,7 @@ def deepar_peer(task: EvalTask, context_length: int, epochs: int = 100, num_batc
               "options": estimator_kwargs}
     # train_seconds / predict_seconds: GluonTSArm's (training, sampling); the clock adds scoring
     return {**metrics, "fit_predict_seconds": timing["fit_seconds"] + timing["predict_seconds"],
-            "cpu_seconds": timing["cpu_seconds"], "torch_threads": _torch_threads(),
+            "cpu_seconds": timing["cpu_seconds"], "torch_threads": torch.get_num_threads(),
             "library": f"gluonts {version('gluonts')}", "budget": budget, "params": params}
 
 
