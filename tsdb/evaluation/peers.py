@@ -40,8 +40,8 @@ import pandas as pd
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from tsdb.evaluation.baselines import fit_deepar
 from tsdb.errors import DataError
+from tsdb.evaluation.baselines import fit_deepar
 from tsdb.evaluation.tasks import QUANTILE_LEVELS, EvalTask
 
 # The statsforecast interval levels whose bounds are the quantiles 0.1..0.9.
