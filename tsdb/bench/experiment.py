@@ -17,10 +17,11 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 import tsdb.evaluation.plots as plots
 from tsdb.evaluation.baselines import fit_deepar, seasonal_naive
+from tsdb.evaluation.peers import PeerSpec, run_peer
 from tsdb.config import ExperimentConfig, _Strict
 from tsdb.data.registry import load_dataset
 from tsdb.evaluation.tasks import EvalTask, etth1_task, evaluate_predictor, m4_hourly_task, rolling_task
@@ -57,12 +58,21 @@ class ExperimentSpec(_Strict):
     arms: dict[str, dict[str, dict[str, Any]]] = Field(default_factory=dict)
     baselines: list[Literal["seasonal-naive", "deepar"]] = Field(default_factory=list)
     deepar: DeepARSpec = DeepARSpec()
+    # peers (tsdb.evaluation.peers) on the same windows: {arm name: {kind: ..., options}}
+    peers: dict[str, PeerSpec] = Field(default_factory=dict)
     num_samples: int = 100
     # extra inference-time evaluations: {arm: [K, ...]} -> figures "crps_k" per K
     steps_sweep: dict[str, list[int]] = Field(default_factory=dict)
     anchors: dict[str, dict[str, float | None]] = Field(default_factory=dict)  # published numbers, cited
     # memory-only sweep: {arm: [K, ...]} -> training-state bytes of one step with loop_iters = K
     memory_sweep: dict[str, list[int]] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _names_unique(self):
+        clash = (set(self.baselines) | set(self.arms)) & set(self.peers) | set(self.baselines) & set(self.arms)
+        if clash:
+            raise ValueError(f"arm names used twice (baselines, peers, arms): {sorted(clash)}")
+        return self
 
     def arm_config(self, name: str) -> ExperimentConfig:
         return self.base.with_overrides(**self.arms[name])
@@ -194,7 +204,7 @@ def run_experiment(spec: ExperimentSpec, out: str | Path, root: str | None = Non
         f"{len(task.train)} training series")
     results = {"name": spec.name, "task": {**spec.task.model_dump(), "num_windows": task.num_windows},
                "machine": _machine(), "arms": {}}
-    names = [*spec.baselines, *spec.arms]
+    names = [*spec.baselines, *spec.peers, *spec.arms]
     for name in names:
         if only and name not in only:
             continue
@@ -204,7 +214,13 @@ def run_experiment(spec: ExperimentSpec, out: str | Path, root: str | None = Non
             log(f"[{spec.name}] {name}: done earlier, reusing {path}")
             continue
         log(f"[{spec.name}] {name}: training and evaluating")
-        figures = run_baseline(spec, name, task) if name in spec.baselines else run_arm(spec, name, task, out)
+        if name in spec.baselines:
+            figures = run_baseline(spec, name, task)
+        elif name in spec.peers:
+            figures = run_peer(spec.peers[name], task, spec.base.model.context_length, spec.base.train.seed,
+                               spec.num_samples)
+        else:
+            figures = run_arm(spec, name, task, out)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(figures, indent=2))
         results["arms"][name] = figures
@@ -260,6 +276,15 @@ def write_report(spec: ExperimentSpec, results: dict, out: Path) -> Path:
             _fmt(f.get("train_seconds"), 1), _fmt(mib(f.get("train_state_bytes")), 2),
             _fmt(mib(f.get("saved_activation_bytes")), 2), _fmt(mem_ratio, 2),
             _fmt(mib(f.get("peak_rss_bytes")), 0), _fmt(f.get("params"))]) + " |")
+    budgets = {n: f for n, f in arms.items() if "budget" in f}
+    if budgets:
+        lines += ["", "Peer budgets (each peer's own settings; seconds are wall time of fit + predict on this "
+                  "machine, CPU seconds include worker processes):", ""]
+        for n, f in budgets.items():
+            settings = ", ".join(f"{k} {v}" for k, v in f["budget"].items()
+                                 if k not in ("val_mse_by_alpha", "alphas_tried") and v not in (None, {}, []))
+            lines.append(f"- {n} ({f['library']}): {settings}; {_fmt(f['fit_predict_seconds'], 0)} s, "
+                         f"{_fmt(f['cpu_seconds'], 0)} CPU s")
     if spec.anchors:
         lines += ["", "Published reference numbers (cited from shared/benchmarks.md, not measured here):", "",
                   "| system | " + " | ".join(next(iter(spec.anchors.values())).keys()) + " |",

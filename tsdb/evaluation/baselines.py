@@ -6,7 +6,8 @@ quantile loss of the point forecast (it equals the normalized absolute error), n
 CRPS of a calibrated distribution, and their coverage80 is near 0. GIFT-Eval's seasonal
 naive CRPS (0.0376 on M4 Hourly) uses statsforecast intervals and is lower.
 
-``fit_deepar`` trains GluonTS's DeepAR (a real probabilistic peer) on ``task.train``.
+``fit_deepar`` trains GluonTS's DeepAR (a real probabilistic peer) on ``task.train``; the
+bench runs it as a peer (``tsdb.evaluation.peers.deepar_peer``) at the library's defaults.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pandas as pd
 from gluonts.model.predictor import Predictor
+from gluonts.time_feature import get_lags_for_frequency
 from gluonts.torch import DeepAREstimator
 
 from tsdb.evaluation.tasks import EvalTask, SamplePredictor
@@ -93,17 +95,23 @@ class GluonTSArm:
 def fit_deepar(
     task: EvalTask,
     context_length: int,
-    epochs: int = 10,
+    epochs: int = 100,
     num_batches_per_epoch: int = 50,
     seed: int = 0,
     batch_size: int = 32,
+    max_lag: int | None = 169,
     **estimator_kwargs,
 ) -> GluonTSArm:
     """Train ``gluonts.torch.DeepAREstimator`` on ``task.train`` on CPU.
 
-    Extra keyword arguments go to the estimator (``hidden_size``, ``num_layers``, ``lr``,
-    ...). GluonTS writes a weights-only checkpoint; it goes to a temporary directory.
+    The defaults are GluonTS's (100 epochs x 50 batches of 32). ``max_lag`` drops the
+    frequency's default lags beyond it: for hourly data they reach 721 steps back, past a
+    512-point context and most of an M4 series (``None`` keeps them all). Extra keyword
+    arguments go to the estimator (``hidden_size``, ``num_layers``, ``lr``, ...). GluonTS
+    writes a weights-only checkpoint; it goes to a temporary directory.
     """
+    if max_lag is not None and "lags_seq" not in estimator_kwargs:
+        estimator_kwargs["lags_seq"] = [lag for lag in get_lags_for_frequency(task.freq) if lag <= max_lag]
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     pl.seed_everything(seed, verbose=False)
     with tempfile.TemporaryDirectory(prefix="tsdb-deepar-") as root:
