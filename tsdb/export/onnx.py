@@ -51,7 +51,7 @@ import torch
 from torch import Tensor, nn
 
 from tsdb.errors import TsdbError
-from tsdb.nn.cache import encode_tokens, window_tokens
+from tsdb.nn.cache import encode_tokens, init_tokens, window_tokens
 
 METADATA_FILE = "tsdb_model.json"
 OPSET = 18
@@ -149,6 +149,30 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
     out = Path(out_dir) if out_dir is not None else Path(run_dir) / "onnx"
     streaming.export(model, out, num_steps=cfg.model.inference_steps)
     return out
+
+
+def base_metadata(model: nn.Module, strategy, fmt: str, version: int, ex: "TraceExamples", arm: str | None,
+                  graphs: dict) -> dict:
+    """The metadata every format shares: identity, the shapes of the context cache, sizes,
+    and the graphs (``{"update": ..., "denoise": [...]}``)."""
+    shape = model.blocks[0].shape
+    return {
+        "format": fmt,
+        "format_version": version,
+        "tsdb_version": tsdb_version(),
+        "strategy": strategy.name,
+        "arm": arm or strategy.arm_name(),
+        "opset": OPSET,
+        "shapes": {
+            "context_length": shape.context_length, "horizon": shape.horizon, "patch_length": ex.p,
+            "context_channels": shape.context_channels, "d_model": shape.d_model, "n_heads": ex.heads,
+            "head_dim": ex.hd, "n_blocks": len(model.blocks), "layers_per_block": ex.layers,
+            "window_tokens": ex.w, "init_tokens": init_tokens(model), "future_tokens": shape.future_tokens,
+        },
+        "params": sum(q.numel() for q in model.parameters()),
+        "sigma_data": model.precond.sigma_data,
+        "graphs": graphs,
+    }
 
 
 def write_metadata(meta: dict, out: Path) -> dict:
