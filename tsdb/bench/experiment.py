@@ -142,13 +142,14 @@ def run_arm(spec: ExperimentSpec, name: str, task: EvalTask, out: Path) -> dict:
     model.eval()
     metrics = evaluate_predictor(task, torch_predictor(strategy, model, seed=cfg.train.seed),
                                  cfg.model.context_length, spec.num_samples,
-                                 num_covariates=cfg.model.num_covariates)
+                                 num_covariates=cfg.model.num_covariates, progress=cfg.train.progress)
     figures.update(metrics)
     figures["arm"] = strategy.arm_name()
     figures["num_steps"] = cfg.model.inference_steps
     for k in spec.steps_sweep.get(name, []):
         m = evaluate_predictor(task, torch_predictor(strategy, model, num_steps=k, seed=cfg.train.seed),
-                               cfg.model.context_length, spec.num_samples, num_covariates=cfg.model.num_covariates)
+                               cfg.model.context_length, spec.num_samples, num_covariates=cfg.model.num_covariates,
+                               progress=cfg.train.progress)
         figures.setdefault("crps_by_steps", {})[str(k)] = m["crps"]
     if name in spec.memory_sweep:
         figures["saved_activation_bytes_by_iters"] = memory_at_iters(spec, name, spec.memory_sweep[name], task)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -37,9 +38,11 @@ def fan_chart(panels: list[dict], path: str | Path, title: str = "", history_poi
     axes[-1, 0].set_xlabel("steps relative to forecast start")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=110)
+    with warnings.catch_warnings():   # ids in scripts the font lacks are drawn as boxes, not warned about
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 

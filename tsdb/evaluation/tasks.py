@@ -31,10 +31,13 @@ sorted samples), not interpolated.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from unittest import mock
 
+import gluonts.model.evaluation
 import numpy as np
 from gluonts.dataset import split as gluonts_split
 from gluonts.dataset.split import TestData
@@ -47,6 +50,7 @@ from gluonts.ev.metrics import (
 )
 from gluonts.model.evaluation import evaluate_forecasts_raw
 from gluonts.model.forecast import SampleForecast
+from tqdm.auto import tqdm
 
 from tsdb.data.series import Series, SeriesDataset
 from tsdb.errors import DataError
@@ -171,13 +175,16 @@ class EvalTask:
         """
         batches = [samples] if isinstance(samples, np.ndarray) else samples
         counter = {"windows": 0}
-        raw = evaluate_forecasts_raw(
-            self._forecasts(batches, counter),
-            test_data=self.test_data,
-            metrics=METRICS,
-            batch_size=1000,
-            seasonality=self.season_length,
-        )
+        # gluonts' own bar has no total and sits at "0it" while the forecasts are made: the
+        # caller shows one with a total instead (evaluate_predictor(progress=True))
+        with mock.patch.object(gluonts.model.evaluation, "tqdm", functools.partial(tqdm, disable=True)):
+            raw = evaluate_forecasts_raw(
+                self._forecasts(batches, counter),
+                test_data=self.test_data,
+                metrics=METRICS,
+                batch_size=1000,
+                seasonality=self.season_length,
+            )
         if counter["windows"] != self.num_windows:
             raise ValueError(
                 f"{self.name}: got samples for {counter['windows']} windows, "
@@ -217,8 +224,10 @@ def evaluate_predictor(
     num_samples: int = 100,
     batch_size: int = 256,
     num_covariates: int = 0,
+    progress: bool = False,
 ) -> dict:
-    """Run ``predictor`` over all windows in batches and score it.
+    """Run ``predictor`` over all windows in batches and score it (``progress``: a bar over
+    the windows on stderr).
 
     With ``num_covariates > 0`` the predictor also gets ``covariates=`` the windows'
     :meth:`EvalTask.covariates` (observed future values: an oracle covariate forecast).
@@ -233,15 +242,18 @@ def evaluate_predictor(
     timer = {"seconds": 0.0}
 
     def batches() -> Iterator[np.ndarray]:
-        for start in range(0, len(contexts), batch_size):
-            t0 = time.perf_counter()
-            if covariates is None:
-                samples = predictor(contexts[start:start + batch_size], num_samples)
-            else:
-                samples = predictor(contexts[start:start + batch_size], num_samples,
-                                    covariates=covariates[start:start + batch_size])
-            timer["seconds"] += time.perf_counter() - t0
-            yield samples
+        with tqdm(total=len(contexts), desc=f"forecasting {task.name}", unit="window", disable=not progress,
+                  leave=False) as bar:
+            for start in range(0, len(contexts), batch_size):
+                t0 = time.perf_counter()
+                if covariates is None:
+                    samples = predictor(contexts[start:start + batch_size], num_samples)
+                else:
+                    samples = predictor(contexts[start:start + batch_size], num_samples,
+                                        covariates=covariates[start:start + batch_size])
+                timer["seconds"] += time.perf_counter() - t0
+                bar.update(len(samples))
+                yield samples
 
     metrics = task.evaluate(batches())
     extra = {"num_covariates": num_covariates, "covariate_future": "observed (oracle)"} if num_covariates else {}
