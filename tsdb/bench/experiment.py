@@ -203,7 +203,7 @@ def run_experiment(spec: ExperimentSpec, out: str | Path, root: str | None = Non
     log(f"[{spec.name}] task {task.name}: {task.num_windows} windows, horizon {task.horizon}, "
         f"{len(task.train)} training series")
     results = {"name": spec.name, "task": {**spec.task.model_dump(), "num_windows": task.num_windows},
-               "machine": _machine(), "arms": {}}
+               "machine": machine_info(), "arms": {}}
     names = [*spec.baselines, *spec.peers, *spec.arms]
     for name in names:
         if only and name not in only:
@@ -234,7 +234,7 @@ def run_experiment(spec: ExperimentSpec, out: str | Path, root: str | None = Non
     return results
 
 
-def _machine() -> dict:
+def machine_info() -> dict:
     return {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 

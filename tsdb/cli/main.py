@@ -142,6 +142,18 @@ def cmd_bench(args) -> None:
                              progress=not args.no_progress)
         print(f"results in {out / 'results.json'}, report in {out / 'report.md'}")
         return
+    if args.name in ("memory", "gpu"):
+        out = Path(args.out or f"reports/{args.name}")
+        common = dict(config=args.config, device=args.device, root=args.data_root, arms=args.arms,
+                      command=_command_line())
+        if args.name == "memory":
+            from tsdb.bench.memory import run_memory_bench
+            run_memory_bench(out, **common)
+        else:
+            from tsdb.bench.gpu import run_gpu_bench
+            run_gpu_bench(out, tiny=args.tiny, **common)
+        print(f"results in {out / 'results.json'}, report in {out / 'report.md'}")
+        return
     path = args.config or BENCH_CONFIGS / f"{args.name}-{args.tier}.yaml"
     if not args.config and not path.is_file():
         known = sorted({p.name.removesuffix(".yaml").rsplit("-", 1)[0] for p in BENCH_CONFIGS.iterdir()})
@@ -263,13 +275,16 @@ def build_parser() -> argparse.ArgumentParser:
                                  ("ablate", cmd_ablate, "train and evaluate a grid of split strategies")):
         s = sub.add_parser(name, help=helptext)
         if name == "bench":
-            s.add_argument("name", help="m4-hourly, etth1, parallel, streaming, covariates or sampling")
+            s.add_argument("name", help="m4-hourly, etth1, parallel, streaming, covariates, sampling, memory or gpu")
             s.add_argument("--tier", default="quick", choices=["quick", "full"])
             s.add_argument("--config", help="override the benchmark's YAML")
             s.add_argument("--strategy", default="depth",
                            help="streaming benchmark only: the strategy to stream (any that streams)")
             s.add_argument("--against", default="8ad1f17",
                            help="sampling benchmark only: the git revision to time against")
+            s.add_argument("--device", choices=["cpu", "cuda"],
+                           help="memory and gpu benchmarks: where to train (gpu default: cuda; cpu with --tiny)")
+            s.add_argument("--tiny", action="store_true", help="gpu benchmark only: a tiny config (seconds on CPU)")
         else:
             s.add_argument("--config", required=True)
         s.add_argument("--out", default=None)
