@@ -46,10 +46,11 @@ def test_meter_counts_exact_bytes_of_the_real_training_steps(tmp_path):
         "param_bytes", "grad_bytes", "optimizer_bytes", "saved_activation_bytes"))
     assert memory["measured_steps"] == 3 and len(memory["step_seconds"]) == 3
     assert memory["device"] == "cpu" and memory["precision"] == "32-true"
-    assert memory["peak_rss_bytes"] >= memory["rss_bytes_at_step_start"] > 0
+    assert memory["step_peak_rss_bytes"] >= memory["rss_bytes_at_step_start"] > 0
     assert memory["device_resident_bytes"] == memory["param_bytes"] + memory["grad_bytes"] + memory["optimizer_bytes"]
     training = json.loads((tmp_path / "fp32" / "training.json").read_text())
     assert training["train_state_bytes"] == memory["train_state_bytes"]
+    assert training["peak_rss_bytes"] >= memory["step_peak_rss_bytes"]  # step resets keep the process peak
     assert json.loads((tmp_path / "fp32" / "units" / "block-0" / "memory.json").read_text())["block-0"] == memory
 
     # measured in the training precision: bf16 autocast saves half-size activations
@@ -58,6 +59,19 @@ def test_meter_counts_exact_bytes_of_the_real_training_steps(tmp_path):
     bf16 = bf16["units"]["block-0"]["memory"]
     assert bf16["precision"] == "bf16-mixed" and bf16["param_bytes"] == memory["param_bytes"]
     assert bf16["saved_activation_bytes"] < 0.8 * memory["saved_activation_bytes"]
+
+
+def test_step_peak_resets_keep_the_process_peak():
+    from tsdb.training.memory import _reset_step_peak_rss, _status_kib, peak_rss_bytes, reset_peak_rss, rss_bytes
+    reset_peak_rss()
+    before = rss_bytes()
+    big = torch.ones(50 * 2**20 // 4)  # 50 MiB, touched, then freed (an mmap: its pages leave the RSS)
+    del big
+    assert peak_rss_bytes() >= before + 45 * 2**20
+    _reset_step_peak_rss()  # what MemoryMeter does before each measured step
+    assert _status_kib("VmHWM") < before + 45 * 2**20 <= peak_rss_bytes()
+    reset_peak_rss()
+    assert peak_rss_bytes() < before + 45 * 2**20
 
 
 def test_interleaved_offload_keeps_inactive_units_on_host_and_trains_the_same(tmp_path, monkeypatch):
@@ -150,7 +164,7 @@ def test_bench_memory_measures_every_point_in_its_own_process(tmp_path):
     assert set(points) == {"e2e", "e2e-ckpt", "depth-b2"} and not any("error" in p for p in points.values())
     for p in points.values():
         assert p["measured_steps"] == 3 and len(p["step_seconds"]) == 2 and p["rss_baseline_bytes"] > 0
-        assert p["peak_rss_bytes"] > p["rss_baseline_bytes"]
+        assert p["step_peak_rss_bytes"] > p["rss_baseline_bytes"]
     e2e, ckpt, b2 = points["e2e"], points["e2e-ckpt"], points["depth-b2"]
     assert ckpt["param_bytes"] == e2e["param_bytes"]
     assert ckpt["saved_activation_bytes"] < e2e["saved_activation_bytes"]
@@ -176,6 +190,7 @@ def test_bench_gpu_tiny_runs_the_gpu_arms_on_cpu(tmp_path, capsys):
     assert "e2e-ckpt / depth-b4" in (out / "report.md").read_text()
     assert not (out / "runs").exists()  # checkpoints of GPU-sized runs are not left behind
     if not torch.cuda.is_available():
+        capsys.readouterr()  # only what the command below prints
         assert main(["bench", "gpu", "--device", "cuda", "--out", str(tmp_path / "x")]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "CUDA is not available" in err[0] and "--tiny" in err[0]

@@ -116,12 +116,12 @@ def arm_figures(summary: dict, untimed: int, wall_seconds: float) -> dict:
            "train_state_bytes": summary["train_state_bytes"],
            "saved_activation_bytes": summary["saved_activation_bytes"],
            "cuda_max_memory_allocated": summary.get("cuda_max_memory_allocated"),
-           "peak_rss_bytes": max(m["peak_rss_bytes"] for m in memory),
+           "step_peak_rss_bytes": max(m["step_peak_rss_bytes"] for m in memory),
            "steps": steps, "step_seconds_median": median, "steps_per_second": 1.0 / median,
            "fit_steps_per_second": steps / summary["train_seconds"], "train_seconds": summary["train_seconds"],
            "wall_seconds": wall_seconds,
            "final_loss": {name: u.get("final_loss") for name, u in units.items()}}
-    out["peak_bytes"] = out["cuda_max_memory_allocated"] or out["peak_rss_bytes"]
+    out["peak_bytes"] = out["cuda_max_memory_allocated"] or out["step_peak_rss_bytes"]
     out["final_loss_mean"] = statistics.fmean(v for v in out["final_loss"].values() if v is not None)
     return out
 
@@ -131,7 +131,7 @@ def write_gpu_report(results: dict, out: Path) -> Path:
     cfg = results["config"]
     model, train = cfg["base"]["model"], cfg["base"]["train"]
     cuda = results["device"].startswith("cuda")
-    peak = "max_memory_allocated" if cuda else "peak RSS (whole process)"
+    peak = "max_memory_allocated" if cuda else "step peak RSS (whole process)"
     e2e, ckpt = arms.get("e2e", {}), arms.get("e2e-ckpt", {})
     m = results["machine"]
     lines = [f"# Training on one GPU ({results['name']})", "",

@@ -193,7 +193,7 @@ def _peak(point: dict) -> float:
     """Peak memory of a step: CUDA max allocated, else the RSS peak above the process baseline."""
     if point.get("cuda_max_memory_allocated") is not None:
         return point["cuda_max_memory_allocated"]
-    return point["peak_rss_bytes"] - point["rss_baseline_bytes"]
+    return point["step_peak_rss_bytes"] - point["rss_baseline_bytes"]
 
 
 def step_time(point: dict) -> float:

@@ -99,9 +99,16 @@ def _status_kib(field: str) -> int | None:
     return int(m.group(1)) * 1024 if m else None
 
 
+# VmHWM before MemoryMeter's per-step resets: the process-wide peak keeps it
+_peak_before_step_resets = 0
+
+
 def peak_rss_bytes() -> int | None:
-    """High-water mark of this process's resident set (VmHWM), or None off Linux."""
-    return _status_kib("VmHWM")
+    """High-water mark of this process's resident set since it started or since the last
+    ``reset_peak_rss`` (VmHWM; a ``MemoryMeter``'s per-step resets do not lower it), or
+    None off Linux."""
+    hwm = _status_kib("VmHWM")
+    return None if hwm is None else max(hwm, _peak_before_step_resets)
 
 
 def rss_bytes() -> int | None:
@@ -110,6 +117,20 @@ def rss_bytes() -> int | None:
 
 
 def reset_peak_rss() -> None:
+    """Reset the process's peak RSS to its current RSS."""
+    global _peak_before_step_resets
+    _peak_before_step_resets = 0
+    _clear_vm_hwm()
+
+
+def _reset_step_peak_rss() -> None:
+    """Start a step's own VmHWM, remembering the process's peak so far for ``peak_rss_bytes``."""
+    global _peak_before_step_resets
+    _peak_before_step_resets = max(_peak_before_step_resets, _status_kib("VmHWM") or 0)
+    _clear_vm_hwm()
+
+
+def _clear_vm_hwm() -> None:
     """Reset VmHWM to the current RSS (Linux: write 5 to /proc/self/clear_refs)."""
     try:
         Path("/proc/self/clear_refs").write_text("5")
@@ -192,7 +213,7 @@ class MemoryMeter(Callback):
             gc.collect()  # an earlier unit's tensors held in reference cycles must not count in the peak
         if self._device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self._device)
-        reset_peak_rss()
+        _reset_step_peak_rss()
         self._rss_at_start = rss_bytes()
         self._saved = SavedActivations(exclude=lambda: list(self._module.parameters()))
         self._saved.__enter__()
@@ -230,7 +251,7 @@ class MemoryMeter(Callback):
             self._sync()
             step = state_figures(optimizer, self._saved.bytes)
             step["device_resident_bytes"] = self._resident_bytes()
-            step["peak_rss_bytes"] = peak_rss_bytes()
+            step["step_peak_rss_bytes"] = _status_kib("VmHWM")
             step["rss_bytes_at_step_start"] = self._rss_at_start
             if self._device.type == "cuda":
                 step["cuda_max_memory_allocated"] = torch.cuda.max_memory_allocated(self._device)
