@@ -133,6 +133,9 @@ class TrainConfig(_Strict):
     num_workers: int = 0
     ddp_devices: int = Field(1, gt=0)  # data-parallel processes/devices within one block (Lightning DDP)
     progress: bool = True
+    # per-layer activation checkpointing (the e2e-ckpt arm): recompute each layer in backward
+    activation_checkpointing: bool = False
+    measure_steps: int = Field(3, ge=0)   # first optimizer steps of each unit measured (MemoryMeter)
 
 
 class DataConfig(_Strict):

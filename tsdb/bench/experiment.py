@@ -204,7 +204,7 @@ def run_experiment(spec: ExperimentSpec, out: str | Path, root: str | None = Non
     log(f"[{spec.name}] task {task.name}: {task.num_windows} windows, horizon {task.horizon}, "
         f"{len(task.train)} training series")
     results = {"name": spec.name, "task": {**spec.task.model_dump(), "num_windows": task.num_windows},
-               "machine": _machine(), "arms": {}}
+               "machine": machine_info(), "arms": {}}
     names = [*spec.baselines, *spec.peers, *spec.arms]
     for name in names:
         if only and name not in only:
@@ -235,7 +235,7 @@ def run_experiment(spec: ExperimentSpec, out: str | Path, root: str | None = Non
     return results
 
 
-def _machine() -> dict:
+def machine_info() -> dict:
     return {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
@@ -262,7 +262,7 @@ def write_report(spec: ExperimentSpec, results: dict, out: Path) -> Path:
              "Point forecasts: MASE and MAE use the sample median, MSE the sample mean; CRPS is the mean "
              "weighted quantile loss over q = 0.1..0.9 (gluonts.ev). Seasonal naive is a point forecast "
              "(all samples equal), so its CRPS is its point-forecast quantile loss. Train-state bytes are "
-             "exact (params + grads + AdamW state + saved activations of one step of the largest unit); "
+             "exact (params + grads + AdamW state + saved activations, measured by MemoryMeter on the first real training steps of the largest unit); "
              "peak RSS is the process high-water mark after the arm's training, reset before it, and "
              "includes heap the process kept from earlier arms, so compare arms by the exact bytes.", "",
              "| arm | CRPS | MASE | MSE | MAE | CRPS / e2e | train s | train-state MiB | saved act. MiB | e2e / arm state | peak RSS MiB | params |",

@@ -45,10 +45,40 @@ def render(reports: Path = ROOT / "reports") -> str:
                  "|---" * (len(cols) + 4) + "|"]
         lines += [_row(n, f, e2e, cols) for n, f in arms.items()]
         blocks.append("\n".join(lines))
-    streaming = _streaming(reports)
-    if streaming:
-        blocks.append(streaming)
+    for extra in (_memory(reports), _streaming(reports)):
+        if extra:
+            blocks.append(extra)
     return "\n\n".join(blocks) if blocks else "_No benchmark has been run yet._"
+
+
+def _memory(reports: Path) -> str:
+    """The ``tsdb bench memory`` report: every depth-bB training state against both e2e and
+    e2e with activation checkpointing, and what checkpointing costs in step time."""
+    path = reports / "memory" / "results.json"
+    if not path.exists():
+        return ""
+    from tsdb.bench.memory import depth_arms, index_points, ratio_rows, step_time_label
+    res = json.loads(path.read_text())
+    arms = depth_arms(res)
+    first = next(p for p in res["points"] if "error" not in p)
+    fmt = lambda v: "n/a" if v is None else f"{v:.2f}x"  # noqa: E731
+    cols = [f"{base} / {arm}" for arm in arms for base in ("e2e", "e2e-ckpt")]
+    rows = [f"| {r['width']} | {r['depth']} | {r['params'] / 1e6:.1f}M | "
+            + " | ".join(fmt(r[c.replace(" / ", "/")]) for c in cols) + f" | {fmt(r['ckpt_time'])} "
+            + ("" if not r["ckpt_time_range"] else "({:.2f}-{:.2f}) |".format(*r["ckpt_time_range"]))
+            for r in ratio_rows(res)]
+    rel = path.parent.relative_to(ROOT)
+    why = ("" if first["device"].startswith("cuda")
+           else ": other jobs on the shared machine stretch wall time, not CPU time")
+    return "\n".join([
+        f"**memory** (exact training-state bytes of one training step, baseline / arm; {first['device']} "
+        f"{first['precision']}, batch {first['batch_size']} x {first['tokens_per_sample']} tokens, "
+        f"{res['threads']} thread(s); command: `{res['command']}`; report: [`{rel}/report.md`]({rel}/report.md))", "",
+        "| d | L | e2e params | " + " | ".join(cols) + " | e2e-ckpt / e2e step time |",
+        "|---" * (len(cols) + 4) + "|", *rows, "",
+        "Bytes are exact and the same for every seed. e2e-ckpt is e2e with per-layer activation checkpointing; its "
+        f"step time over e2e's is the price of checkpointing ({step_time_label(index_points(res))}{why}; in "
+        "brackets the range over the timed steps). Peak memory, step times and where the bytes are: the report."])
 
 
 def _streaming(reports: Path) -> str:

@@ -160,6 +160,18 @@ def cmd_bench(args) -> None:
                              progress=not args.no_progress)
         print(f"results in {out / 'results.json'}, report in {out / 'report.md'}")
         return
+    if args.name in ("memory", "gpu"):
+        out = Path(args.out or f"reports/{args.name}")
+        common = dict(config=args.config, device=args.device, root=args.data_root, arms=args.arms,
+                      command=_command_line())
+        if args.name == "memory":
+            from tsdb.bench.memory import run_memory_bench
+            run_memory_bench(out, **common)
+        else:
+            from tsdb.bench.gpu import run_gpu_bench
+            run_gpu_bench(out, tiny=args.tiny, **common)
+        print(f"results in {out / 'results.json'}, report in {out / 'report.md'}")
+        return
     from tsdb.bench.experiment import ExperimentSpec, run_experiment
     from tsdb.config import packaged   # (pydantic: not imported before the preflight checks)
     path = args.config or packaged("configs", "bench", f"{args.name}-{args.tier}.yaml")   # checked by preflight
@@ -292,7 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  ("ablate", cmd_ablate, "train and evaluate a grid of split strategies")):
         s = sub.add_parser(name, help=helptext)
         if name == "bench":
-            s.add_argument("name", help="m4-hourly, etth1, parallel, streaming, covariates, sampling, soak or errors")
+            s.add_argument("name", help="m4-hourly, etth1, parallel, streaming, covariates, sampling, memory, "
+                                        "gpu, soak or errors")
             s.add_argument("--tier", default="quick", choices=["quick", "full"])
             s.add_argument("--config", help="override the benchmark's YAML")
             s.add_argument("--strategy", default="depth",
@@ -301,6 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="sampling benchmark only: the git revision to time against")
             s.add_argument("--updates", type=positive_int, default=1_000_000,
                            help="soak only: streamed updates")
+            s.add_argument("--device", choices=["cpu", "cuda"],
+                           help="memory and gpu benchmarks: where to train (gpu default: cuda; cpu with --tiny)")
+            s.add_argument("--tiny", action="store_true", help="gpu benchmark only: a tiny config (seconds on CPU)")
         else:
             s.add_argument("--config", required=True)
         s.add_argument("--out", default=None)

@@ -287,7 +287,7 @@ def _stream(args) -> None:
             raise TsdbError(f"--state {state}: folder {state.parent} does not exist; create it first")
 
 
-BENCH_PROGRAMS = ("streaming", "parallel", "covariates", "sampling", "soak", "errors")   # with their own code
+BENCH_PROGRAMS = ("streaming", "parallel", "covariates", "sampling", "memory", "gpu", "soak", "errors")   # with their own code
 
 
 def bench_names() -> list[str]:

@@ -4,7 +4,10 @@ Schedules:
 - ``sequential`` (default): one LightningModule and one ``Trainer.fit`` per unit; only that
   unit is on the accelerator, and a finished unit is saved, marked done and moved off it.
 - ``interleaved`` (the paper): a random unit per step, one optimizer per unit, manual
-  optimization.
+  optimization; on an accelerator the inactive units and their optimizer state wait in
+  host memory (``HostOffload``).
+
+Memory is measured on the first real optimizer steps of each unit (``MemoryMeter``).
 
 Run directory::
 
@@ -12,6 +15,7 @@ Run directory::
     RUN/units/<unit>/last.ckpt          Lightning checkpoint (resume after a kill; holds the data
                                         stream's position, so a resumed run equals an uninterrupted one)
     RUN/units/<unit>/done.json          finished marker with train seconds and memory
+    RUN/units/<unit>/memory.json        the memory figures, once measured (kept for a resume)
     RUN/model.pt                        all units' weights once every unit is done
     RUN/training.json                   per-unit seconds and memory (bytes), peak RSS
 
@@ -44,7 +48,7 @@ from tsdb.data.windows import TrainingWindows
 from tsdb.errors import TsdbError
 from tsdb.signals import graceful_signals, stop_if_received
 from tsdb.strategies import Strategy, TrainUnit, get_strategy
-from tsdb.training.memory import measure_training_step, peak_rss_bytes
+from tsdb.training.memory import HostOffload, MemoryMeter, checkpoint_layers, peak_rss_bytes, summarize_memory
 from tsdb.training.resume import ChecksummedCheckpointIO, ResumableWindows, StopOnSignal
 
 logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
@@ -193,14 +197,6 @@ def _load_weights(path: Path) -> dict:
     return checksum.load_state_dict(path, f"delete {path.parent} to retrain that unit")
 
 
-def _unit_memory(unit: TrainUnit, batch, train: TrainConfig) -> dict:
-    """Training-state bytes of one real step of ``unit``; its weights are restored afterwards."""
-    state = {k: v.clone() for k, v in unit.module.state_dict().items()}
-    stats = measure_training_step(unit.module, lambda: unit.loss(batch), lambda p: make_optimizer(p, train))
-    unit.module.load_state_dict(state)
-    return stats
-
-
 def train_model(cfg: ExperimentConfig, dataset: SeriesDataset, run_dir: str | Path,
                 strategy: Strategy | None = None, blocks: list[int] | None = None) -> tuple[nn.Module, dict]:
     """Train the units of ``cfg``'s strategy on ``dataset`` into ``run_dir``; resumable.
@@ -215,6 +211,8 @@ def train_model(cfg: ExperimentConfig, dataset: SeriesDataset, run_dir: str | Pa
     strategy = strategy or get_strategy(cfg.model)
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     model = strategy.build()
+    if cfg.train.activation_checkpointing:
+        checkpoint_layers(model)
     units = strategy.units(model)
     if blocks is not None:
         _check_blocks(blocks, units)
@@ -222,16 +220,15 @@ def train_model(cfg: ExperimentConfig, dataset: SeriesDataset, run_dir: str | Pa
                               patch_length=cfg.model.patch_length,
                               partial_patch_prob=cfg.model.partial_patch_prob,
                               covariates=cfg.model.num_covariates)
-    probe = next(iter(_loader(windows, cfg.train)))
     with graceful_signals():     # SIGTERM/SIGINT: stop at a step boundary with a checkpoint
         if cfg.train.schedule == "interleaved" and len(units) > 1:
-            summary = _train_interleaved(units, windows, probe, cfg.train, run_dir)
+            summary = _train_interleaved(units, windows, cfg.train, run_dir)
         else:
             summary = {}
             for i, u in enumerate(units):
                 if blocks is None or i in blocks:
                     stop_if_received(f"before {u.name} started (earlier units are saved)")
-                    summary[u.name] = _train_unit(u, windows, probe, cfg.train, run_dir / "units" / u.name)
+                    summary[u.name] = _train_unit(u, windows, cfg.train, run_dir / "units" / u.name)
     if _is_global_zero() and all(_unit_done(run_dir, u) for u in units) and cfg.train.schedule != "interleaved":
         for u in units:  # units trained by other processes
             u.module.load_state_dict(_load_weights(run_dir / "units" / u.name / "weights.pt"))
@@ -281,26 +278,27 @@ def _summarize(per_unit: dict, model: nn.Module) -> dict:
         "units": per_unit,
         "train_seconds": sum(u["seconds"] for u in per_unit.values()),
         "params": sum(p.numel() for p in model.parameters()),
-        "train_state_bytes": max(m["train_state_bytes"] for m in mems),
-        "saved_activation_bytes": max(m["saved_activation_bytes"] for m in mems),
+        **summarize_memory(mems),
         "peak_rss_bytes": peak_rss_bytes(),
     }
 
 
-def _train_unit(unit: TrainUnit, windows, probe, train: TrainConfig, unit_dir: Path) -> dict:
+def _train_unit(unit: TrainUnit, windows, train: TrainConfig, unit_dir: Path) -> dict:
     done = unit_dir / "done.json"
     weights = unit_dir / "weights.pt"
     if done.exists() and weights.exists():
         unit.module.load_state_dict(_load_weights(weights))
         return checksum.read_json(done, f"delete {unit_dir} to retrain that unit")
     unit_dir.mkdir(parents=True, exist_ok=True)
-    memory = _unit_memory(unit, probe, train)
     module = UnitModule(unit, train, windows)
     trainer = _trainer(train, unit_dir, train.steps_per_block, unit.name)
+    meter = MemoryMeter([unit.name], train.measure_steps, unit_dir / "memory.json")  # the first real steps
+    trainer.callbacks.append(meter)
     ckpt = unit_dir / "last.ckpt"
     start = time.perf_counter()
     trainer.fit(module, ckpt_path=str(ckpt) if ckpt.exists() else None)
     seconds = time.perf_counter() - start
+    memory = meter.unit_figures(unit.name)
     unit.module.to("cpu")  # the finished block leaves the accelerator
     if not trainer.is_global_zero:
         return {"seconds": seconds, "steps": trainer.global_step, "memory": memory}
@@ -311,25 +309,28 @@ def _train_unit(unit: TrainUnit, windows, probe, train: TrainConfig, unit_dir: P
     return info
 
 
-def _train_interleaved(units: list[TrainUnit], windows, probe, train: TrainConfig, run_dir: Path) -> dict:
+def _train_interleaved(units: list[TrainUnit], windows, train: TrainConfig, run_dir: Path) -> dict:
     unit_dir = run_dir / "units" / "interleaved"
     done = unit_dir / "done.json"
-    module = InterleavedModule(units, train, windows)
+    offload = HostOffload()  # inactive units and their optimizer state wait in host memory
+    module = InterleavedModule(offload.wrap(units), train, windows)
     if done.exists():
         module.units.load_state_dict(_load_weights(unit_dir / "weights.pt"))
         return checksum.read_json(done, f"delete {unit_dir} to retrain that unit")
     unit_dir.mkdir(parents=True, exist_ok=True)
-    memory = {u.name: _unit_memory(u, probe, train) for u in units}
     total = train.steps_per_block * len(units)
     trainer = _trainer(train, unit_dir, total, "interleaved", manual=True)
+    meter = MemoryMeter([u.name for u in units], train.measure_steps, unit_dir / "memory.json")
+    trainer.callbacks += [offload, meter]
     ckpt = unit_dir / "last.ckpt"
     start = time.perf_counter()
     trainer.fit(module, ckpt_path=str(ckpt) if ckpt.exists() else None)
     seconds = time.perf_counter() - start
     module.to("cpu")
     checksum.save_state_dict(module.units.state_dict(), unit_dir / "weights.pt")
-    info = {u.name: {"seconds": seconds / len(units), "steps": total // len(units), "memory": memory[u.name]}
-            for u in units}
+    resident = "host" if offload.enabled else "resident"
+    info = {u.name: {"seconds": seconds / len(units), "steps": total // len(units),
+                     "memory": {**meter.unit_figures(u.name), "inactive_units": resident}} for u in units}
     checksum.write_text(done, json.dumps(info, indent=2))
     return info
 
