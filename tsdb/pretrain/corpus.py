@@ -203,7 +203,10 @@ class CorpusWindows(IterableDataset):
 
     Chunk ``c`` holds ``series_per_chunk`` series drawn with the generator seeded by
     ``(seed, c)``; each of its ``series_per_chunk * windows_per_series`` windows picks one of
-    them uniformly, so the sources' share of windows is their weight. A shard (``rank`` of
+    them uniformly, so the sources' share of windows is their weight. With probability
+    ``short_context_prob`` a window's context keeps only a random number of its last slots,
+    between ``min_context`` and ``context_length`` (the others NaN): histories of every length
+    through one context shape. A shard (``rank`` of
     ``world_size``, times the DataLoader workers) takes every ``shards``-th chunk: the
     shards partition one global stream, whatever their number.
     """
@@ -211,7 +214,7 @@ class CorpusWindows(IterableDataset):
     def __init__(self, corpus: Corpus, context_length: int, horizon: int, seed: int = 0,
                  min_context: int | None = None, patch_length: int = 1,
                  partial_patch_prob: float = 0.0, rank: int = 0, world_size: int = 1,
-                 series_per_chunk: int = 64, windows_per_series: int = 32):
+                 series_per_chunk: int = 64, windows_per_series: int = 32, short_context_prob: float = 0.0):
         if series_per_chunk < 1 or windows_per_series < 1:
             raise DataError(f"series_per_chunk ({series_per_chunk}) and windows_per_series "
                             f"({windows_per_series}) must be at least 1")
@@ -222,6 +225,7 @@ class CorpusWindows(IterableDataset):
         self.partial_patch_prob = partial_patch_prob if patch_length > 1 else 0.0
         self.rank, self.world_size = rank, world_size
         self.series_per_chunk, self.windows_per_series = series_per_chunk, windows_per_series
+        self.short_context_prob = short_context_prob
         self.min_length = self.min_context + horizon
         corpus.check(self.min_length)
 
@@ -247,8 +251,12 @@ class CorpusWindows(IterableDataset):
             t = series[int(rng.integers(len(series)))]
             split, pad = window_cut(len(t), rng, self.horizon, self.min_context, self.patch_length,
                                     self.partial_patch_prob)
-            yield (padded_context(t[:split], self.context_length, pad), t[split:split + self.horizon],
-                   diffusion_draws(rng, self.horizon))
+            context = padded_context(t[:split], self.context_length, pad)
+            if self.short_context_prob and rng.random() < self.short_context_prob:
+                # a shorter history: keep the last `keep` slots (>= min_context observed)
+                keep = int(rng.integers(min(self.min_context + pad, self.context_length), self.context_length + 1))
+                context[:self.context_length - keep] = np.nan
+            yield context, t[split:split + self.horizon], diffusion_draws(rng, self.horizon)
 
     def chunk_indices(self, workers: int = 1, worker: int = 0):
         """The chunks this shard (and DataLoader ``worker`` of ``workers``) takes, in order."""

@@ -29,7 +29,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
 from tsdb.config import ExperimentConfig, TrainConfig
 from tsdb.data.series import SeriesDataset
@@ -178,13 +178,16 @@ def _unit_memory(unit: TrainUnit, batch, train: TrainConfig) -> dict:
     return stats
 
 
-def train_model(cfg: ExperimentConfig, dataset: SeriesDataset, run_dir: str | Path,
-                strategy: Strategy | None = None, blocks: list[int] | None = None) -> tuple[nn.Module, dict]:
+def train_model(cfg: ExperimentConfig, dataset: SeriesDataset | None, run_dir: str | Path,
+                strategy: Strategy | None = None, blocks: list[int] | None = None,
+                windows: IterableDataset | None = None) -> tuple[nn.Module, dict]:
     """Train the units of ``cfg``'s strategy on ``dataset`` into ``run_dir``; resumable.
 
     ``blocks`` trains only those unit indices (one job of a block-parallel or cluster
-    array run); ``model.pt`` is written once every unit is done. Returns the model and a
-    summary (per-unit seconds and memory).
+    array run); ``model.pt`` is written once every unit is done. ``windows`` replaces the
+    windows cut from ``dataset`` by another stream of the same tuples with a ``shard(rank,
+    world_size)`` method (e.g. the pretraining corpus, ``tsdb.pretrain.CorpusWindows``).
+    Returns the model and a summary (per-unit seconds and memory).
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -195,10 +198,11 @@ def train_model(cfg: ExperimentConfig, dataset: SeriesDataset, run_dir: str | Pa
     units = strategy.units(model)
     if blocks is not None:
         _check_blocks(blocks, units)
-    windows = TrainingWindows(dataset, cfg.model.context_length, cfg.model.horizon, seed=cfg.train.seed,
-                              patch_length=cfg.model.patch_length,
-                              partial_patch_prob=cfg.model.partial_patch_prob,
-                              covariates=cfg.model.num_covariates)
+    if windows is None:
+        windows = TrainingWindows(dataset, cfg.model.context_length, cfg.model.horizon, seed=cfg.train.seed,
+                                  patch_length=cfg.model.patch_length,
+                                  partial_patch_prob=cfg.model.partial_patch_prob,
+                                  covariates=cfg.model.num_covariates)
     probe = next(iter(_loader(windows, cfg.train)))
     if cfg.train.schedule == "interleaved" and len(units) > 1:
         summary = _train_interleaved(units, windows, probe, cfg.train, run_dir)
@@ -321,13 +325,19 @@ def _check_config_matches(cfg: ExperimentConfig, run_dir: Path) -> None:
 
 
 def load_model(run_dir: str | Path) -> tuple[ExperimentConfig, Strategy, nn.Module]:
-    """Rebuild a trained model from its run directory."""
+    """Rebuild a trained model from its run directory (``model.pt``), or from a checkpoint
+    folder with ``model.safetensors`` beside ``config.yaml`` (a shipped pretrained model)."""
     run_dir = Path(run_dir)
-    if not (run_dir / "model.pt").exists():
+    shipped = run_dir / "model.safetensors"
+    if not (run_dir / "model.pt").exists() and not shipped.exists():
         raise TsdbError(f"{run_dir} has no trained model (model.pt); run `tsdb train` first")
     cfg = ExperimentConfig.from_yaml(run_dir / "config.yaml")
     strategy = get_strategy(cfg.model)
     model = strategy.build()
-    model.load_state_dict(torch.load(run_dir / "model.pt", weights_only=True))
+    if shipped.exists():
+        from safetensors.torch import load_file
+        model.load_state_dict(load_file(shipped))
+    else:
+        model.load_state_dict(torch.load(run_dir / "model.pt", weights_only=True))
     model.eval()
     return cfg, strategy, model
