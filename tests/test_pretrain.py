@@ -18,7 +18,7 @@ from tsdb.pretrain import Corpus, CorpusConfig, CorpusWindows, TsdbPipeline
 from tsdb.pretrain.checkpoint import load_pretrained, save_pretrained
 from tsdb.pretrain.config import PretrainConfig
 from tsdb.pretrain.convert import convert_e2e_to_blocks
-from tsdb.pretrain.finetune import finetune, initialised
+from tsdb.pretrain.finetuning import finetune, initialised
 from tsdb.pretrain.pipeline import sample_paths
 from tsdb.pretrain.train import corpus_windows, pretrain, usage
 from tsdb.strategies import get_strategy

@@ -137,7 +137,7 @@ def _forecast_pretrained(args, data: SeriesDataset, out: Path) -> dict:
 
     cfg, strategy, model = load_pretrained(args.pretrained)
     if args.finetune_steps:
-        from tsdb.pretrain.finetune import finetune
+        from tsdb.pretrain.finetuning import finetune
         validate_dataset(data, min_length=cfg.model.horizon + cfg.model.patch_length)
         finetune(args.pretrained, data, out / "run", steps=args.finetune_steps, lr=args.finetune_lr,
                  progress=False)

@@ -1,7 +1,7 @@
 """The ``tsdb`` command line.
 
 Subcommands: demo, train, evaluate, forecast, bench, ablate, datasets, export, stream,
-pretrain, pretrain-eval, finetune.
+pretrain, pretrain-eval, finetune, finetune-bench.
 User errors print one line (``tsdb: error: ...``) and exit 2; no tracebacks.
 """
 
@@ -289,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_report)
 
     from tsdb.pretrain.cli import add_subcommands as add_pretrain_subcommands
-    add_pretrain_subcommands(sub, data_flags)   # pretrain, pretrain-eval, finetune
+    add_pretrain_subcommands(sub, data_flags)   # pretrain, pretrain-eval, finetune, finetune-bench
 
     s = sub.add_parser("export", help="export a trained run to ONNX with explicit streaming state")
     s.add_argument("run")

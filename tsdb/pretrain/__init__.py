@@ -13,7 +13,7 @@ _EXPORTS = {
     "KernelSynth": "kernel_synth", "TSMixup": "mixup", "CorpusSeries": "sources", "load_source": "sources",
     "PretrainConfig": "config", "pretrain": "train", "corpus_windows": "train",
     "TsdbPipeline": "pipeline", "save_pretrained": "checkpoint", "load_pretrained": "checkpoint",
-    "finetune": "finetune", "convert_e2e_to_blocks": "convert",
+    "finetune": "finetuning", "convert_e2e_to_blocks": "convert",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 
@@ -25,7 +26,7 @@ def cmd_pretrain_eval(args) -> None:
 
     results = evaluate_pretrained_run(args.run, arms=args.arm, report_dir=args.report, protocols=args.protocols,
                                       num_samples=args.num_samples, etth1_stride=args.etth1_stride,
-                                      root=args.data_root)
+                                      root=args.data_root, command=" ".join(["tsdb", *sys.argv[1:]]))
     for arm, r in results["arms"].items():
         print(f"{arm}: geometric mean CRPS / seasonal naive {r['summary']['crps_ratio_geomean']:.3f} over "
               f"{', '.join(r['summary']['datasets'])}")
@@ -34,7 +35,7 @@ def cmd_pretrain_eval(args) -> None:
 
 def cmd_finetune(args) -> None:
     from tsdb.cli.main import _load_user_data
-    from tsdb.pretrain.finetune import finetune
+    from tsdb.pretrain.finetuning import finetune
 
     data = _load_user_data(args)
     summary = finetune(args.pretrained, data, args.out, steps=args.steps, lr=args.lr,
@@ -43,8 +44,20 @@ def cmd_finetune(args) -> None:
     print(f"fine-tuned {len(summary['units'])} unit(s) in {summary['train_seconds']:.0f}s; run in {args.out}")
 
 
+def cmd_finetune_bench(args) -> None:
+    from tsdb.pretrain.finetune_bench import FinetuneBenchConfig, run_finetune_bench
+
+    cfg = FinetuneBenchConfig.from_yaml(args.config)
+    if args.arms:
+        cfg = cfg.model_copy(update={"arms": args.arms})
+    if args.workers:
+        cfg = cfg.model_copy(update={"workers": args.workers})
+    run_finetune_bench(cfg, args.out)
+    print(f"results in {Path(args.out) / 'results.json'}, report in {Path(args.out) / 'report.md'}")
+
+
 def add_subcommands(sub, data_flags) -> None:
-    """Add ``pretrain``, ``pretrain-eval`` and ``finetune`` to the ``tsdb`` parser."""
+    """Add ``pretrain``, ``pretrain-eval``, ``finetune`` and ``finetune-bench`` to the ``tsdb`` parser."""
     s = sub.add_parser("pretrain", help="pretrain on the corpus (KernelSynth, TSMixup, real series), block by block")
     s.add_argument("--config", required=True, help="YAML PretrainConfig, e.g. configs/pretrain/quick.yaml")
     s.add_argument("--out", required=True, help="run directory (resumable)")
@@ -77,3 +90,10 @@ def add_subcommands(sub, data_flags) -> None:
     s.add_argument("--no-progress", action="store_true")
     data_flags(s)
     s.set_defaults(func=cmd_finetune)
+
+    s = sub.add_parser("finetune-bench", help="fine-tuned vs from-scratch vs converted blocks, anchor loss, >= 3 seeds")
+    s.add_argument("--config", required=True, help="YAML FinetuneBenchConfig, e.g. configs/pretrain/finetune-quick.yaml")
+    s.add_argument("--out", required=True, help="report folder (jobs cached under OUT/jobs)")
+    s.add_argument("--arms", nargs="+", help="only these arms")
+    s.add_argument("--workers", type=int, default=None, help="job processes (one thread each)")
+    s.set_defaults(func=cmd_finetune_bench)

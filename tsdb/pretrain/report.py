@@ -8,7 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
-from tsdb.pretrain.train import load_pretrain_config, usage
+from tsdb.pretrain.train import LOG_FILE, load_pretrain_config, packaged_tier, usage
 
 MEMORY_PARTS = ("param_bytes", "grad_bytes", "optimizer_bytes", "saved_activation_bytes", "train_state_bytes")
 
@@ -41,7 +41,7 @@ def write_pretrain_report(run_dir: Path, results: dict, report_dir: Path, comman
     report_dir.mkdir(parents=True, exist_ok=True)
     arms = list(results["arms"])
     results = dict(results, config=cfg.model_dump(mode="json"), usage=usage(run_dir),
-                   memory=memory_table(run_dir, cfg.arms))
+                   memory=memory_table(run_dir, cfg.arms), tier=packaged_tier(cfg), invocations=invocations(run_dir))
     arm_cfg, _, model = load_model(run_dir / arms[0])
     ckpt = save_pretrained(arm_cfg, model, report_dir / "model", info={"arm": arms[0], "run": str(run_dir)})
     results["checkpoint"] = json.loads((ckpt / "checkpoint.json").read_text())
@@ -52,6 +52,12 @@ def write_pretrain_report(run_dir: Path, results: dict, report_dir: Path, comman
     return report_dir / "results.json"
 
 
+def invocations(run_dir: Path) -> list[dict]:
+    """The records of ``pretrain-log.jsonl`` (one per invocation and arm)."""
+    path = run_dir / LOG_FILE
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
 def _mib(b) -> str:
     return "n/a" if b is None else f"{b / 2**20:.2f}"
 
@@ -59,9 +65,10 @@ def _mib(b) -> str:
 def render(results: dict, cfg, command: str | None = None) -> str:
     m, t = cfg.model, cfg.train
     run = results["run"]
+    tier = results.get("tier") or "pretrain.yaml (beside this report)"
     lines = ["# Pretraining report", "",
-             "Produced by:", "", "```bash",
-             f"tsdb pretrain --config configs/pretrain/<tier>.yaml --out {run} --workers 5",
+             f"Produced by `tsdb pretrain --config {tier} --out {run}` (the invocations, with their wall and CPU "
+             f"seconds, are in `{run}/pretrain-log.jsonl`; the table below sums them) and:", "", "```bash",
              command or f"tsdb pretrain-eval {run} --report <this folder>", "```", "",
              f"Model: `{m.strategy}` {m.n_layers} layers in {m.n_blocks} blocks, d_model {m.d_model}, "
              f"context {m.context_length}, horizon {m.horizon}, patch {m.patch_length}, K = {m.inference_steps} "
@@ -74,6 +81,12 @@ def render(results: dict, cfg, command: str | None = None) -> str:
               "| arm / job | invocations | wall s | CPU s |", "|---|---|---|---|"]
     for arm, u in results["usage"].items():
         lines.append(f"| {arm} | {u['invocations']} | {u['wall_seconds']:.0f} | {u['cpu_seconds']:.0f} |")
+    runs = results.get("invocations", [])
+    if runs:
+        lines += ["", "Invocations (`pretrain-log.jsonl`):", ""]
+        lines += [f"- {r['finished']}: {r['arm']}" + (f" blocks {r['blocks']}" if r.get("blocks") else "")
+                  + f", {r['wall_seconds']:.0f} s wall, {r['cpu_seconds']:.0f} CPU s, load {r['load_average']:.1f}"
+                  + (f" (`{r['command']}`)" if r.get("command") else "") for r in runs]
     mem = results["memory"]
     lines += ["", "## Training memory per unit", "",
               "Exact bytes of one real training step of each unit as the training loop records them "

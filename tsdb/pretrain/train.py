@@ -95,7 +95,8 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, arms: list[str] | None = 
 
 def _log_usage(run_dir: Path, arm: str, blocks, wall: float, cpu: float) -> None:
     record = {"arm": arm, "blocks": blocks, "wall_seconds": round(wall, 1), "cpu_seconds": round(cpu, 1),
-              "load_average": round(os.getloadavg()[0], 2), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+              "load_average": round(os.getloadavg()[0], 2), "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "command": " ".join(["tsdb", *sys.argv[1:]])}
     with open(run_dir / LOG_FILE, "a") as f:
         f.write(json.dumps(record) + "\n")
 
@@ -153,6 +154,21 @@ def load_pretrain_config(run_dir: str | Path) -> PretrainConfig:
     if not path.exists():
         raise TsdbError(f"{run_dir} is not a pretraining run (no {CONFIG_FILE}); run `tsdb pretrain` first")
     return PretrainConfig.from_yaml(path)
+
+
+def packaged_tier(cfg: PretrainConfig) -> str | None:
+    """The packaged config (``configs/pretrain/<tier>.yaml``) equal to ``cfg``, if any."""
+    from tsdb.config import packaged
+
+    for entry in sorted(packaged("configs", "pretrain").iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".yaml"):
+            try:
+                if PretrainConfig.from_yaml(entry).model_dump(exclude={"train": {"progress"}}) == \
+                        cfg.model_dump(exclude={"train": {"progress"}}):
+                    return f"configs/pretrain/{entry.name}"
+            except TsdbError:   # another kind of config (finetune-bench)
+                continue
+    return None
 
 
 def usage(run_dir: str | Path) -> dict:
