@@ -189,12 +189,12 @@ def test_export_and_forecast_from_a_shipped_checkpoint(run, tmp_path, capsys):
     assert err.count("\n") == 1 and "missing.yaml" in err
 
 
-def _has_exchange_rate() -> bool:
+def _has(name: str) -> bool:
     from tsdb.data.registry import data_dirs
-    return any((d / "exchange_rate.txt.gz").exists() for d in data_dirs())
+    return any((d / name).exists() for d in data_dirs())
 
 
-@pytest.mark.skipif(not _has_exchange_rate(), reason="benchmark files absent")
+@pytest.mark.skipif(not _has("exchange_rate.txt.gz"), reason="benchmark files absent")
 def test_zero_shot_scores_against_seasonal_naive(run, tmp_path):
     from tsdb.pretrain.report import memory_table
     from tsdb.pretrain.zeroshot import evaluate_pretrained_run, geometric_mean
@@ -209,3 +209,25 @@ def test_zero_shot_scores_against_seasonal_naive(run, tmp_path):
     report = (tmp_path / "report" / "report.md").read_text()
     assert "exchange_rate" in report and (tmp_path / "report" / "model" / "model.safetensors").exists()
     assert memory_table(run, ["depth", "e2e"])["e2e_over_largest_block"] > 1
+
+
+@pytest.mark.skipif(not _has("ETTh1.csv"), reason="benchmark files absent")
+def test_finetune_bench_chooses_lr_on_validation_and_scores_every_arm(run, tmp_path):
+    from tsdb.pretrain.finetune_bench import FinetuneBenchConfig, run_finetune_bench
+
+    cfg = FinetuneBenchConfig(pretrained_run=str(run), datasets=["etth1_96"], arms=["scratch", "convert-anchor",
+                              "zero-shot"], seeds=[0, 1], steps=1, lrs=[1e-3, 1e-2], num_samples=2,
+                              etth1_stride=1500, workers=1)
+    results = run_finetune_bench(cfg, tmp_path / "bench", report_dir=tmp_path / "report", log=lambda *_: None)
+    # lr chosen per choosing arm on validation; convert-anchor takes the fine-tuning arm's
+    assert set(results["chosen_lr"]) == {"etth1_96/scratch", "etth1_96/finetune"}
+    val = {(v["job"]["arm"], v["job"]["lr"]): v["crps"] for v in results["validation"]}
+    best = min(cfg.lrs, key=lambda lr: val[("finetune", lr)])
+    cells = results["test"]["etth1_96"]
+    assert cells["convert-anchor"]["lr"] == best and cells["convert-anchor"]["seeds"] == [0, 1]
+    assert cells["zero-shot"]["lr"] is None and len(cells["scratch"]["crps"]) == 2
+    assert cells["scratch"]["crps_vs_scratch"] == pytest.approx(1.0)
+    assert (tmp_path / "report" / "report.md").read_text().count("| convert-anchor |") == 1
+    # cached: a second call trains nothing and returns the same figures
+    again = run_finetune_bench(cfg, tmp_path / "bench", log=lambda *_: None)
+    assert again["test"] == results["test"]

@@ -52,8 +52,9 @@ def cmd_finetune_bench(args) -> None:
         cfg = cfg.model_copy(update={"arms": args.arms})
     if args.workers:
         cfg = cfg.model_copy(update={"workers": args.workers})
-    run_finetune_bench(cfg, args.out)
-    print(f"results in {Path(args.out) / 'results.json'}, report in {Path(args.out) / 'report.md'}")
+    run_finetune_bench(cfg, args.out, args.report, command=" ".join(["tsdb", *sys.argv[1:]]))
+    where = Path(args.report or args.out)
+    print(f"results in {where / 'results.json'}, report in {where / 'report.md'}")
 
 
 def add_subcommands(sub, data_flags) -> None:
@@ -93,7 +94,8 @@ def add_subcommands(sub, data_flags) -> None:
 
     s = sub.add_parser("finetune-bench", help="fine-tuned vs from-scratch vs converted blocks, anchor loss, >= 3 seeds")
     s.add_argument("--config", required=True, help="YAML FinetuneBenchConfig, e.g. configs/pretrain/finetune-quick.yaml")
-    s.add_argument("--out", required=True, help="report folder (jobs cached under OUT/jobs)")
+    s.add_argument("--out", required=True, help="work folder (jobs and their runs cached under OUT/jobs)")
+    s.add_argument("--report", default=None, help="also write results.json, report.md and config.yaml here")
     s.add_argument("--arms", nargs="+", help="only these arms")
     s.add_argument("--workers", type=int, default=None, help="job processes (one thread each)")
     s.set_defaults(func=cmd_finetune_bench)

@@ -138,9 +138,10 @@ def _run_all(cfg: FinetuneBenchConfig, out: Path, jobs: list[dict], log) -> list
         return results
 
 
-def run_finetune_bench(cfg: FinetuneBenchConfig, out: str | Path, log=print) -> dict:
-    """Every arm x dataset x seed, learning rates chosen on validation; writes
-    ``results.json`` and ``report.md`` to ``out``."""
+def run_finetune_bench(cfg: FinetuneBenchConfig, out: str | Path, report_dir: str | Path | None = None,
+                       command: str | None = None, log=print) -> dict:
+    """Every arm x dataset x seed, learning rates chosen on validation; writes ``results.json``
+    and ``report.md`` to ``out`` (the jobs' runs stay there) and, if given, ``report_dir``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
@@ -166,9 +167,13 @@ def run_finetune_bench(cfg: FinetuneBenchConfig, out: str | Path, log=print) -> 
     test = _run_all(cfg, out, test_jobs, log)
     results = {"config": cfg.model_dump(mode="json"), "chosen_lr": chosen,
                "validation": [dict(job=j, crps=m["crps"], mase=m["mase"]) for j, m in zip(val_jobs, val)],
-               "test": summarize(test_jobs, test), "load_average": os.getloadavg()[0]}
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    (out / "report.md").write_text(render(results))
+               "test": summarize(test_jobs, test), "load_average": os.getloadavg()[0],
+               "command": command or f"tsdb finetune-bench --config {out / 'config.yaml'} --out {out}"}
+    for folder in [out] + ([Path(report_dir)] if report_dir else []):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        (folder / "results.json").write_text(json.dumps(results, indent=2))
+        (folder / "report.md").write_text(render(results))
     return results
 
 
@@ -197,7 +202,7 @@ def summarize(jobs: list[dict], metrics: list[dict]) -> dict:
 def render(results: dict) -> str:
     c = results["config"]
     lines = ["# Fine-tuning from the pretrained model, conversion and the anchor loss", "",
-             f"Produced by: `tsdb finetune-bench --config <config.yaml in this folder> --out <this folder>`", "",
+             f"Produced by: `{results['command']}` (`config.yaml` beside this report).", "",
              f"Pretrained run: `{c['pretrained_run']}`. Every trained arm: {c['steps']} steps per block, learning "
              f"rate chosen from {c['lrs']} on the validation windows with seed {c['seeds'][0]} (chosen: "
              + ", ".join(f"{k} {v:g}" for k, v in results["chosen_lr"].items())
