@@ -45,7 +45,7 @@ def render(reports: Path = ROOT / "reports") -> str:
                  "|---" * (len(cols) + 4) + "|"]
         lines += [_row(n, f, e2e, cols) for n, f in arms.items()]
         blocks.append("\n".join(lines))
-    for extra in (_memory(reports), _streaming(reports)):
+    for extra in (_memory(reports), _streaming(reports), _zero_shot(reports)):
         if extra:
             blocks.append(extra)
     return "\n\n".join(blocks) if blocks else "_No benchmark has been run yet._"
@@ -117,6 +117,27 @@ def update(readme: Path = ROOT / "README.md") -> None:
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
     readme.write_text(f"{head}{START}\n{render()}\n{END}{tail}")
+
+
+def _zero_shot(reports: Path) -> str:
+    """One row per arm of each committed ``tsdb pretrain-eval`` report: zero-shot CRPS / seasonal naive."""
+    rows, protocols = [], None
+    for path in sorted(reports.glob("*/results.json")):
+        res = json.loads(path.read_text())
+        arms = res.get("arms", {})
+        if not arms or "summary" not in next(iter(arms.values())):
+            continue
+        for arm, r in arms.items():
+            protocols = protocols or list(r["protocols"])
+            cells = [f"{r['protocols'][p]['crps_ratio']:.3f}" if p in r["protocols"] else "n/a" for p in protocols]
+            rows.append(f"| [{path.parent.name}]({path.parent.relative_to(ROOT)}/report.md) {arm} | " + " | ".join(cells)
+                        + f" | {r['summary']['crps_ratio_geomean']:.3f} |")
+    if not rows:
+        return ""
+    return "\n".join([
+        "**zero-shot** (pretrained on the local corpus only; CRPS / seasonal naive's with its intervals; "
+        "geometric mean over M4 Hourly, ETTh1-96 and exchange rate, the GIFT-Eval summary)", "",
+        "| model | " + " | ".join(protocols) + " | geometric mean |", "|---" * (len(protocols) + 2) + "|", *rows])
 
 
 if __name__ == "__main__":

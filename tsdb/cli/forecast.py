@@ -106,6 +106,10 @@ def prepare(args) -> tuple[SeriesDataset, list | None, ExperimentConfig]:
     names = [c for c in (getattr(args, "covariates", None) or "").split(",") if c]
     data = read_long(args.input, item_id=args.item_id, timestamp=args.timestamp, target=args.target,
                      covariates=names, freq=args.freq)
+    if getattr(args, "pretrained", None):
+        if args.run or names:
+            raise TsdbError("--pretrained starts from a pretrained model: drop --run and --covariates")
+        return data, None, None
     if args.run:
         cfg = ExperimentConfig.from_yaml(Path(args.run) / "config.yaml")
         if args.horizon > cfg.model.horizon:
@@ -128,18 +132,10 @@ def forecast_csv(args) -> dict:
     """Entry point of ``tsdb forecast``."""
     data, futures, cfg = prepare(args)
     out = preflight.output_dir(args.out)
-    from tsdb.training.loop import load_model, train_model
-    if args.run:
-        cfg, strategy, model = load_model(args.run)
+    if getattr(args, "pretrained", None):
+        samples, title = _pretrained_samples(args, data, out), f"{args.horizon}-step forecast (pretrained)"
     else:
-        fingerprint = preflight.input_fingerprint(args)
-        preflight.check_reuse(out / "run", fingerprint)
-        preflight.record_training_data(out / "run", fingerprint | {"held_out": 0})
-        model, _ = train_model(cfg, data, out / "run")
-        from tsdb.strategies import get_strategy
-        strategy = get_strategy(cfg.model)
-    samples = sample_dataset(strategy, model, data, cfg.model.context_length, args.num_samples, cfg.train.seed,
-                             futures)
+        samples, title = _trained_samples(args, data, futures, cfg, out), f"{args.horizon}-step forecast"
     finite = np.isfinite(samples[:, :, :args.horizon]).all(axis=(1, 2))
     if not finite.all():
         who = data.series[int(np.argmin(finite))].item_id
@@ -153,13 +149,47 @@ def forecast_csv(args) -> dict:
               for i, s in enumerate(list(data)[:6])]
     try:
         table.write_csv(_partial(csv))
-        plots.fan_chart(panels, _partial(png), title=f"{args.horizon}-step forecast")
+        plots.fan_chart(panels, _partial(png), title=title)
         os.replace(_partial(csv), csv)      # both files complete: publish them
         os.replace(_partial(png), png)
     finally:
         for path in (csv, png):
             _partial(path).unlink(missing_ok=True)
     return {"csv": csv, "png": png}
+
+
+def _trained_samples(args, data: SeriesDataset, futures, cfg: ExperimentConfig, out: Path) -> np.ndarray:
+    """Samples from ``--run``'s model, or from a quick model trained on the input into ``out/run``."""
+    from tsdb.training.loop import load_model, train_model
+    if args.run:
+        cfg, strategy, model = load_model(args.run)
+    else:
+        fingerprint = preflight.input_fingerprint(args)
+        preflight.check_reuse(out / "run", fingerprint)
+        preflight.record_training_data(out / "run", fingerprint | {"held_out": 0})
+        model, _ = train_model(cfg, data, out / "run")
+        from tsdb.strategies import get_strategy
+        strategy = get_strategy(cfg.model)
+    return sample_dataset(strategy, model, data, cfg.model.context_length, args.num_samples, cfg.train.seed,
+                          futures)
+
+
+def _pretrained_samples(args, data: SeriesDataset, out: Path) -> np.ndarray:
+    """``tsdb forecast --pretrained PATH``: zero-shot, or after ``--finetune-steps`` steps per block
+    on the input (``out/run``); horizons past the model's are rolled out."""
+    from tsdb.pretrain.checkpoint import load_pretrained
+    from tsdb.pretrain.pipeline import TsdbPipeline
+    from tsdb.training.loop import load_model
+
+    cfg, strategy, model = load_pretrained(args.pretrained)
+    if args.finetune_steps:
+        from tsdb.pretrain.finetuning import finetune
+        validate_dataset(data, min_length=cfg.model.horizon + cfg.model.patch_length)
+        finetune(args.pretrained, data, out / "run", steps=args.finetune_steps, lr=args.finetune_lr,
+                 progress=False)
+        cfg, strategy, model = load_model(out / "run")
+    return TsdbPipeline(cfg, strategy, model).predict([s.target for s in data], args.horizon, args.num_samples,
+                                                      seed=cfg.train.seed)
 
 
 def _partial(path: Path) -> Path:

@@ -1,6 +1,7 @@
 """The ``tsdb`` command line.
 
-Subcommands: demo, train, evaluate, forecast, bench, ablate, datasets, export, stream.
+Subcommands: demo, train, evaluate, forecast, bench, ablate, datasets, export, stream,
+pretrain, pretrain-eval, finetune, finetune-bench.
 User errors print one line (``tsdb: error: ...``) and exit 2; no tracebacks. Flags and files
 are checked (``tsdb.cli.preflight``) before torch, lightning or gluonts are imported, so an
 error answers in well under a second. SIGTERM/SIGINT stop long work after saving what can be
@@ -294,6 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output folder (its run/ must hold a model of this input or none)")
     s.add_argument("--num-samples", type=positive_int, default=100)
     s.add_argument("--steps", type=positive_int, default=300, help="training steps per block when no --run")
+    s.add_argument("--pretrained", default=None,
+                   help="start from a pretrained model (checkpoint folder or run directory) instead of training")
+    s.add_argument("--finetune-steps", type=nonnegative_int, default=0,
+                   help="with --pretrained: fine-tune each block this many steps on the input first (0: zero-shot)")
+    s.add_argument("--finetune-lr", type=float, default=3e-4)
     s.add_argument("--covariates", default=None,
                    help="comma-separated known-future covariate columns; after each series' last observed "
                         "target the table holds >= --horizon rows with them given and the target empty")
@@ -328,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("report", help="re-render report.md and plots from a results.json")
     s.add_argument("dir")
     s.set_defaults(func=cmd_report)
+
+    from tsdb.pretrain.cli import add_subcommands as add_pretrain_subcommands
+    add_pretrain_subcommands(sub, data_flags)   # pretrain, pretrain-eval, finetune, finetune-bench
 
     s = sub.add_parser("export", help="export a trained run to ONNX with explicit streaming state")
     s.add_argument("run")

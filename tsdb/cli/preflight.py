@@ -260,7 +260,13 @@ def _forecast(args) -> None:
         raise TsdbError("tsdb forecast needs --input FILE (a long-format CSV or Parquet)")
     _data_flags(args)
     output_dir(args.out)
-    if args.run:
+    if getattr(args, "pretrained", None):
+        if args.run:
+            raise TsdbError("--pretrained starts from a pretrained model: drop --run")
+        if not Path(args.pretrained).is_dir():
+            raise TsdbError(f"--pretrained {args.pretrained}: no such checkpoint folder (model.safetensors + "
+                            "config.yaml, e.g. tsdb/data/pretrained/...)")
+    elif args.run:
         run_dir(args.run)
     else:
         check_reuse(Path(args.out) / "run", input_fingerprint(args))

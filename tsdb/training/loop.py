@@ -38,7 +38,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
 from tsdb import checksum
 from tsdb.cli.preflight import MODEL_FIX
@@ -197,13 +197,16 @@ def _load_weights(path: Path) -> dict:
     return checksum.load_state_dict(path, f"delete {path.parent} to retrain that unit")
 
 
-def train_model(cfg: ExperimentConfig, dataset: SeriesDataset, run_dir: str | Path,
-                strategy: Strategy | None = None, blocks: list[int] | None = None) -> tuple[nn.Module, dict]:
+def train_model(cfg: ExperimentConfig, dataset: SeriesDataset | None, run_dir: str | Path,
+                strategy: Strategy | None = None, blocks: list[int] | None = None,
+                windows: IterableDataset | None = None) -> tuple[nn.Module, dict]:
     """Train the units of ``cfg``'s strategy on ``dataset`` into ``run_dir``; resumable.
 
     ``blocks`` trains only those unit indices (one job of a block-parallel or cluster
-    array run); ``model.pt`` is written once every unit is done. Returns the model and a
-    summary (per-unit seconds and memory).
+    array run); ``model.pt`` is written once every unit is done. ``windows`` replaces the
+    windows cut from ``dataset`` by another stream of the same tuples with a ``shard(rank,
+    world_size)`` method (e.g. the pretraining corpus, ``tsdb.pretrain.CorpusWindows``).
+    Returns the model and a summary (per-unit seconds and memory).
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -216,10 +219,11 @@ def train_model(cfg: ExperimentConfig, dataset: SeriesDataset, run_dir: str | Pa
     units = strategy.units(model)
     if blocks is not None:
         _check_blocks(blocks, units)
-    windows = TrainingWindows(dataset, cfg.model.context_length, cfg.model.horizon, seed=cfg.train.seed,
-                              patch_length=cfg.model.patch_length,
-                              partial_patch_prob=cfg.model.partial_patch_prob,
-                              covariates=cfg.model.num_covariates)
+    if windows is None:
+        windows = TrainingWindows(dataset, cfg.model.context_length, cfg.model.horizon, seed=cfg.train.seed,
+                                  patch_length=cfg.model.patch_length,
+                                  partial_patch_prob=cfg.model.partial_patch_prob,
+                                  covariates=cfg.model.num_covariates)
     with graceful_signals():     # SIGTERM/SIGINT: stop at a step boundary with a checkpoint
         if cfg.train.schedule == "interleaved" and len(units) > 1:
             summary = _train_interleaved(units, windows, cfg.train, run_dir)
@@ -348,14 +352,24 @@ def _check_config_matches(cfg: ExperimentConfig, run_dir: Path) -> None:
 
 
 def load_model(run_dir: str | Path) -> tuple[ExperimentConfig, Strategy, nn.Module]:
-    """Rebuild a trained model from its run directory."""
+    """Rebuild a trained model from its run directory (``model.pt``), or from a checkpoint
+    folder with ``model.safetensors`` beside ``config.yaml`` (a shipped pretrained model)."""
     run_dir = Path(run_dir)
-    if not (run_dir / "model.pt").exists():
+    shipped = run_dir / "model.safetensors"
+    if not (run_dir / "model.pt").exists() and not shipped.exists():
         raise TsdbError(f"{run_dir} has no trained model (model.pt); run `tsdb train` first")
     cfg = ExperimentConfig.from_yaml(run_dir / "config.yaml")
     strategy = get_strategy(cfg.model)
     model = strategy.build()
-    state = checksum.load_state_dict(run_dir / "model.pt", MODEL_FIX)
+    if shipped.exists():
+        from safetensors.torch import load_file   # a shipped checkpoint
+        try:
+            state = load_file(shipped)
+        except Exception as e:  # noqa: BLE001  (truncated or foreign file)
+            raise TsdbError(f"{shipped} is not a readable safetensors file ({str(e)[:120]}); "
+                            "copy the checkpoint folder again") from None
+    else:
+        state = checksum.load_state_dict(run_dir / "model.pt", MODEL_FIX)
     bad = [k for k, v in state.items()
            if not isinstance(v, torch.Tensor) or v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
