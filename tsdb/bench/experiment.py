@@ -34,7 +34,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 import tsdb.evaluation.plots as plots
 from tsdb.evaluation.baselines import fit_deepar, seasonal_naive
@@ -97,12 +97,14 @@ class ExperimentSpec(_Strict):
     # {arm: reference arm}: the arm's n_layers (then d_model) chosen so that its parameter
     # count matches the reference arm's within 3% (e.g. an e2e arm as large as depth-b4)
     match_params: dict[str, str] = Field(default_factory=dict)
+    labels: dict[str, str] = Field(default_factory=dict)   # {arm: what sets it apart}, shown in reports
     bootstrap_resamples: int = Field(RESAMPLES, ge=100)
     # extra inference-time evaluations: {arm: [K, ...]} -> figures "crps_k" per K
     steps_sweep: dict[str, list[int]] = Field(default_factory=dict)
     anchors: dict[str, dict[str, float | None]] = Field(default_factory=dict)  # published numbers, cited
     # memory-only sweep: {arm: [K, ...]} -> training-state bytes of one step with loop_iters = K
     memory_sweep: dict[str, list[int]] = Field(default_factory=dict)
+    _matched: dict = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="after")
     def _names_unique(self):
@@ -122,8 +124,16 @@ class ExperimentSpec(_Strict):
         gets the layers (or width) that match its reference's parameter count."""
         cfg = self.base.with_overrides(**self.arms[name])
         if name in self.match_params:
-            cfg = match_parameters(cfg, parameter_count(self.arm_config(self.match_params[name])))
+            if name not in self._matched:   # (building models to count parameters: once per arm)
+                ref = parameter_count(self.arm_config(self.match_params[name]))
+                self._matched[name] = (match_parameters(cfg, ref).model.model_dump(), ref)
+            cfg = cfg.with_overrides(model=self._matched[name][0])
         return cfg if seed is None else cfg.with_overrides(train={"seed": seed})
+
+    def reference_params(self, name: str) -> int:
+        """The parameter count a ``match_params`` arm was matched to."""
+        self.arm_config(name)
+        return self._matched[name][1]
 
     def arm_seeds(self, name: str) -> list[int | None]:
         """The seeds arm ``name`` runs with; ``[None]``: once (a deterministic peer or baseline)."""
@@ -263,13 +273,14 @@ def run_arm(spec: ExperimentSpec, name: str, seed: int | None, task: EvalTask, a
                    **function_evaluations(strategy, model, *probe))
     if name in spec.match_params:
         figures["matched_params"] = {"reference": spec.match_params[name],
-                                     "reference_params": parameter_count(spec.arm_config(spec.match_params[name]))}
+                                     "reference_params": spec.reference_params(name)}
     if spec.sweeps(name, seed):
         for k in spec.steps_sweep.get(name, []):
             m = evaluate_predictor(task, torch_predictor(strategy, model, num_steps=k, seed=cfg.train.seed), c,
                                    spec.num_samples, num_covariates=n_cov)
             figures.setdefault("crps_by_steps", {})[str(k)] = m["crps"]
-            figures.setdefault("nfe_by_steps", {})[str(k)] = function_evaluations(strategy, model, *probe, num_steps=k)["nfe"]
+            nfe = function_evaluations(strategy, model, *probe, num_steps=k)["nfe"]
+            figures.setdefault("nfe_by_steps", {})[str(k)] = nfe
     if name in spec.memory_sweep and seed == spec.arm_seeds(name)[0]:
         figures["saved_activation_bytes_by_iters"] = memory_at_iters(spec, name, spec.memory_sweep[name], task)
     return figures
@@ -406,10 +417,11 @@ def run_experiment(spec: ExperimentSpec, out: str | Path, root: str | None = Non
                 continue
             log(f"[{spec.name}] {label}: training and evaluating")
             if name in spec.baselines:
-                figures = {**run_baseline(spec, name, task, seed), "kind": "baseline"}
+                figures = {**run_baseline(spec, name, task, seed), "kind": "baseline", "stochastic": name == "deepar"}
             elif name in spec.peers:
                 figures = {**run_peer(spec.peers[name], task, spec.base.model.context_length,
-                                      spec.base.train.seed if seed is None else seed, spec.num_samples), "kind": "peer"}
+                                      spec.base.train.seed if seed is None else seed, spec.num_samples),
+                           "kind": "peer", "stochastic": spec.peers[name].stochastic}
             else:
                 figures = run_arm(spec, name, seed, task, arm_dir(out, name, seed))
             figures["provenance"] = prov
@@ -552,10 +564,12 @@ def write_report(spec: ExperimentSpec, results: dict, out: Path) -> Path:
                   "the range of per-seed ratios (seed s against e2e's seed s). Deterministic peers run once. "
                   "K, NFE, layers: inference steps, denoiser calls per forecast (a Heun step counts 2 except the "
                   "last) and transformer layers those calls run per sample, counted during one forecast."]
-        short = [n for n, f in arms.items() if not _is_ours(f) and f.get("seeds")
-                 and len(f["seeds"]) < max(len(g.get("seeds") or []) for g in arms.values())]
+        most = max(len(g.get("seeds") or []) for g in arms.values())
+        short = [f"{n} ({len(f.get('seeds') or []) or 1})" for n, f in arms.items()
+                 if f.get("stochastic") and len(f.get("seeds") or []) < most]
         if short:
-            lines += ["", f"Stochastic peers run with fewer seeds than the tsdb arms (budget): {', '.join(short)}."]
+            lines += ["", "Stochastic peers run with fewer seeds than the tsdb arms (to fit the CPU budget; the "
+                      f"spec fixes their seed or lists fewer peer_seeds): {', '.join(short)}."]
     lines += ["", "| arm | seeds | CRPS | CRPS range | MASE | MSE | MAE | CRPS / e2e | K, NFE, layers | train s | "
                   "train-state MiB | saved act. MiB | e2e / arm state | peak RSS MiB | params |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -565,8 +579,9 @@ def write_report(spec: ExperimentSpec, results: dict, out: Path) -> Path:
                      if e2e.get("train_state_bytes") and f.get("train_state_bytes") else None)
         evals = (f"{f.get('num_steps')}, {f['nfe']}, {f['layer_passes']}" if "nfe" in f else
                  _fmt(f.get("num_steps")))
+        label = name + (f" ({spec.labels[name]})" if name in spec.labels else "")
         lines.append("| " + " | ".join([
-            name, _seeds_text(f), mean_std_text(f, "crps", 4), min_max_text(f, "crps", 4), mean_std_text(f, "mase", 3),
+            label, _seeds_text(f), mean_std_text(f, "crps", 4), min_max_text(f, "crps", 4), mean_std_text(f, "mase", 3),
             _fmt(f["mse"], 3), _fmt(f["mae"], 3), ratio_text(*crps_ratio(f, e2e)), evals,
             _fmt(f.get("train_seconds"), 1), _fmt(mib(f.get("train_state_bytes")), 2),
             _fmt(mib(f.get("saved_activation_bytes")), 2), _fmt(mem_ratio, 2),

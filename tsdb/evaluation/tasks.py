@@ -55,7 +55,8 @@ from gluonts.ev.metrics import (
     SumQuantileLoss,
 )
 from gluonts.itertools import batcher
-from gluonts.model.evaluation import _get_data_batch  # gluonts pinned < 0.18: its batch of label/forecast/seasonal error
+# (private, gluonts pinned < 0.18): the batch of labels, forecasts and seasonal errors its metrics read
+from gluonts.model.evaluation import _get_data_batch
 from gluonts.model.forecast import SampleForecast
 
 from tsdb.data.series import Series, SeriesDataset
