@@ -17,7 +17,8 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+# the shared benchmark files next to the checkout, or $TSDB_DATA_DIR (a worktree elsewhere)
+SHARED_DATA = Path(os.environ.get("TSDB_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "datasets")
 
 
 def require_benchmark_data(*files: str) -> None:

@@ -10,23 +10,38 @@ import json
 import sys
 from pathlib import Path
 
+from tsdb.bench.stats import crps_ratio, mean_std_text, ratio_text
+
 ROOT = Path(__file__).resolve().parents[2]  # the source checkout (README.md, reports/)
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 
 def _row(name: str, f: dict, e2e: dict, cols: list[str]) -> str:
-    cells = [name]
+    cells = [name, str(len(f["seeds"])) if f.get("seeds") else "1"]
     for c in cols:
-        v = f.get(c)
-        cells.append("n/a" if v is None else f"{v:.4f}" if c == "crps" else f"{v:.3f}")
-    ratio = f["crps"] / e2e["crps"] if e2e.get("crps") else None
-    cells.append("n/a" if ratio is None else f"{ratio:.3f}")
+        cells.append(mean_std_text(f, c, 4 if c == "crps" else 3))
+    cells.append(ratio_text(*crps_ratio(f, e2e)))
     mem = (e2e["train_state_bytes"] / f["train_state_bytes"]
            if e2e.get("train_state_bytes") and f.get("train_state_bytes") else None)
     cells.append("n/a" if mem is None else f"{mem:.2f}x")
     secs = f.get("train_seconds")
     cells.append("n/a" if secs is None else f"{secs:.0f}")
     return "| " + " | ".join(cells) + " |"
+
+
+def _verdicts(res: dict) -> list[str]:
+    """The paired-bootstrap verdicts of the best tsdb arm (results.json schema 2)."""
+    out = []
+    for c in res.get("comparisons") or []:
+        if not c["role"].startswith("best"):
+            continue
+        verdict = "tie" if c["verdict"] == "tie" else f"{c[c['verdict']]} lower"
+        out.append(f"{c['a']} vs {c['b']}: CRPS ratio {c['ratio']:.3f} "
+                   f"[{c['ratio_ci'][0]:.3f}, {c['ratio_ci'][1]:.3f}], {verdict}")
+    if not out:
+        return []
+    return ["", f"Paired bootstrap over test windows ({int(100 * res['comparisons'][0]['level'])}% interval): "
+            + "; ".join(out) + "."]
 
 
 def render(reports: Path = ROOT / "reports") -> str:
@@ -39,11 +54,16 @@ def render(reports: Path = ROOT / "reports") -> str:
         cols = ["crps", "mase"] + (["mse", "mae"] if res["task"].get("protocol") == "etth1" else [])
         e2e = arms.get("e2e", {})
         command = res.get("command") or f"tsdb bench {path.parent.name}"
+        seeded = any(f.get("seeds") for f in arms.values())
         lines = [f"**{res['name']}** ({res['task']['num_windows']} test windows; command: `{command}`; "
-                 f"report: [`{path.parent.relative_to(ROOT)}/report.md`]({path.parent.relative_to(ROOT)}/report.md))", "",
-                 "| arm | " + " | ".join(c.upper() for c in cols) + " | CRPS / e2e | e2e / arm training state | train s |",
-                 "|---" * (len(cols) + 4) + "|"]
+                 f"report: [`{path.parent.relative_to(ROOT)}/report.md`]({path.parent.relative_to(ROOT)}/report.md)"
+                 + ("; mean ± std over seeds, CRPS / e2e with the range of per-seed ratios" if seeded else
+                    "; one seed") + ")", "",
+                 "| arm | seeds | " + " | ".join(c.upper() for c in cols)
+                 + " | CRPS / e2e | e2e / arm training state | train s |",
+                 "|---" * (len(cols) + 5) + "|"]
         lines += [_row(n, f, e2e, cols) for n, f in arms.items()]
+        lines += _verdicts(res)
         blocks.append("\n".join(lines))
     for extra in (_memory(reports), _streaming(reports), _zero_shot(reports)):
         if extra:

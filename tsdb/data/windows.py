@@ -51,13 +51,16 @@ def diffusion_draws(rng: np.random.Generator, horizon: int) -> np.ndarray:
 
 
 class TrainingWindows(IterableDataset):
-    """An endless, seeded stream of ``(context [C], target [H], draws [1 + H])`` float32 windows,
-    plus ``covariates [n_cov, C + H]`` when ``covariates = n_cov > 0``.
+    """An endless, seeded stream of ``(context [C], target [H], draws [sets * (1 + H)])`` float32
+    windows, plus ``covariates [n_cov, C + H]`` when ``covariates = n_cov > 0``.
 
     ``draws`` are the diffusion step's random numbers for this window (u ~ U[0,1), then
-    eps ~ N(0,1) per lead time). Drawn here, they make every arm see the same noise and
-    let ``rank``/``world_size`` split one global stream exactly across data-parallel
-    processes (process r keeps windows r, r + W, ...).
+    eps ~ N(0,1) per lead time; ``draw_sets`` independent such sets, for losses that need
+    more, e.g. two trajectories per window). Drawn here, they make every arm see the same
+    noise and let ``rank``/``world_size`` split one global stream exactly across
+    data-parallel processes (process r keeps windows r, r + W, ...). The first set and the
+    windows themselves do not depend on ``draw_sets``: the extra sets come from a child
+    generator spawned per window, so arms that read more draws still see the same windows.
 
     The stream is addressable by position: window ``i`` of the global stream is drawn from
     its own generator seeded with ``(seed, i)`` (:meth:`window_at`), so a resumed run restarts
@@ -83,10 +86,11 @@ class TrainingWindows(IterableDataset):
     def __init__(self, dataset: SeriesDataset, context_length: int, horizon: int,
                  seed: int = 0, min_context: int | None = None, patch_length: int = 1,
                  partial_patch_prob: float = 0.0, rank: int = 0, world_size: int = 1,
-                 covariates: int = 0):
+                 covariates: int = 0, draw_sets: int = 1):
         self.rank, self.world_size = rank, world_size
         self.position = 0         # global windows already consumed (a resumed run starts there)
         self.worker_batch = 1     # per-process batch size, to split batches across DataLoader workers
+        self.draw_sets = draw_sets
         self.num_covariates = covariates
         from tsdb.data.validate import require_covariates  # (validation pulls polars: only when needed)
 
@@ -135,6 +139,9 @@ class TrainingWindows(IterableDataset):
         context = padded_context(t[:split], self.context_length, pad)
         target = t[split:split + self.horizon]
         draws = diffusion_draws(rng, self.horizon)
+        if self.draw_sets > 1:
+            extra = rng.spawn(1)[0]   # leaves ``rng`` (the window stream) where it is
+            draws = np.concatenate([draws, *(diffusion_draws(extra, self.horizon) for _ in range(self.draw_sets - 1))])
         if self.covariates is None:
             return context, target, draws
         cov = self.covariates[i]

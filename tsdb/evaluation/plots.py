@@ -42,11 +42,18 @@ def fan_chart(panels: list[dict], path: str | Path, title: str = "", history_poi
 
 
 def bar_chart(values: dict[str, float], path: str | Path, ylabel: str, title: str = "",
-              reference: float | None = None, reference_label: str = "") -> Path:
-    """Bars per arm; an optional horizontal reference line (e.g. the e2e arm)."""
+              reference: float | None = None, reference_label: str = "",
+              ranges: dict[str, tuple[float, float]] | None = None) -> Path:
+    """Bars per arm; an optional horizontal reference line (e.g. the e2e arm) and optional
+    whiskers per arm (``ranges``: e.g. min and max over seeds)."""
     names = list(values)
     fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(names) + 2), 3.5))
     ax.bar(names, [values[k] for k in names], color="tab:blue")
+    if ranges:
+        have = [k for k in names if k in ranges]
+        lo = [values[k] - ranges[k][0] for k in have]
+        hi = [ranges[k][1] - values[k] for k in have]
+        ax.errorbar(have, [values[k] for k in have], yerr=[lo, hi], fmt="none", ecolor="black", capsize=3, lw=1)
     if reference is not None:
         ax.axhline(reference, color="tab:red", ls="--", lw=1, label=reference_label)
         ax.legend(fontsize=8)

@@ -255,6 +255,12 @@ class CorpusWindows(IterableDataset):
         batches = own // self.worker_batch
         return (batches // workers + (worker < batches % workers)) * self.worker_batch
 
+    def identity(self) -> dict:
+        """What a run directory records of its training data (a resume on another corpus is refused)."""
+        return {"stream": "corpus", "seed": self.seed, "corpus": self.corpus.config.model_dump(mode="json"),
+                "series_per_chunk": self.series_per_chunk, "windows_per_series": self.windows_per_series,
+                "short_context_prob": self.short_context_prob}
+
     @property
     def windows_per_chunk(self) -> int:
         return self.series_per_chunk * self.windows_per_series

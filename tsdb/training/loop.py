@@ -12,6 +12,8 @@ Memory is measured on the first real optimizer steps of each unit (``MemoryMeter
 Run directory::
 
     RUN/config.yaml                     the ExperimentConfig
+    RUN/identity.json                   hashes of the config and of the training data (a resume
+                                        with another config or other data is refused)
     RUN/units/<unit>/last.ckpt          Lightning checkpoint (resume after a kill; holds the data
                                         stream's position, so a resumed run equals an uninterrupted one)
     RUN/units/<unit>/done.json          finished marker with train seconds and memory
@@ -46,6 +48,7 @@ from tsdb.config import ExperimentConfig, TrainConfig
 from tsdb.data.series import SeriesDataset
 from tsdb.data.windows import TrainingWindows
 from tsdb.errors import TsdbError
+from tsdb.provenance import dataset_identity, mismatch, record
 from tsdb.signals import graceful_signals, stop_if_received
 from tsdb.strategies import Strategy, TrainUnit, get_strategy
 from tsdb.training.memory import HostOffload, MemoryMeter, checkpoint_layers, peak_rss_bytes, summarize_memory
@@ -210,7 +213,7 @@ def train_model(cfg: ExperimentConfig, dataset: SeriesDataset | None, run_dir: s
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    _check_config_matches(cfg, run_dir)
+    _check_config_matches(cfg, run_dir, dataset_identity(dataset) if windows is None else windows.identity())
     strategy = strategy or get_strategy(cfg.model)
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     model = strategy.build()
@@ -223,7 +226,7 @@ def train_model(cfg: ExperimentConfig, dataset: SeriesDataset | None, run_dir: s
         windows = TrainingWindows(dataset, cfg.model.context_length, cfg.model.horizon, seed=cfg.train.seed,
                                   patch_length=cfg.model.patch_length,
                                   partial_patch_prob=cfg.model.partial_patch_prob,
-                                  covariates=cfg.model.num_covariates)
+                                  covariates=cfg.model.num_covariates, draw_sets=strategy.draw_sets)
     with graceful_signals():     # SIGTERM/SIGINT: stop at a step boundary with a checkpoint
         if cfg.train.schedule == "interleaved" and len(units) > 1:
             summary = _train_interleaved(units, windows, cfg.train, run_dir)
@@ -339,16 +342,26 @@ def _train_interleaved(units: list[TrainUnit], windows, train: TrainConfig, run_
     return info
 
 
-def _check_config_matches(cfg: ExperimentConfig, run_dir: Path) -> None:
-    """Refuse to resume a run directory written with a different configuration."""
-    path = run_dir / "config.yaml"
+def _check_config_matches(cfg: ExperimentConfig, run_dir: Path, data: dict) -> None:
+    """Refuse to resume a run directory written with a different configuration or other
+    training data (one line naming the fields that differ); record both for a new run."""
+    path, ident = run_dir / "config.yaml", run_dir / "identity.json"
+    new = record({"model": cfg.model.model_dump(), "train": cfg.train.model_dump(exclude={"progress"})}, data)
     if path.exists():
         old = ExperimentConfig.from_yaml(path)
-        if old.model != cfg.model or old.train.model_dump(exclude={"progress"}) != cfg.train.model_dump(exclude={"progress"}):
-            raise TsdbError(f"{run_dir} holds a run with a different config; pick a new --out directory "
-                            f"or delete {run_dir}")
+        stored = json.loads(ident.read_text()) if ident.exists() else \
+            record({"model": old.model.model_dump(), "train": old.train.model_dump(exclude={"progress"})}, new["data"])
+        diff = mismatch(stored, new)
+        if diff:
+            what = (f"a different config ({diff['config']})" if "config" in diff else
+                    f"other training data ({diff.get('data') or diff.get('record')})")
+            raise TsdbError(f"{run_dir} holds a run with {what}; pick a new --out directory or delete {run_dir}")
     else:
         cfg.to_yaml(path)
+    if not ident.exists():  # (a run from before identity records: its config was checked above)
+        tmp = ident.with_name(f".{ident.name}.{os.getpid()}")  # block-parallel workers may race here
+        tmp.write_text(json.dumps(new, indent=2))
+        tmp.replace(ident)
 
 
 def load_model(run_dir: str | Path) -> tuple[ExperimentConfig, Strategy, nn.Module]:
