@@ -98,8 +98,10 @@ def export_model(model: DiffusionForecaster, strategy, out_dir: str | Path, samp
             "rule": NORMALIZATION_RULE,
             "stats_window": shape.context_length,
             "scale_floor": 1e-6,
-            "description": ("loc/scale = NaN-aware mean/std (population) of the last context_length values "
-                            "at initialisation; scale = 1 where std <= 1e-6 * (1 + |loc|). Frozen while the "
+            "description": ("loc/scale = NaN-aware mean/std (population, summed in float64) of the last "
+                            "context_length values at initialisation; where std <= max(1e-6 * |loc|, 1e-30) "
+                            "the context counts as constant and scale = min(|loc|, 1), or 1 where "
+                            "|loc| <= 1e-30 (tsdb.nn.forecaster.instance_stats). Frozen while the "
                             "cache is valid; a refresh recomputes them and re-encodes the cache from the "
                             "last init_tokens * patch_length raw values."),
         },
