@@ -3,7 +3,7 @@
 Names are imported on first use, so that the training loop (which needs only
 ``tsdb.data.series`` and ``tsdb.data.windows``) does not pull polars or gluonts in."""
 
-from importlib import import_module
+from tsdb.lazy import lazy_exports
 
 _EXPORTS = {
     "Series": "series", "SeriesDataset": "series",
@@ -13,10 +13,4 @@ _EXPORTS = {
     "validate_dataset": "validate", "validate_series": "validate",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(import_module(f"tsdb.data.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module 'tsdb.data' has no attribute {name!r}")
+__getattr__, __all__ = lazy_exports(__name__, _EXPORTS)

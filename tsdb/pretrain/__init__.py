@@ -6,7 +6,7 @@ a pretrained checkpoint (docs/pretraining.md).
 Names are imported on first use, so that ``tsdb --help`` (which registers the pretraining
 subcommands) pulls in neither torch nor scipy."""
 
-from importlib import import_module
+from tsdb.lazy import lazy_exports
 
 _EXPORTS = {
     "Corpus": "corpus", "CorpusConfig": "corpus", "CorpusWindows": "corpus",
@@ -16,10 +16,4 @@ _EXPORTS = {
     "finetune": "finetuning", "convert_e2e_to_blocks": "convert",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(import_module(f"tsdb.pretrain.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module 'tsdb.pretrain' has no attribute {name!r}")
+__getattr__, __all__ = lazy_exports(__name__, _EXPORTS)
