@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from tsdb.data.series import Series, SeriesDataset
 from tsdb.errors import DataError, TsdbError
 from tsdb.pretrain import Corpus, CorpusConfig, CorpusWindows, TsdbPipeline
-from tsdb.pretrain.checkpoint import load_pretrained, save_pretrained
+from tsdb.pretrain.checkpoint import as_shipped, load_pretrained, save_pretrained
 from tsdb.pretrain.config import PretrainConfig
 from tsdb.pretrain.convert import convert_e2e_to_blocks
 from tsdb.pretrain.finetuning import finetune, initialised
@@ -155,7 +155,16 @@ def test_checkpoint_pipeline_and_rollout(run, tmp_path):
     np.testing.assert_allclose(samples[:, :, :16], direct, rtol=1e-5, atol=1e-5)
     q, mean = pipe.predict_quantiles(series[:1], horizon=12, num_samples=20)
     assert q.shape == (1, 12, 9) and mean.shape == (1, 12) and (np.diff(q, axis=-1) >= 0).all()
-    # the same model as a run directory gives the same samples
+    # the checkpoint holds float16 weights; the model with its weights rounded so (as the
+    # zero-shot figures are measured) gives the same samples as the pipeline
+    from safetensors import safe_open
+    with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
+        assert {str(f.get_tensor(k).dtype) for k in f.keys()} == {"torch.float16"}
+    exact = {k: v.clone() for k, v in model.state_dict().items()}
+    as_shipped(model)
+    rounded = model.state_dict()
+    assert any(not torch.equal(exact[k], rounded[k]) for k in exact)
+    assert all(torch.allclose(exact[k], rounded[k], rtol=1e-3, atol=1e-4) for k in exact)
     ref = sample_paths(strategy, model, np.stack([np.full(32, 1.0, np.float32)]), 4, 16,
                        generator=torch.Generator().manual_seed(3))
     np.testing.assert_allclose(pipe.predict([np.ones(32)], 16, 4, seed=3), ref, rtol=1e-6)

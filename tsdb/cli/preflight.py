@@ -123,17 +123,23 @@ def require_columns(path: str | Path, names: dict[str, str | None]) -> None:
                             f"column name with {flag}")
 
 
+SHIPPED = "model.safetensors"   # a pretrained checkpoint folder's weights (tsdb.pretrain.checkpoint)
+
+
 def run_dir(path: str | Path) -> Path:
-    """A trained run: config.yaml readable and valid, model.pt present and intact."""
+    """A trained run (config.yaml readable and valid, model.pt present and intact) or a
+    pretrained checkpoint folder (config.yaml and model.safetensors)."""
     from tsdb.config import ExperimentConfig
     path = Path(path)
     if not path.is_dir():
         raise TsdbError(f"run directory {path} does not exist; pass a folder written by `tsdb train` or "
                         "`tsdb forecast` (its run/)")
-    if not (path / "model.pt").exists():
+    shipped = not (path / "model.pt").exists() and (path / SHIPPED).exists()
+    if not (path / "model.pt").exists() and not shipped:
         raise TsdbError(f"{path} has no trained model (model.pt); run `tsdb train` first")
     ExperimentConfig.from_yaml(path / "config.yaml")
-    intact(path / "model.pt", MODEL_FIX)
+    if not shipped:   # (safetensors files are checked by their own loader: no code runs on load)
+        intact(path / "model.pt", MODEL_FIX)
     return path
 
 
@@ -175,7 +181,7 @@ def model_dir(path: str | Path) -> Path:
                             f"{meta.get('format') if isinstance(meta, dict) else None!r}); re-export the model "
                             "with `tsdb export RUN`")
         return path
-    if (path / "model.pt").exists():
+    if (path / "model.pt").exists() or (path / SHIPPED).exists():
         return run_dir(path)
     if not path.is_dir():
         raise TsdbError(f"model directory {path} does not exist; pass the folder written by `tsdb export RUN`")
