@@ -131,6 +131,13 @@ def cmd_bench(args) -> None:
         r = run_sampling_bench(args.out or "reports/sampling", against=args.against)
         print(f"speed-up {r['speedup']:.2f}x against {args.against}; report in {args.out or 'reports/sampling'}")
         return
+    if args.name == "streamed-accuracy":
+        from tsdb.bench.streamed_accuracy import StreamedAccuracySpec, run_streamed_accuracy
+        out = args.out or "reports/streamed-accuracy"
+        spec = StreamedAccuracySpec.from_yaml(args.config) if args.config else None
+        res = run_streamed_accuracy(out, spec, root=args.data_root, progress=not args.no_progress)
+        print(f"chosen refresh policy: {res['choice'].get('policy')}; report in {out}/report.md")
+        return
     if args.name == "parallel":
         from tsdb.bench.parallel import run_parallel_bench
         run_parallel_bench(args.out or "reports/parallel")
@@ -145,7 +152,7 @@ def cmd_bench(args) -> None:
     path = args.config or BENCH_CONFIGS / f"{args.name}-{args.tier}.yaml"
     if not args.config and not path.is_file():
         known = sorted({p.name.removesuffix(".yaml").rsplit("-", 1)[0] for p in BENCH_CONFIGS.iterdir()})
-        raise TsdbError(f"no benchmark {args.name!r} at tier {args.tier!r}; known: {known + ['streaming']}")
+        raise TsdbError(f"no benchmark {args.name!r} at tier {args.tier!r}; known: {known + ['streaming', 'streamed-accuracy']}")
     spec = ExperimentSpec.from_yaml(path)
     spec.base.train.progress = not args.no_progress
     out = Path(args.out or f"reports/{spec.name}")
@@ -263,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  ("ablate", cmd_ablate, "train and evaluate a grid of split strategies")):
         s = sub.add_parser(name, help=helptext)
         if name == "bench":
-            s.add_argument("name", help="m4-hourly, etth1, parallel, streaming, covariates or sampling")
+            s.add_argument("name", help="m4-hourly, etth1, parallel, streaming, streamed-accuracy, covariates or sampling")
             s.add_argument("--tier", default="quick", choices=["quick", "full"])
             s.add_argument("--config", help="override the benchmark's YAML")
             s.add_argument("--strategy", default="depth",
