@@ -266,7 +266,7 @@ def run_arm(spec: ExperimentSpec, name: str, seed: int | None, task: EvalTask, a
     c, n_cov = cfg.model.context_length, cfg.model.num_covariates
     probe = (task.contexts(c)[:1], task.covariates(c)[:1] if n_cov else None)
     metrics = evaluate_predictor(task, torch_predictor(strategy, model, seed=cfg.train.seed), c, spec.num_samples,
-                                 num_covariates=n_cov)
+                                 num_covariates=n_cov, progress=cfg.train.progress)
     figures.update(metrics)
     figures.update(kind="tsdb", arm=strategy.arm_name(), seed=cfg.train.seed, num_steps=cfg.model.inference_steps,
                    sampler=strategy.sampler, n_layers=cfg.model.n_layers, d_model=cfg.model.d_model,
@@ -277,7 +277,7 @@ def run_arm(spec: ExperimentSpec, name: str, seed: int | None, task: EvalTask, a
     if spec.sweeps(name, seed):
         for k in spec.steps_sweep.get(name, []):
             m = evaluate_predictor(task, torch_predictor(strategy, model, num_steps=k, seed=cfg.train.seed), c,
-                                   spec.num_samples, num_covariates=n_cov)
+                                   spec.num_samples, num_covariates=n_cov, progress=cfg.train.progress)
             figures.setdefault("crps_by_steps", {})[str(k)] = m["crps"]
             nfe = function_evaluations(strategy, model, *probe, num_steps=k)["nfe"]
             figures.setdefault("nfe_by_steps", {})[str(k)] = nfe
@@ -393,7 +393,7 @@ def run_experiment(spec: ExperimentSpec, out: str | Path, root: str | None = Non
     items = [entry.get("item_id") for entry in task.test_data.input]
     results = {"schema": SCHEMA, "name": spec.name,
                "task": {**spec.task.model_dump(), "num_windows": task.num_windows},
-               "machine": _machine(), "data": {k: data[k] for k in ("files", "train_sha256", "windows_sha256")},
+               "machine": machine_info(), "data": {k: data[k] for k in ("files", "train_sha256", "windows_sha256")},
                "windows": {"abs_target": None,
                            "block": bootstrap_blocks(items, task.horizon, task.info.get("stride", spec.task.stride))},
                "arms": {}}
@@ -502,7 +502,7 @@ def comparisons(results: dict, resamples: int = RESAMPLES) -> list[dict]:
     return out
 
 
-def _machine() -> dict:
+def machine_info() -> dict:
     return {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
@@ -554,7 +554,7 @@ def write_report(spec: ExperimentSpec, results: dict, out: Path) -> Path:
              "Point forecasts: MASE and MAE use the sample median, MSE the sample mean; CRPS is the mean "
              "weighted quantile loss over q = 0.1..0.9 (gluonts.ev). Seasonal naive is a point forecast "
              "(all samples equal), so its CRPS is its point-forecast quantile loss. Train-state bytes are "
-             "exact (params + grads + AdamW state + saved activations of one step of the largest unit); "
+             "exact (params + grads + AdamW state + saved activations, measured by MemoryMeter on the first real training steps of the largest unit); "
              "peak RSS is the process high-water mark after the arm's training, reset before it, and "
              "includes heap the process kept from earlier arms, so compare arms by the exact bytes."]
     if seeded:

@@ -65,10 +65,40 @@ def render(reports: Path = ROOT / "reports") -> str:
         lines += [_row(n, f, e2e, cols) for n, f in arms.items()]
         lines += _verdicts(res)
         blocks.append("\n".join(lines))
-    streaming = _streaming(reports)
-    if streaming:
-        blocks.append(streaming)
+    for extra in (_memory(reports), _streaming(reports), _zero_shot(reports)):
+        if extra:
+            blocks.append(extra)
     return "\n\n".join(blocks) if blocks else "_No benchmark has been run yet._"
+
+
+def _memory(reports: Path) -> str:
+    """The ``tsdb bench memory`` report: every depth-bB training state against both e2e and
+    e2e with activation checkpointing, and what checkpointing costs in step time."""
+    path = reports / "memory" / "results.json"
+    if not path.exists():
+        return ""
+    from tsdb.bench.memory import depth_arms, index_points, ratio_rows, step_time_label
+    res = json.loads(path.read_text())
+    arms = depth_arms(res)
+    first = next(p for p in res["points"] if "error" not in p)
+    fmt = lambda v: "n/a" if v is None else f"{v:.2f}x"  # noqa: E731
+    cols = [f"{base} / {arm}" for arm in arms for base in ("e2e", "e2e-ckpt")]
+    rows = [f"| {r['width']} | {r['depth']} | {r['params'] / 1e6:.1f}M | "
+            + " | ".join(fmt(r[c.replace(" / ", "/")]) for c in cols) + f" | {fmt(r['ckpt_time'])} "
+            + ("" if not r["ckpt_time_range"] else "({:.2f}-{:.2f}) |".format(*r["ckpt_time_range"]))
+            for r in ratio_rows(res)]
+    rel = path.parent.relative_to(ROOT)
+    why = ("" if first["device"].startswith("cuda")
+           else ": other jobs on the shared machine stretch wall time, not CPU time")
+    return "\n".join([
+        f"**memory** (exact training-state bytes of one training step, baseline / arm; {first['device']} "
+        f"{first['precision']}, batch {first['batch_size']} x {first['tokens_per_sample']} tokens, "
+        f"{res['threads']} thread(s); command: `{res['command']}`; report: [`{rel}/report.md`]({rel}/report.md))", "",
+        "| d | L | e2e params | " + " | ".join(cols) + " | e2e-ckpt / e2e step time |",
+        "|---" * (len(cols) + 4) + "|", *rows, "",
+        "Bytes are exact and the same for every seed. e2e-ckpt is e2e with per-layer activation checkpointing; its "
+        f"step time over e2e's is the price of checkpointing ({step_time_label(index_points(res))}{why}; in "
+        "brackets the range over the timed steps). Peak memory, step times and where the bytes are: the report."])
 
 
 def _streaming(reports: Path) -> str:
@@ -107,6 +137,27 @@ def update(readme: Path = ROOT / "README.md") -> None:
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
     readme.write_text(f"{head}{START}\n{render()}\n{END}{tail}")
+
+
+def _zero_shot(reports: Path) -> str:
+    """One row per arm of each committed ``tsdb pretrain-eval`` report: zero-shot CRPS / seasonal naive."""
+    rows, protocols = [], None
+    for path in sorted(reports.glob("*/results.json")):
+        res = json.loads(path.read_text())
+        arms = res.get("arms", {})
+        if not arms or "summary" not in next(iter(arms.values())):
+            continue
+        for arm, r in arms.items():
+            protocols = protocols or list(r["protocols"])
+            cells = [f"{r['protocols'][p]['crps_ratio']:.3f}" if p in r["protocols"] else "n/a" for p in protocols]
+            rows.append(f"| [{path.parent.name}]({path.parent.relative_to(ROOT)}/report.md) {arm} | " + " | ".join(cells)
+                        + f" | {r['summary']['crps_ratio_geomean']:.3f} |")
+    if not rows:
+        return ""
+    return "\n".join([
+        "**zero-shot** (pretrained on the local corpus only; CRPS / seasonal naive's with its intervals; "
+        "geometric mean over M4 Hourly, ETTh1-96 and exchange rate, the GIFT-Eval summary)", "",
+        "| model | " + " | ".join(protocols) + " | geometric mean |", "|---" * (len(protocols) + 2) + "|", *rows])
 
 
 if __name__ == "__main__":

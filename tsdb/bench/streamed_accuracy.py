@@ -51,7 +51,7 @@ from tsdb.evaluation.tasks import ETT_VAL_END, EvalTask
 from tsdb.strategies import get_strategy
 from tsdb.training.loop import train_model
 
-CONFIG = packaged("configs", "bench", "streamed-accuracy.yaml")
+CONFIG = packaged("configs", "bench", "streamed_accuracy.yaml")
 COMMAND = "tsdb bench streamed-accuracy"
 
 
@@ -299,7 +299,7 @@ def write_report(results: dict, out: Path) -> Path:
     spec = StreamedAccuracySpec.model_validate(results["spec"])
     base = spec.base
     lines = [f"# {results['name']}: streamed against cold forecasts", "",
-             f"Produced by: `{results['command']}` (config `configs/bench/streamed-accuracy.yaml`). "
+             f"Produced by: `{results['command']}` (config `configs/bench/streamed_accuracy.yaml`). "
              f"Machine: {results['machine']['platform']}, torch {results['machine']['torch']}, "
              f"{results['machine']['threads']} thread(s); {results['wall_seconds'] / 60:.1f} min wall, "
              f"{results['cpu_seconds'] / 60:.1f} CPU min of this process.", "",

@@ -58,6 +58,7 @@ from gluonts.itertools import batcher
 # (private, gluonts pinned < 0.18): the batch of labels, forecasts and seasonal errors its metrics read
 from gluonts.model.evaluation import _get_data_batch
 from gluonts.model.forecast import SampleForecast
+from tqdm.auto import tqdm
 
 from tsdb.data.series import Series, SeriesDataset
 from tsdb.errors import DataError
@@ -250,8 +251,10 @@ def evaluate_predictor(
     num_samples: int = 100,
     batch_size: int = 256,
     num_covariates: int = 0,
+    progress: bool = False,
 ) -> dict:
-    """Run ``predictor`` over all windows in batches and score it.
+    """Run ``predictor`` over all windows in batches and score it (``progress``: a bar over
+    the windows on stderr).
 
     With ``num_covariates > 0`` the predictor also gets ``covariates=`` the windows'
     :meth:`EvalTask.covariates` (observed future values: an oracle covariate forecast).
@@ -266,15 +269,18 @@ def evaluate_predictor(
     timer = {"seconds": 0.0}
 
     def batches() -> Iterator[np.ndarray]:
-        for start in range(0, len(contexts), batch_size):
-            t0 = time.perf_counter()
-            if covariates is None:
-                samples = predictor(contexts[start:start + batch_size], num_samples)
-            else:
-                samples = predictor(contexts[start:start + batch_size], num_samples,
-                                    covariates=covariates[start:start + batch_size])
-            timer["seconds"] += time.perf_counter() - t0
-            yield samples
+        with tqdm(total=len(contexts), desc=f"forecasting {task.name}", unit="window", disable=not progress,
+                  leave=False) as bar:
+            for start in range(0, len(contexts), batch_size):
+                t0 = time.perf_counter()
+                if covariates is None:
+                    samples = predictor(contexts[start:start + batch_size], num_samples)
+                else:
+                    samples = predictor(contexts[start:start + batch_size], num_samples,
+                                        covariates=covariates[start:start + batch_size])
+                timer["seconds"] += time.perf_counter() - t0
+                bar.update(len(samples))
+                yield samples
 
     metrics = task.evaluate(batches())
     extra = {"num_covariates": num_covariates, "covariate_future": "observed (oracle)"} if num_covariates else {}
