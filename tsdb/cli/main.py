@@ -140,8 +140,10 @@ def cmd_bench(args) -> None:
         from tsdb.bench.streamed_accuracy import StreamedAccuracySpec, run_streamed_accuracy
         out = args.out or "reports/streamed-accuracy"
         spec = StreamedAccuracySpec.from_yaml(args.config) if args.config else None
-        res = run_streamed_accuracy(out, spec, root=args.data_root, progress=not args.no_progress)
-        print(f"chosen refresh policy: {res['choice'].get('policy')}; report in {out}/report.md")
+        res = run_streamed_accuracy(out, spec, root=args.data_root, progress=not args.no_progress,
+                                    command=_command_line())
+        print(f"`{res['command']}`: {res['wall_seconds'] / 60:.1f} min wall, {res['cpu_seconds'] / 60:.1f} CPU min; "
+              f"chosen refresh policy {res['choice'].get('policy')}; report in {out}/report.md")
         return
     if args.name == "errors":
         from tsdb.bench.errors import run_error_bench
