@@ -49,13 +49,24 @@ def test_runtime_started_from_the_cold_context_gives_the_cold_samples(bench):
     assert parity_at_first_origin(model_dir, stream, cfg, cold, noise, SAMPLES, len(stream.ids)) < 1e-4
 
 
+def test_stream_reinitialised_from_the_context_gives_the_cold_forecasts_and_scores(bench):
+    """Streamed one value at a time, then re-initialised from exactly the cold context before
+    each forecast: the cold samples and scores at every origin, on and off the patch grid."""
+    model_dir, cfg, stream, noise, cold = bench
+    samples, _ = streamed_forecasts(model_dir, stream, Policy(at_forecast="context"), cfg, SAMPLES, 0, noise)
+    scale = np.array([np.std(c) for c in stream.task.contexts(cfg.context_length)])[:, None, None]
+    assert np.max(np.abs(samples - cold) / scale) < 1e-4
+    cold_m, streamed_m = stream.task.evaluate(cold), stream.task.evaluate(samples)
+    assert compare(stream, [cold_m], [streamed_m])["verdict"] == "equal (float rounding)"
+
+
 def test_refreshed_stream_agrees_with_cold_forecasts_and_scores(bench):
     """Streamed one value at a time and refreshed before each forecast (statistics of the
     same last values as cold): the forecasts agree at every origin, on and off the patch
     grid, within the cache's receptive field beyond the context (the re-initialised state
     spans more tokens than the context; under 1% of the scale here)."""
     model_dir, cfg, stream, noise, cold = bench
-    samples, cost = streamed_forecasts(model_dir, stream, Policy(at_forecast=True), cfg, SAMPLES, 0, noise)
+    samples, cost = streamed_forecasts(model_dir, stream, Policy(at_forecast="refresh"), cfg, SAMPLES, 0, noise)
     scale = np.array([np.std(c) for c in stream.task.contexts(cfg.context_length)])[:, None, None]
     assert np.max(np.abs(samples - cold) / scale) < 2e-2
     assert cost["values_streamed"] == OFFSETS[-1] and cost["refreshes_per_series"] >= len(OFFSETS)
