@@ -293,7 +293,8 @@ def _stream(args) -> None:
             raise TsdbError(f"--state {state}: folder {state.parent} does not exist; create it first")
 
 
-BENCH_PROGRAMS = ("streaming", "streamed-accuracy", "parallel", "covariates", "sampling", "memory", "gpu", "soak", "errors")   # with their own code
+BENCH_PROGRAMS = ("streaming", "streamed-accuracy", "parallel", "covariates", "sampling", "memory", "gpu", "soak",
+                  "errors")   # with their own code
 
 
 def bench_names() -> list[str]:
