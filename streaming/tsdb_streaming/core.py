@@ -96,6 +96,23 @@ def _digest(arrays: dict[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
+def refresh_due(refresh: str, refresh_every: int | None, context_length: int, before: int, after: int) -> bool:
+    """Whether a series whose observation count goes from ``before`` to ``after`` is
+    re-initialised from its recent values (the ``refresh``/``refresh_every`` policy of
+    :class:`StreamingForecaster`; ``tsdb bench streamed-accuracy`` scores the policies)."""
+    if refresh == "warmup":
+        k = 2
+        while k < context_length:
+            if before < k <= after:
+                return True
+            k *= 2
+        if before < context_length <= after:
+            return True
+    if refresh_every:
+        return after // refresh_every > before // refresh_every
+    return False
+
+
 class StreamingForecaster:
     """Online forecasts for many series from an exported model directory.
 
@@ -474,18 +491,7 @@ class StreamingForecaster:
         self._transaction(slots, [], lambda _: self._reinit(slots))
 
     def _refresh_points(self, before: int, after: int) -> bool:
-        if self.refresh == "warmup":
-            c = self.context_length
-            k = 2
-            while k < c:
-                if before < k <= after:
-                    return True
-                k *= 2
-            if before < c <= after:
-                return True
-        if self.refresh_every:
-            return after // self.refresh_every > before // self.refresh_every
-        return False
+        return refresh_due(self.refresh, self.refresh_every, self.context_length, before, after)
 
     # -- forecasts ----------------------------------------------------------------------------------
     def _summarize(self, item_ids: list, s: np.ndarray, x: np.ndarray, quantiles: Sequence[float],
@@ -593,4 +599,5 @@ class StreamingForecaster:
         """Hook: refuse, with a specific message, a saved state that cannot fill this forecaster."""
 
 
-__all__ = ["DEFAULT_QUANTILES", "Field", "Forecast", "STATE_FORMAT", "STATE_VERSION", "StreamingForecaster"]
+__all__ = ["DEFAULT_QUANTILES", "Field", "Forecast", "STATE_FORMAT", "STATE_VERSION", "StreamingForecaster",
+           "refresh_due"]

@@ -96,6 +96,16 @@ def _gpu(args, command: str) -> None:
     _printed(out)
 
 
+@program("streamed-accuracy")
+def _streamed_accuracy(args, command: str) -> None:
+    from tsdb.bench.streamed_accuracy import StreamedAccuracySpec, run_streamed_accuracy
+    out = _out(args, "reports/streamed-accuracy")
+    spec = StreamedAccuracySpec.from_yaml(args.config) if args.config else None
+    res = run_streamed_accuracy(out, spec, root=args.data_root, progress=not args.no_progress, command=command)
+    print(f"`{res['command']}`: {res['wall_seconds'] / 60:.1f} min wall, {res['cpu_seconds'] / 60:.1f} CPU min; "
+          f"chosen refresh policy {res['choice'].get('policy')}; report in {out / 'report.md'}")
+
+
 def run_tiered(args, command: str) -> None:
     """A benchmark defined by its YAML (``--config``, or the packaged ``NAME-TIER.yaml``)."""
     from tsdb.bench.experiment import ExperimentSpec, run_experiment

@@ -150,6 +150,12 @@ def cmd_ablate(args) -> None:
 def cmd_report(args) -> None:
     from tsdb.bench.experiment import ExperimentSpec, write_report
     out = Path(args.dir)
+    if (out / "results.json").exists():
+        results = json.loads((out / "results.json").read_text())
+        if results.get("benchmark") == "streamed-accuracy":   # its own report, no spec.yaml
+            from tsdb.bench.streamed_accuracy import write_report as write_streamed
+            print(f"wrote {write_streamed(results, out)}")
+            return
     if not (out / "results.json").exists() or not (out / "spec.yaml").exists():
         raise TsdbError(f"{out} has no results.json and spec.yaml; run `tsdb bench` or `tsdb ablate` first")
     results = json.loads((out / "results.json").read_text())

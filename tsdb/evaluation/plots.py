@@ -51,8 +51,8 @@ def bar_chart(values: dict[str, float], path: str | Path, ylabel: str, title: st
     ax.bar(names, [values[k] for k in names], color="tab:blue")
     if ranges:
         have = [k for k in names if k in ranges]
-        lo = [values[k] - ranges[k][0] for k in have]
-        hi = [ranges[k][1] - values[k] for k in have]
+        lo = [max(0.0, values[k] - ranges[k][0]) for k in have]
+        hi = [max(0.0, ranges[k][1] - values[k]) for k in have]
         ax.errorbar(have, [values[k] for k in have], yerr=[lo, hi], fmt="none", ecolor="black", capsize=3, lw=1)
     if reference is not None:
         ax.axhline(reference, color="tab:red", ls="--", lw=1, label=reference_label)

@@ -106,6 +106,9 @@ class StreamingSupport(ABC):
 
     bench_model: ClassVar[dict] = {}
     sweeps_samples: ClassVar[bool] = True   # the benchmark also times forecasts against the sample count
+    # the runtime's forecast takes the standard-normal noise ``strategy.forecast`` takes ([b, S, H]),
+    # so a streamed and a cold forecast can share their noise
+    same_forecast_noise: ClassVar[bool] = True
 
     def __init__(self, strategy: Strategy):
         self.strategy = strategy

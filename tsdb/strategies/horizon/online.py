@@ -18,6 +18,7 @@ class HorizonStreaming(StreamingSupport):
     bench_model = dict(context_length=336, horizon=48, patch_length=12, d_model=32, n_heads=4, n_layers=12,
                        n_blocks=4, sampler="heun", num_steps=8)
     sweeps_samples = False  # the number of samples is fixed per stream (one noisy window each)
+    same_forecast_noise = False  # a forecast's noise is the free rolls' chunks, not strategy.forecast's layout
 
     def export(self, model, out_dir, num_steps=None) -> dict:
         return export_horizon_model(model, self.strategy, out_dir, num_steps=num_steps)

@@ -1,0 +1,94 @@
+"""``tsdb bench streamed-accuracy``'s comparison on the tiny exported depth model (random
+weights, ``conftest.tiny_run``) and synthetic trending series: the runtime fed one value at
+a time and refreshed before each forecast must agree with the cold ``strategy.forecast``
+samples and scores at every origin; frozen statistics must not (the comparison sees it)."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from tsdb.bench.streamed_accuracy import (Policy, Stream, cold_forecasts, compare, draw_noise,
+                                          parity_at_first_origin, rolling_stream, streamed_forecasts)
+from tsdb.config import ExperimentConfig
+from tsdb.data.series import Series, SeriesDataset
+from tsdb.errors import TsdbError
+from tsdb.evaluation.tasks import rolling_task
+from tsdb.strategies import get_strategy
+
+FIRST, LOOKBACK, STRIDE = 120, 60, 13   # origins off the patch grid (patch 4) too
+OFFSETS = [k * STRIDE for k in range(4)]
+SAMPLES = 16
+
+
+@pytest.fixture(scope="module")
+def bench(tiny_run):
+    cfg = ExperimentConfig.from_yaml(tiny_run / "config.yaml").model
+    strategy = get_strategy(cfg)
+    model = strategy.build().eval()
+    model.load_state_dict(torch.load(tiny_run / "model.pt", weights_only=True))
+    rng = np.random.default_rng(0)
+    t = np.arange(200)
+    # a level that drifts by several of the context's standard deviations over the stream
+    targets = [(50 + 0.4 * (i + 1) * t + 3 * np.sin(2 * np.pi * t / 12) + rng.normal(0, 0.5, 200)).astype(np.float32)
+               for i in range(3)]
+    ds = SeriesDataset("drift", [Series(f"s{i}", x, pd.Period("2021-01-01 00:00", "h"), "h")
+                                 for i, x in enumerate(targets)], "h", 12)
+    task = rolling_task("drift", ds, cfg.horizon, 12, offset=FIRST, windows=len(OFFSETS), stride=STRIDE)
+    task.window_scores = True
+    stream = rolling_stream(task, targets, [s.item_id for s in ds], FIRST, LOOKBACK, OFFSETS)
+    noise = draw_noise(0, task.num_windows, SAMPLES, cfg.horizon)
+    cold = cold_forecasts(strategy, model, task, noise, SAMPLES, seed=0)
+    return tiny_run / "onnx", cfg, stream, noise, cold
+
+
+def test_runtime_started_from_the_cold_context_gives_the_cold_samples(bench):
+    """Each series initialised from exactly its cold context at the first origin: the same
+    samples up to float rounding (so the noise rows and the window order line up)."""
+    model_dir, cfg, stream, noise, cold = bench
+    assert parity_at_first_origin(model_dir, stream, cfg, cold, noise, SAMPLES, len(stream.ids)) < 1e-4
+
+
+def test_stream_reinitialised_from_the_context_gives_the_cold_forecasts_and_scores(bench):
+    """Streamed one value at a time, then re-initialised from exactly the cold context before
+    each forecast: the cold samples and scores at every origin, on and off the patch grid."""
+    model_dir, cfg, stream, noise, cold = bench
+    samples, _ = streamed_forecasts(model_dir, stream, Policy(at_forecast="context"), cfg, SAMPLES, 0, noise)
+    scale = np.array([np.std(c) for c in stream.task.contexts(cfg.context_length)])[:, None, None]
+    assert np.max(np.abs(samples - cold) / scale) < 1e-4
+    cold_m, streamed_m = stream.task.evaluate(cold), stream.task.evaluate(samples)
+    assert compare(stream, [cold_m], [streamed_m])["verdict"] == "equal (float rounding)"
+
+
+def test_refreshed_stream_agrees_with_cold_forecasts_and_scores(bench):
+    """Streamed one value at a time and refreshed before each forecast (statistics of the
+    same last values as cold): the forecasts agree at every origin, on and off the patch
+    grid, within the cache's receptive field beyond the context (the re-initialised state
+    spans more tokens than the context; under 1% of the scale here)."""
+    model_dir, cfg, stream, noise, cold = bench
+    samples, cost = streamed_forecasts(model_dir, stream, Policy(at_forecast="refresh"), cfg, SAMPLES, 0, noise)
+    scale = np.array([np.std(c) for c in stream.task.contexts(cfg.context_length)])[:, None, None]
+    assert np.max(np.abs(samples - cold) / scale) < 2e-2
+    assert cost["values_streamed"] == OFFSETS[-1] and cost["refreshes_per_series"] >= len(OFFSETS)
+    cold_m, streamed_m = stream.task.evaluate(cold), stream.task.evaluate(samples)
+    assert streamed_m["crps"] == pytest.approx(cold_m["crps"], rel=1e-2)
+    assert compare(stream, [cold_m], [streamed_m])["crps_ratio"] == pytest.approx(1, abs=1e-2)
+
+
+def test_frozen_statistics_drift_away_from_cold(bench):
+    """Never refreshed, the stream normalises the drifting series with the statistics of its
+    initial history: forecasts after the first origin are far from cold, and worse."""
+    model_dir, cfg, stream, noise, cold = bench
+    samples, _ = streamed_forecasts(model_dir, stream, Policy(refresh="none"), cfg, SAMPLES, 0, noise)
+    last = [stream.window(i, len(OFFSETS) - 1) for i in range(len(stream.ids))]
+    scale = np.array([np.std(c) for c in stream.task.contexts(cfg.context_length)[last]])[:, None, None]
+    assert np.min(np.max(np.abs(samples[last] - cold[last]) / scale, axis=(1, 2))) > 0.5
+    verdict = compare(stream, [stream.task.evaluate(cold)], [stream.task.evaluate(samples)])
+    assert verdict["crps_ratio"] > 1.2 and verdict["windows_worse"] > 0.5
+
+
+def test_a_stream_out_of_window_order_is_refused(bench):
+    _, cfg, stream, _, _ = bench
+    swapped = Stream(stream.ids[::-1], stream.history[::-1], stream.values[::-1], stream.offsets, stream.task)
+    with pytest.raises(TsdbError, match="does not end with the input of window 0"):
+        swapped.check(cfg.context_length)
