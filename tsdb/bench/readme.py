@@ -70,10 +70,29 @@ def render(reports: Path = ROOT / "reports") -> str:
                           f"neighbouring block), with one seed and no provenance records. Not comparable with "
                           f"the reports above; `{command}` regenerates it._"]
         blocks.append("\n".join(lines))
-    for extra in (_memory(reports), _streaming(reports), _zero_shot(reports)):
+    for extra in (_memory(reports), _streaming(reports), _streamed_accuracy(reports), _zero_shot(reports)):
         if extra:
             blocks.append(extra)
     return "\n\n".join(blocks) if blocks else "_No benchmark has been run yet._"
+
+
+def _streamed_accuracy(reports: Path) -> str:
+    """The ``tsdb bench streamed-accuracy`` verdict: streamed against cold CRPS per policy."""
+    path = reports / "streamed-accuracy" / "results.json"
+    if not path.exists():
+        return ""
+    res = json.loads(path.read_text())
+    choice = res["choice"]
+    rows = ", ".join(f"{r['dataset']} {r['strategy']} ({r['windows']} windows, seeds {', '.join(r['seeds'])})"
+                     for r in res["rows"])
+    worst = "; ".join(f"{policy} {ratio:.3f}" for policy, ratio in choice["worst_ratio"].items())
+    return (f"**streamed-accuracy** (command: `{res['command']}`; report: "
+            f"[`reports/streamed-accuracy/report.md`](reports/streamed-accuracy/report.md)): the same trained "
+            f"model served cold and streamed by the torch-free runtime, on {rows}. Worst streamed / cold CRPS "
+            f"per runtime policy: {worst}. Chosen: `{choice['policy']}` "
+            f"({'meets' if choice['meets_target'] else 'misses'} the {100 * (choice['target'] - 1):.0f}% target); "
+            "the state-keeping policies miss it because the streamed state reaches further back than the "
+            "training context (see the report).")
 
 
 def _memory(reports: Path) -> str:
