@@ -15,32 +15,28 @@ import polars as pl
 import torch
 
 import tsdb.evaluation.plots as plots
+from tsdb.cli.autoconfig import choose_config, choose_patch, train_and_validate
 from tsdb.config import ExperimentConfig
 from tsdb.data.readers import read_long
 from tsdb.data.series import SeriesDataset
 from tsdb.data.validate import validate_dataset
 from tsdb.data.windows import last_context
 from tsdb.errors import TsdbError
-from tsdb.training.loop import load_model, train_model
+from tsdb.training.loop import load_model
 
 QUANTILES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
 def quick_patch(horizon: int) -> tuple[int, int]:
-    """Patch length of the quick model (8, or 1 for short horizons) and its horizon in whole patches."""
-    patch = 8 if horizon >= 8 else 1
+    """Patch length of the quick model (:func:`tsdb.cli.autoconfig.choose_patch`) and its horizon in
+    whole patches."""
+    patch = choose_patch(horizon)
     return patch, -(-horizon // patch) * patch
 
 
-def quick_config(dataset: SeriesDataset, horizon: int, steps: int, num_covariates: int = 0) -> ExperimentConfig:
-    """A small depth-split model sized to the data (:func:`quick_patch`)."""
-    patch, model_horizon = quick_patch(horizon)
-    shortest = min(len(s) for s in dataset)
-    context = max(patch, min(336, (shortest - model_horizon) // patch * patch))
-    return ExperimentConfig().with_overrides(
-        model=dict(context_length=context, horizon=model_horizon, patch_length=patch, d_model=64,
-                   n_layers=4, n_blocks=4, num_steps=8, num_covariates=num_covariates),
-        train=dict(steps_per_block=steps, warmup_steps=min(100, steps // 5)))
+def quick_config(dataset: SeriesDataset, horizon: int, steps: int | None, num_covariates: int = 0) -> ExperimentConfig:
+    """A depth-split model sized to the data (:func:`tsdb.cli.autoconfig.choose_config`)."""
+    return choose_config(dataset, horizon, steps, num_covariates)
 
 
 def sample_dataset(strategy, model, dataset: SeriesDataset, context_length: int, num_samples: int,
@@ -111,9 +107,7 @@ def forecast_csv(args) -> dict:
     if not args.run:
         cfg = quick_config(data, args.horizon, args.steps, len(names))
         validate_dataset(data, min_length=cfg.model.horizon + cfg.model.patch_length)
-        model, _ = train_model(cfg, data, out / "run")
-        from tsdb.strategies import get_strategy
-        strategy = get_strategy(cfg.model)
+        strategy, model, _ = train_and_validate(cfg, data, args.horizon, out / "run", out, args.num_samples)
     samples = sample_dataset(strategy, model, data, cfg.model.context_length, args.num_samples, cfg.train.seed,
                              futures)
     table = quantile_table(data, samples, args.horizon)
