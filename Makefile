@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml streaming/pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch pinned first so nothing pulls a CUDA build
 	$(BIN)/pip install --quiet "torch==2.13.0"
-	$(BIN)/pip install --quiet -e ".[onnx,test,peers,tune]" "torch==2.13.0"
+	$(BIN)/pip install --quiet -e ".[onnx,test,peers]" "torch==2.13.0"
 	$(BIN)/pip install --quiet -e streaming/
 	touch $(STAMP)
 

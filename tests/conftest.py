@@ -17,7 +17,8 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+# the shared benchmark files next to the checkout, or $TSDB_DATA_DIR (a worktree elsewhere)
+SHARED_DATA = Path(os.environ.get("TSDB_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "datasets")
 
 
 def require_benchmark_data(*files: str) -> None:
@@ -98,3 +99,37 @@ def stream(out_dir, recs, **kw):
 
     counts = run_stream(out_dir, io.StringIO(ndjson(recs)), buf, num_samples=16, **kw)
     return counts, [json.loads(line) for line in buf.getvalue().splitlines()]
+
+
+# ---------------------------------------------------------------------------------------
+# A tiny run and its ONNX export, built once per test session and shared by xdist workers
+# (tests/test_export.py, test_properties.py, test_faults.py); ONNX export takes tens of seconds.
+# ---------------------------------------------------------------------------------------
+
+TINY_MODEL = dict(context_length=32, horizon=16, patch_length=4)   # + randomized_model's shape
+
+
+def _session_root(tmp_path_factory, worker_id: str) -> Path:
+    """A folder shared by every xdist worker of this session (the session's basetemp without xdist)."""
+    base = tmp_path_factory.getbasetemp()
+    return base if worker_id == "master" else base.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, worker_id) -> Path:
+    """A run directory (config.yaml + model.pt, random weights) of the tiny depth model, exported to run/onnx."""
+    from filelock import FileLock
+
+    from tsdb.config import ExperimentConfig
+    from tsdb.export.onnx import export_run
+
+    root = _session_root(tmp_path_factory, worker_id)
+    run = root / "tiny-run"
+    with FileLock(str(root / "tiny-run.lock")):
+        if not (run / "onnx" / "tsdb_model.json").exists():
+            strategy, model = randomized_model("depth", 0, **TINY_MODEL)
+            run.mkdir(exist_ok=True)
+            ExperimentConfig(model=strategy.cfg).to_yaml(run / "config.yaml")
+            torch.save(model.state_dict(), run / "model.pt")
+            export_run(run, run / "onnx")
+    return run

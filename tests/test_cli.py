@@ -89,11 +89,13 @@ def test_unknown_benchmark_and_dataset(tmp_path):
 
 
 def test_bench_writes_results_in_the_shared_schema(tmp_path):
-    """A tiny benchmark through the same runner as `tsdb bench` (real M4 data, real metrics)."""
+    """A tiny benchmark through the same runner as `tsdb bench` (real M4 data, real metrics):
+    every tsdb arm per seed, spread and window scores in results.json, reuse only of arms made
+    from the same config and data."""
     require_benchmark_data("m4_hourly_train.csv", "m4_hourly_test.csv")
     spec = {
         "name": "m4-tiny", "task": {"protocol": "m4-hourly", "dataset": "m4_hourly", "max_windows": 24},
-        "num_samples": 8,
+        "num_samples": 8, "seeds": [0, 1],
         "base": {"model": {"context_length": 96, "horizon": 48, "patch_length": 16, "d_model": 16, "n_heads": 2,
                            "n_layers": 2, "n_blocks": 2, "num_steps": 2},
                  "train": {"steps_per_block": 3, "batch_size": 8, "warmup_steps": 1}},
@@ -105,20 +107,38 @@ def test_bench_writes_results_in_the_shared_schema(tmp_path):
     out = tmp_path / "out"
     tsdb("ablate", "--config", str(path), "--out", str(out), "--no-progress")
     results = json.loads((out / "results.json").read_text())
-    assert set(results["arms"]) == {"seasonal-naive", "e2e", "depth-b2"}
+    assert results["schema"] == 2 and set(results["arms"]) == {"seasonal-naive", "e2e", "depth-b2"}
     for name in ("e2e", "depth-b2"):
         f = results["arms"][name]
         for key in ("crps", "mase", "mse", "mae", "train_seconds", "train_state_bytes",
                     "saved_activation_bytes", "peak_rss_bytes", "params"):
             assert np.isfinite(f[key]), (name, key)
-    assert results["arms"]["seasonal-naive"]["num_windows"] == 24
+        assert f["seeds"] == [0, 1] and set(f["per_seed"]) == {"0", "1"}
+        per_seed = [f["per_seed"][s]["crps"] for s in ("0", "1")]
+        assert f["crps"] == np.mean(per_seed) and f["spread"]["crps"]["max"] == max(per_seed)
+        assert per_seed[0] != per_seed[1]   # a seed changes the model
+        assert len(f["window_scores"]["crps_num"]) == 24 and (f["nfe"], f["layer_passes"]) in ((3, 3), (3, 6))
+        seed_run = json.loads((out / "arms" / name / "seed-1" / "metrics.json").read_text())
+        assert seed_run["provenance"]["config"]["train"]["seed"] == 1
+    assert "seeds" not in json.dumps(results["arms"]["seasonal-naive"]["per_seed"])  # deterministic: once
+    assert (out / "arms" / "seasonal-naive" / "metrics.json").exists()
+    assert {c["role"] for c in results["comparisons"]} == {"best tsdb arm vs best peer", "best tsdb arm vs e2e"}
     report = (out / "report.md").read_text()
-    assert "| depth-b2 |" in report and (out / "crps.png").exists()
+    assert "| depth-b2 | 2 |" in report and " ± " in report and "Paired bootstrap" in report
+    assert (out / "crps.png").exists()
     # resumable: a finished arm is reused, not retrained
-    mtime = (out / "arms" / "e2e" / "metrics.json").stat().st_mtime_ns
+    mtime = (out / "arms" / "e2e" / "seed-0" / "metrics.json").stat().st_mtime_ns
     proc = tsdb("ablate", "--config", str(path), "--out", str(out), "--no-progress")
-    assert "e2e: done earlier" in proc.stdout
-    assert (out / "arms" / "e2e" / "metrics.json").stat().st_mtime_ns == mtime
+    assert "e2e seed 0: done earlier" in proc.stdout
+    assert (out / "arms" / "e2e" / "seed-0" / "metrics.json").stat().st_mtime_ns == mtime
+    # ... but never reused under another config: one line naming the field
+    spec["base"]["train"]["lr"] = 0.01
+    path.write_text(yaml.safe_dump(spec))   # (sorted keys: depth-b2 is the first arm)
+    proc = tsdb("ablate", "--config", str(path), "--out", str(out), "--no-progress", check=False)
+    where = out / "arms" / "depth-b2" / "seed-0"
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        f"tsdb: error: {where} holds results made with another config (train.lr: 0.001 -> 0.01); delete {where} "
+        f"to rerun it, or use another --out than {out}")
 
 
 def test_forecast_with_known_future_covariates(tmp_path):

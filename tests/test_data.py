@@ -313,8 +313,8 @@ def test_all_missing_series():
 
 def test_infinite_value():
     assert error_of(read_long, frame_with(y=(1, np.inf)), "id", "time", "y") == (
-        "series 'A': infinite value at 2020-01-01 01:00 (position 1); replace it with NaN "
-        "(= missing) or fix the source")
+        "series 'A': infinite value at 2020-01-01 01:00 (position 1); values beyond +-3.4e38 overflow "
+        "float32 too; replace it with NaN (= missing) or fix the source")
 
 
 def test_missing_covariate():
@@ -349,8 +349,8 @@ def test_validate_series_empty_and_too_short():
     assert error_of(validate_series, make_series([])) == (
         "series 'H12' has no observations; drop it or check the item_id and target columns")
     assert error_of(validate_series, make_series(np.ones(37)), min_length=384) == (
-        "series 'H12': 37 observations, but context_length + horizon needs 384; lower "
-        "--context-length or drop the series")
+        "series 'H12': 37 observations, but the model needs at least 384; forecast a shorter horizon "
+        "(--horizon, model.horizon) or use a shorter model.context_length, or drop the series")
     series = make_series(np.ones(384))
     assert validate_series(series, min_length=384) is series
 

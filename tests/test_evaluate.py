@@ -81,6 +81,29 @@ def test_evaluate_accepts_batches_and_checks_counts(tiny_task):
         tiny_task.evaluate(TINY_SAMPLES[:, :, :1])
 
 
+def test_window_scores_add_up_to_the_metrics():
+    """Per-window scores (what the paired bootstrap resamples) rebuild the headline metrics:
+    CRPS as a ratio of sums, MASE/MSE/MAE as means over windows of equal length."""
+    rng = np.random.default_rng(0)
+    start = pd.Period("2020-01-01 00:00", "h")
+    series = [Series(f"s{i}", rng.normal(10 + i, 1 + i, 40).astype(np.float32), start, "h") for i in range(5)]
+    task = rolling_task("w", SeriesDataset("w", series, "h"), horizon=4, season_length=2, offset=-12,
+                        windows=3, stride=4)
+    samples = rng.normal(10, 2, (task.num_windows, 30, 4)).astype(np.float32)
+    plain = task.evaluate(samples)
+    task.window_scores = True
+    metrics = task.evaluate(samples)
+    w = {k: np.asarray(v) for k, v in metrics.pop("window_scores").items()}
+    assert metrics == plain and all(len(v) == task.num_windows == 15 for v in w.values())
+    assert w["crps_num"].sum() / w["abs_target"].sum() == pytest.approx(plain["crps"], rel=1e-6)  # float32 labels
+    for key in ("mase", "mse", "mae"):
+        assert w[key].mean() == pytest.approx(plain[key], rel=1e-6)
+    # window 0 by hand: |y| summed, and MSE of the sample mean
+    label = next(iter(task.test_data.label))["target"]
+    assert w["abs_target"][0] == pytest.approx(np.abs(label).sum(), rel=1e-6)
+    assert w["mse"][0] == pytest.approx(((samples[0].astype(np.float64).mean(0) - label) ** 2).mean(), rel=1e-5)
+
+
 def test_contexts_left_pad_and_train_split(tiny_task):
     contexts = tiny_task.contexts(6)
     assert contexts.dtype == np.float32 and contexts.shape == (2, 6)

@@ -31,11 +31,13 @@ TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    return tiny_run(tmp_path_factory, "depth")
+def exported(tiny_run):
+    """The session's tiny depth run (conftest.tiny_run: this model, exported once per session)."""
+    strat, model = randomized_model("depth", 0, context_length=C, horizon=H, patch_length=P)
+    return strat, model, tiny_run / "onnx"
 
 
-def tiny_run(tmp_path_factory, strategy: str, **cfg):
+def export_tiny(tmp_path_factory, strategy: str, **cfg):
     """A tiny run (random weights, adaLN-Zero layers randomized), exported."""
     strat, model = randomized_model(strategy, 0, context_length=C, horizon=H, patch_length=P, **cfg)
     run = tmp_path_factory.mktemp(strategy)
@@ -100,7 +102,7 @@ def test_runtime_matches_pytorch_streaming(exported):
 def test_runtime_matches_pytorch_streaming_with_a_linear_head(tmp_path_factory):
     """The linear head reads the context embeddings from the cache (the tap is one more
     context layer), so the generic graphs and runtime serve it unchanged."""
-    strat, model, out = tiny_run(tmp_path_factory, "depth", linear_head=True)
+    strat, model, out = export_tiny(tmp_path_factory, "depth", linear_head=True)
     assert load_metadata(out)["shapes"]["layers_per_block"] == [3, 3]  # tap + 2 layers
     assert all(block.linear_head.proj.weight.abs().sum() > 0 for block in model.blocks)
     check_runtime_parity(strat, model, out)
@@ -407,7 +409,7 @@ def test_runtime_takes_each_step_with_the_block_the_schedule_names(exported):
 def test_looped_core_is_one_graph_looped_on_the_host(tmp_path_factory):
     """The looped strategy exports one core application (prelude caches in the state) and
     the runtime takes K Euler steps with it."""
-    strat, model, out = tiny_run(tmp_path_factory, "looped")
+    strat, model, out = export_tiny(tmp_path_factory, "looped")
     meta = load_metadata(out)
     assert meta["sampler"] == "euler" and len(meta["graphs"]["denoise"]) == 1
     assert meta["shapes"]["layers_per_block"] == [4] and meta["shapes"]["core_layers"] == [2]
@@ -437,7 +439,7 @@ def test_stream_writes_one_line_per_record_and_rejects_bad_ones(exported):
         {"item_id": "a", "timestamp": good[-2]["timestamp"], "value": 1.0},        # duplicate
         {"item_id": "a", "timestamp": "2021-03-01 00:15:00", "value": 1.0},        # out of order
         {"item_id": "a", "timestamp": "2021-03-01 05:00:00", "value": 1.0},        # gap
-        {"item_id": "b", "timestamp": 12, "value": float("nan")},                   # NaN
+        {"item_id": "b", "timestamp": 12, "value": float("inf")},                   # infinite
         {"item_id": "b", "timestamp": 12, "value": "high"},                         # not a number
         {"item_id": "b", "timestamp": 12},                                          # missing field
         "{not json",

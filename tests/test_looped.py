@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tsdb.config import ExperimentConfig, ModelConfig
+from tsdb.data.windows import TrainingWindows, diffusion_draws
 from tsdb.data.series import Series, SeriesDataset
 from tsdb.core import NoiseDistribution, sigma_grid
 from tsdb.errors import TsdbError
@@ -19,9 +20,12 @@ from tsdb.training.loop import train_model
 TINY = dict(context_length=32, horizon=16, patch_length=4, d_model=16, n_heads=2, n_layers=2, n_blocks=2)
 
 
-def batch(n=8):
+def batch(n=8, draw_sets=1, seed=0):
+    """A batch as TrainingWindows yields it: contexts, targets and the step's draws."""
     g = torch.Generator().manual_seed(0)
-    return torch.randn(n, 32, generator=g) + 5, torch.randn(n, 16, generator=g) + 5
+    rng = np.random.default_rng(seed)
+    draws = np.stack([np.concatenate([diffusion_draws(rng, 16) for _ in range(draw_sets)]) for _ in range(n)])
+    return torch.randn(n, 32, generator=g) + 5, torch.randn(n, 16, generator=g) + 5, torch.from_numpy(draws)
 
 
 def saved_bytes(strategy: str, loop_iters: int) -> int:
@@ -29,7 +33,7 @@ def saved_bytes(strategy: str, loop_iters: int) -> int:
     model = s.build()
     (unit,) = s.units(model)
     with SavedActivations(exclude=list(model.parameters())) as saved:
-        unit.loss(batch())
+        unit.loss(batch(draw_sets=s.draw_sets))
     return saved.bytes
 
 
@@ -43,6 +47,35 @@ def test_single_pass_memory_is_flat_in_k_and_bptt_memory_is_linear():
     for k, b in zip(ks, bptt):
         assert b == pytest.approx(bptt[0] + (k - 1) * per_iter, rel=0.01)
     assert bptt[-1] > 4 * single[0]
+
+
+def test_bptt_noise_comes_from_the_data_stream():
+    """The BPTT loss is a function of the batch (its two draw sets), not of torch's generator;
+    a batch without them is refused with one line."""
+    s = get_strategy(ModelConfig(**TINY, strategy="looped-bptt", loop_iters=3))
+    model = s.build()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)   # the adaLN-Zero head would make every loss equal
+    (unit,) = s.units(model)
+    torch.manual_seed(1)
+    first = unit.loss(batch(draw_sets=2))
+    torch.manual_seed(2)
+    assert unit.loss(batch(draw_sets=2)) == first
+    assert unit.loss(batch(draw_sets=2, seed=5)) != first
+    with pytest.raises(TsdbError, match=r"two draw sets per window \(draws \[batch, 34\]"):
+        unit.loss(batch(draw_sets=1))
+
+
+def test_wider_draws_leave_the_window_stream_unchanged():
+    """looped and looped-bptt train on the same windows and the same first draw set."""
+    one, two = (iter(TrainingWindows(sine_dataset(), 32, 16, seed=3, draw_sets=k)) for k in (1, 2))
+    for _ in range(20):
+        (c1, t1, d1), (c2, t2, d2) = next(one), next(two)
+        np.testing.assert_array_equal(np.nan_to_num(c1), np.nan_to_num(c2))
+        np.testing.assert_array_equal(t1, t2)
+        np.testing.assert_array_equal(d1, d2[:17])
+        assert d2.shape == (34,) and 0 <= d2[17] < 1 and not np.array_equal(d2[18:], d1[1:])
 
 
 def test_k_is_an_inference_knob_counting_core_applications():

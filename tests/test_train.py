@@ -10,6 +10,7 @@ import torch
 import tsdb.training.loop as train_mod
 from tsdb.config import ExperimentConfig
 from tsdb.data.series import Series, SeriesDataset
+from tsdb.errors import TsdbError
 from tsdb.training.memory import SavedActivations, measure_training_step
 from tsdb.strategies import get_strategy
 from tsdb.training.loop import InterleavedModule, load_model, train_model
@@ -116,11 +117,20 @@ def test_training_resumes_after_a_kill(tmp_path, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
 
 
-def test_run_dir_refuses_a_different_config(tmp_path):
+def test_run_dir_refuses_a_different_config_or_other_data(tmp_path):
     cfg = tiny_cfg(n_blocks=1, n_layers=1).with_overrides(train=dict(steps_per_block=2))
     train_model(cfg, sine_dataset(), tmp_path)
-    with pytest.raises(Exception, match="different config"):
+    ident = json.loads((tmp_path / "identity.json").read_text())
+    assert ident["data"]["series"] == 4 and len(ident["config_sha256"]) == 64
+    with pytest.raises(TsdbError) as err:
         train_model(cfg.with_overrides(model=dict(d_model=16)), sine_dataset(), tmp_path)
+    assert str(err.value) == (f"{tmp_path} holds a run with a different config (model.d_model: 32 -> 16); "
+                              f"pick a new --out directory or delete {tmp_path}")
+    with pytest.raises(TsdbError, match=r"other training data \(sha256: [0-9a-f]+\.\.\. -> [0-9a-f]+\.\.\.\)"):
+        train_model(cfg, sine_dataset(seed=1), tmp_path)   # same shape, other values
+    with pytest.raises(TsdbError, match=r"other training data \(series: 4 -> 3;"):
+        train_model(cfg, sine_dataset(n=3), tmp_path)
+    train_model(cfg.with_overrides(train=dict(progress=True)), sine_dataset(), tmp_path)  # display only: reused
 
 
 def test_saved_activation_bytes_exact_for_a_linear_layer():

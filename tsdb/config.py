@@ -50,7 +50,15 @@ class _Strict(BaseModel):
         if not isinstance(path, Traversable) or isinstance(path, Path):
             path = resolve_config(path)
         try:
-            return cls.model_validate(yaml.safe_load(path.read_text()) or {})
+            data = yaml.safe_load(path.read_text()) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            where = getattr(e, "problem_mark", None)
+            at = f" at line {where.line + 1}" if where is not None else ""
+            raise TsdbError(f"{path} is not valid YAML{at}; fix or restore the file") from None
+        if not isinstance(data, dict):
+            raise TsdbError(f"{path} must hold a YAML mapping (sections model/train/data), got {type(data).__name__}")
+        try:
+            return cls.model_validate(data)
         except ValidationError as e:
             first = e.errors()[0]
             loc = ".".join(str(p) for p in first["loc"])
@@ -129,6 +137,9 @@ class TrainConfig(_Strict):
     num_workers: int = 0
     ddp_devices: int = Field(1, gt=0)  # data-parallel processes/devices within one block (Lightning DDP)
     progress: bool = True
+    # per-layer activation checkpointing (the e2e-ckpt arm): recompute each layer in backward
+    activation_checkpointing: bool = False
+    measure_steps: int = Field(3, ge=0)   # first optimizer steps of each unit measured (MemoryMeter)
 
 
 class DataConfig(_Strict):

@@ -10,23 +10,38 @@ import json
 import sys
 from pathlib import Path
 
+from tsdb.bench.stats import crps_ratio, mean_std_text, ratio_text
+
 ROOT = Path(__file__).resolve().parents[2]  # the source checkout (README.md, reports/)
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 
 def _row(name: str, f: dict, e2e: dict, cols: list[str]) -> str:
-    cells = [name]
+    cells = [name, str(len(f["seeds"])) if f.get("seeds") else "1"]
     for c in cols:
-        v = f.get(c)
-        cells.append("n/a" if v is None else f"{v:.4f}" if c == "crps" else f"{v:.3f}")
-    ratio = f["crps"] / e2e["crps"] if e2e.get("crps") else None
-    cells.append("n/a" if ratio is None else f"{ratio:.3f}")
+        cells.append(mean_std_text(f, c, 4 if c == "crps" else 3))
+    cells.append(ratio_text(*crps_ratio(f, e2e)))
     mem = (e2e["train_state_bytes"] / f["train_state_bytes"]
            if e2e.get("train_state_bytes") and f.get("train_state_bytes") else None)
     cells.append("n/a" if mem is None else f"{mem:.2f}x")
     secs = f.get("train_seconds")
     cells.append("n/a" if secs is None else f"{secs:.0f}")
     return "| " + " | ".join(cells) + " |"
+
+
+def _verdicts(res: dict) -> list[str]:
+    """The paired-bootstrap verdicts of the best tsdb arm (results.json schema 2)."""
+    out = []
+    for c in res.get("comparisons") or []:
+        if not c["role"].startswith("best"):
+            continue
+        verdict = "tie" if c["verdict"] == "tie" else f"{c[c['verdict']]} lower"
+        out.append(f"{c['a']} vs {c['b']}: CRPS ratio {c['ratio']:.3f} "
+                   f"[{c['ratio_ci'][0]:.3f}, {c['ratio_ci'][1]:.3f}], {verdict}")
+    if not out:
+        return []
+    return ["", f"Paired bootstrap over test windows ({int(100 * res['comparisons'][0]['level'])}% interval): "
+            + "; ".join(out) + "."]
 
 
 def render(reports: Path = ROOT / "reports") -> str:
@@ -39,16 +54,51 @@ def render(reports: Path = ROOT / "reports") -> str:
         cols = ["crps", "mase"] + (["mse", "mae"] if res["task"].get("protocol") == "etth1" else [])
         e2e = arms.get("e2e", {})
         command = res.get("command") or f"tsdb bench {path.parent.name}"
+        seeded = any(f.get("seeds") for f in arms.values())
         lines = [f"**{res['name']}** ({res['task']['num_windows']} test windows; command: `{command}`; "
-                 f"report: [`{path.parent.relative_to(ROOT)}/report.md`]({path.parent.relative_to(ROOT)}/report.md))", "",
-                 "| arm | " + " | ".join(c.upper() for c in cols) + " | CRPS / e2e | e2e / arm training state | train s |",
-                 "|---" * (len(cols) + 4) + "|"]
+                 f"report: [`{path.parent.relative_to(ROOT)}/report.md`]({path.parent.relative_to(ROOT)}/report.md)"
+                 + ("; mean ± std over seeds, CRPS / e2e with the range of per-seed ratios" if seeded else
+                    "; one seed") + ")", "",
+                 "| arm | seeds | " + " | ".join(c.upper() for c in cols)
+                 + " | CRPS / e2e | e2e / arm training state | train s |",
+                 "|---" * (len(cols) + 5) + "|"]
         lines += [_row(n, f, e2e, cols) for n, f in arms.items()]
+        lines += _verdicts(res)
         blocks.append("\n".join(lines))
-    streaming = _streaming(reports)
-    if streaming:
-        blocks.append(streaming)
+    for extra in (_memory(reports), _streaming(reports), _zero_shot(reports)):
+        if extra:
+            blocks.append(extra)
     return "\n\n".join(blocks) if blocks else "_No benchmark has been run yet._"
+
+
+def _memory(reports: Path) -> str:
+    """The ``tsdb bench memory`` report: every depth-bB training state against both e2e and
+    e2e with activation checkpointing, and what checkpointing costs in step time."""
+    path = reports / "memory" / "results.json"
+    if not path.exists():
+        return ""
+    from tsdb.bench.memory import depth_arms, index_points, ratio_rows, step_time_label
+    res = json.loads(path.read_text())
+    arms = depth_arms(res)
+    first = next(p for p in res["points"] if "error" not in p)
+    fmt = lambda v: "n/a" if v is None else f"{v:.2f}x"  # noqa: E731
+    cols = [f"{base} / {arm}" for arm in arms for base in ("e2e", "e2e-ckpt")]
+    rows = [f"| {r['width']} | {r['depth']} | {r['params'] / 1e6:.1f}M | "
+            + " | ".join(fmt(r[c.replace(" / ", "/")]) for c in cols) + f" | {fmt(r['ckpt_time'])} "
+            + ("" if not r["ckpt_time_range"] else "({:.2f}-{:.2f}) |".format(*r["ckpt_time_range"]))
+            for r in ratio_rows(res)]
+    rel = path.parent.relative_to(ROOT)
+    why = ("" if first["device"].startswith("cuda")
+           else ": other jobs on the shared machine stretch wall time, not CPU time")
+    return "\n".join([
+        f"**memory** (exact training-state bytes of one training step, baseline / arm; {first['device']} "
+        f"{first['precision']}, batch {first['batch_size']} x {first['tokens_per_sample']} tokens, "
+        f"{res['threads']} thread(s); command: `{res['command']}`; report: [`{rel}/report.md`]({rel}/report.md))", "",
+        "| d | L | e2e params | " + " | ".join(cols) + " | e2e-ckpt / e2e step time |",
+        "|---" * (len(cols) + 4) + "|", *rows, "",
+        "Bytes are exact and the same for every seed. e2e-ckpt is e2e with per-layer activation checkpointing; its "
+        f"step time over e2e's is the price of checkpointing ({step_time_label(index_points(res))}{why}; in "
+        "brackets the range over the timed steps). Peak memory, step times and where the bytes are: the report."])
 
 
 def _streaming(reports: Path) -> str:
@@ -87,6 +137,27 @@ def update(readme: Path = ROOT / "README.md") -> None:
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
     readme.write_text(f"{head}{START}\n{render()}\n{END}{tail}")
+
+
+def _zero_shot(reports: Path) -> str:
+    """One row per arm of each committed ``tsdb pretrain-eval`` report: zero-shot CRPS / seasonal naive."""
+    rows, protocols = [], None
+    for path in sorted(reports.glob("*/results.json")):
+        res = json.loads(path.read_text())
+        arms = res.get("arms", {})
+        if not arms or "summary" not in next(iter(arms.values())):
+            continue
+        for arm, r in arms.items():
+            protocols = protocols or list(r["protocols"])
+            cells = [f"{r['protocols'][p]['crps_ratio']:.3f}" if p in r["protocols"] else "n/a" for p in protocols]
+            rows.append(f"| [{path.parent.name}]({path.parent.relative_to(ROOT)}/report.md) {arm} | " + " | ".join(cells)
+                        + f" | {r['summary']['crps_ratio_geomean']:.3f} |")
+    if not rows:
+        return ""
+    return "\n".join([
+        "**zero-shot** (pretrained on the local corpus only; CRPS / seasonal naive's with its intervals; "
+        "geometric mean over M4 Hourly, ETTh1-96 and exchange rate, the GIFT-Eval summary)", "",
+        "| model | " + " | ".join(protocols) + " | geometric mean |", "|---" * (len(protocols) + 2) + "|", *rows])
 
 
 if __name__ == "__main__":

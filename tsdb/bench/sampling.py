@@ -152,7 +152,9 @@ def _report(r: dict, against: str) -> str:
         *[f"| {name} | {med[name]:.3f} | {len(r['seconds'][name])} |" for name in med], "",
         f"Speed-up: **{r['speedup']:.2f}x** (Heun, K = 8). Where it comes from: the context keys/values are "
         "computed once per series and shared by its samples in one matrix product, instead of copied per sample "
-        "and concatenated at every step; sigma conditioning is computed once per series and step.", "",
+        "and concatenated at every step; sigma conditioning is computed once per series and step; RoPE is one "
+        "complex multiplication instead of strided real arithmetic; series are sampled in chunks of 1024 "
+        "trajectories, whose activations stay in cache (4096 before).", "",
         "Same noise, same weights (raw scale; samples reach "
         f"{r['max_abs_samples']:.0f}): with Euler the two versions differ by at most "
         f"{r['max_abs_diff_samples']['euler']:.1e}, float rounding of a different summation order. With Heun they "

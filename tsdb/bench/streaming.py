@@ -36,6 +36,7 @@ from tsdb.bench.timing import ms
 from tsdb.cli.stream import import_runtime
 from tsdb.config import ModelConfig
 from tsdb.errors import TsdbError
+from tsdb.export.onnx import export_progress
 from tsdb.strategies import STRATEGIES, get_strategy, streamable
 
 TARGETS = {"flat_ratio_max": 1.5, "speedup_min": 5.0, "parity_max": 1e-4}
@@ -86,7 +87,8 @@ def run_streaming_bench(out_dir: str | Path, context_lengths=(128, 512, 2048), n
     tmp = tempfile.TemporaryDirectory(prefix="tsdb-bench-streaming-")
     model_dir = Path(tmp.name) / "model"   # the exported graphs are not part of the report
     t0 = time.perf_counter()
-    meta = online.export(model, model_dir, num_steps=cfg.inference_steps)
+    with export_progress():
+        meta = online.export(model, model_dir, num_steps=cfg.inference_steps)
     export_s = time.perf_counter() - t0
     p = cfg.patch_length
     updates = updates or max(16, 2 * p)

@@ -31,14 +31,15 @@ import math
 import resource
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import ValidationError
 
 from tsdb.bench.experiment import ExperimentSpec, build_task, run_baseline, torch_predictor
-from tsdb.config import ExperimentConfig, _Strict, resolve_config
+from tsdb.bench.tune_spec import TuneSpec, merge, nest
+from tsdb.config import ExperimentConfig
 from tsdb.errors import TsdbError
 from tsdb.evaluation.peers import run_peer
 from tsdb.evaluation.tasks import EvalTask, evaluate_predictor
@@ -46,63 +47,6 @@ from tsdb.evaluation.tasks import EvalTask, evaluate_predictor
 # model fields that only change inference: trials differing in these share a trained model
 INFERENCE_FIELDS = ("num_steps", "sampler", "num_samples")
 FIGURES = ("crps", "mase", "mse", "mae", "coverage80")
-
-
-class SearchParam(BaseModel):
-    """One searched field: ``choices``, or a range ``[low, high]`` (``log`` scale; ``int``)."""
-
-    model_config = ConfigDict(extra="forbid")
-    choices: list[Any] | None = None
-    low: float | None = None
-    high: float | None = None
-    log: bool = False
-    int: bool = False
-
-    @model_validator(mode="after")
-    def _one_kind(self):
-        if (self.choices is None) == (self.low is None or self.high is None):
-            raise ValueError("give either choices or low and high")
-        return self
-
-
-class SearchSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    trials: int = Field(0, ge=0)
-    seed: int = 0
-    space: dict[str, SearchParam] = Field(default_factory=dict)
-
-
-class TuneSpec(_Strict):
-    name: str
-    bench: str                                   # the benchmark config whose arm is tuned
-    arm: str
-    task: dict[str, Any] = Field(default_factory=dict)          # overrides of the bench task
-    overrides: dict[str, dict[str, Any]] = Field(default_factory=dict)  # every trial (e.g. a proxy budget)
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
-    num_samples: int = 100
-    variants: dict[str, dict[str, dict[str, Any]]] = Field(default_factory=lambda: {"base": {}})
-    search: SearchSpec = SearchSpec()
-    peers: list[str] = Field(default_factory=list)  # bench baselines/peers scored on validation too
-
-
-def merge(*overrides: dict) -> dict:
-    """Section-wise merge of override dicts (later wins)."""
-    out: dict = {}
-    for o in overrides:
-        for section, values in (o or {}).items():
-            out.setdefault(section, {}).update(values)
-    return out
-
-
-def nest(params: dict[str, Any]) -> dict:
-    """``{"model.patch_length": 8}`` -> ``{"model": {"patch_length": 8}}``."""
-    out: dict = {}
-    for key, value in params.items():
-        section, _, field = key.partition(".")
-        if not field:
-            raise TsdbError(f"search space key {key!r} must be section.field, e.g. model.patch_length")
-        out.setdefault(section, {})[field] = value
-    return out
 
 
 def _key(data: dict) -> str:
@@ -309,6 +253,3 @@ def write_tune_report(results: dict, out: Path) -> Path:
     path.write_text("\n".join(lines) + "\n")
     return path
 
-
-def load_tune_spec(path: str | Path) -> TuneSpec:
-    return TuneSpec.from_yaml(resolve_config(path))

@@ -12,6 +12,7 @@ from tsdb.evaluation.baselines import seasonal_naive
 from tsdb.config import ExperimentConfig, packaged
 from tsdb.evaluation.tasks import evaluate_predictor
 from tsdb.bench.experiment import TaskSpec, build_task, torch_predictor
+from tsdb.cli.preflight import record_training_data
 from tsdb.training.loop import train_model
 
 DEMO_CONFIG = packaged("configs", "demo.yaml")
@@ -30,6 +31,9 @@ def run_demo(out: str | Path = "runs/demo", steps: int | None = None) -> dict:
           f"{cfg.train.steps_per_block} steps")
     from tsdb.strategies import get_strategy
     strategy = get_strategy(cfg.model)
+    # what the run trained on, for `tsdb evaluate runs/demo` (the 28 test days are held out)
+    record_training_data(out, {"source": "dataset", "dataset": cfg.data.dataset, "protocol": "rolling",
+                               "held_out": task.num_windows * horizon})
     model, summary = train_model(cfg, task.train, out, strategy=strategy)
     predictor = torch_predictor(strategy, model, seed=cfg.train.seed)
     ours = evaluate_predictor(task, predictor, cfg.model.context_length, cfg.model.num_samples)

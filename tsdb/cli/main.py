@@ -1,7 +1,11 @@
 """The ``tsdb`` command line.
 
-Subcommands: demo, train, evaluate, forecast, bench, ablate, tune, datasets, export, stream.
-User errors print one line (``tsdb: error: ...``) and exit 2; no tracebacks.
+Subcommands: demo, train, evaluate, forecast, bench, ablate, tune, datasets, export, stream,
+pretrain, pretrain-eval, finetune, finetune-bench.
+User errors print one line (``tsdb: error: ...``) and exit 2; no tracebacks. Flags and files
+are checked (``tsdb.cli.preflight``) before torch, lightning or gluonts are imported, so an
+error answers in well under a second. SIGTERM/SIGINT stop long work after saving what can be
+resumed and exit 143/130 with the command that resumes it.
 """
 
 from __future__ import annotations
@@ -14,10 +18,10 @@ import sys
 import warnings
 from pathlib import Path
 
-from tsdb.config import packaged
-from tsdb.errors import TsdbError
-
-BENCH_CONFIGS = packaged("configs", "bench")
+from tsdb import signals
+from tsdb.cli import preflight
+from tsdb.cli.preflight import OneLineParser, nonnegative_int, positive_int
+from tsdb.errors import Interrupted, TsdbError
 
 
 def _quiet() -> None:
@@ -44,14 +48,23 @@ def cmd_datasets(args) -> None:
         print(f"{d['name']:<15} {d.get('frequency', ''):<6} {d.get('description', '')}")
 
 
-def _load_user_data(args):
-    """Dataset from --dataset NAME or --input CSV/Parquet with column flags."""
+def _training_data(args, cfg):
+    """The data ``tsdb train`` fits: the user's table, or a dataset's protocol training split
+    (a benchmark's test part is never trained on), and the record of it for ``RUN/data.json``."""
     from tsdb.data.readers import read_long
-    from tsdb.data.registry import load_dataset
     if getattr(args, "input", None):
+        record = preflight.input_fingerprint(args) | {"held_out": 0}
         return read_long(args.input, item_id=args.item_id, timestamp=args.timestamp, target=args.target,
-                         freq=args.freq)
-    return load_dataset(args.dataset, getattr(args, "data_root", None))
+                         freq=args.freq), record
+    from tsdb.bench.experiment import TaskSpec, build_task
+    from tsdb.evaluation.run import PROTOCOLS
+    name = cfg.data.dataset
+    protocol = PROTOCOLS.get(name, "rolling")
+    task = build_task(TaskSpec(protocol=protocol, dataset=name, horizon=cfg.model.horizon,
+                               lookback=cfg.model.context_length, stride=cfg.model.horizon),
+                      getattr(args, "data_root", None))
+    held_out = {"m4-hourly": task.horizon, "rolling": cfg.model.horizon}.get(protocol)
+    return task.train, {"source": "dataset", "dataset": name, "protocol": protocol, "held_out": held_out}
 
 
 def cmd_train(args) -> None:
@@ -66,6 +79,8 @@ def cmd_train(args) -> None:
     if args.ddp:
         cfg = cfg.with_overrides(train={"ddp_devices": args.ddp})
     cfg.train.progress = not args.no_progress
+    data, record = _training_data(args, cfg)   # checked here; workers of a parallel run load it again
+    preflight.record_training_data(Path(args.out), record)
     if args.devices > 1:
         from tsdb.training.parallel import train_parallel
         summary = train_parallel(cfg, args.out, args.devices, _data_argv(args))
@@ -73,8 +88,7 @@ def cmd_train(args) -> None:
               f"{summary['wall_seconds']:.0f}s wall; model in {args.out}")
         return
     from tsdb.training.loop import train_model
-    args.dataset = cfg.data.dataset
-    model, summary = train_model(cfg, _load_user_data(args), args.out, blocks=args.block)
+    model, summary = train_model(cfg, data, args.out, blocks=args.block)
     print(f"trained {len(summary['units'])} unit(s) in {summary['train_seconds']:.0f}s; "
           f"largest unit training state {summary['train_state_bytes'] / 2**20:.2f} MiB; run in {args.out}")
 
@@ -96,21 +110,13 @@ def cmd_assemble(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    from tsdb.bench.experiment import TaskSpec, build_task, torch_predictor
-    from tsdb.evaluation.tasks import evaluate_predictor
-    from tsdb.training.loop import load_model
-    cfg, strategy, model = load_model(args.run)
-    protocol = {"m4_hourly": "m4-hourly", "etth1": "etth1"}.get(cfg.data.dataset, "rolling")
-    task = build_task(TaskSpec(protocol=protocol, dataset=cfg.data.dataset, horizon=cfg.model.horizon,
-                               lookback=cfg.model.context_length, windows=args.windows, stride=args.stride or
-                               cfg.model.horizon))
-    metrics = evaluate_predictor(task, torch_predictor(strategy, model, num_steps=args.steps),
-                                 cfg.model.context_length, args.num_samples,
-                                 num_covariates=cfg.model.num_covariates)
-    path = Path(args.run) / "metrics.json"
-    path.write_text(json.dumps(metrics, indent=2))
-    print(f"{task.name}: CRPS {metrics['crps']:.4f}  MASE {metrics['mase']:.3f}  MSE {metrics['mse']:.4f}  "
+    from tsdb.evaluation.run import evaluate_run
+    path, metrics = evaluate_run(args.run, num_samples=args.num_samples, num_steps=args.steps,
+                                 windows=args.windows, stride=args.stride, progress=not args.no_progress)
+    print(f"{metrics['task']}: CRPS {metrics['crps']:.4f}  MASE {metrics['mase']:.3f}  MSE {metrics['mse']:.4f}  "
           f"MAE {metrics['mae']:.4f} over {metrics['num_windows']} windows -> {path}")
+    if metrics["in_sample"]:
+        print(f"note: {metrics['in_sample_reason']}", file=sys.stderr)
 
 
 def cmd_forecast(args) -> None:
@@ -120,7 +126,6 @@ def cmd_forecast(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    from tsdb.bench.experiment import ExperimentSpec, run_experiment
     if args.name == "streaming":
         from tsdb.bench.streaming import bench_config, run_streaming_bench
         default = f"reports/streaming-{args.strategy}"
@@ -130,6 +135,20 @@ def cmd_bench(args) -> None:
         from tsdb.bench.sampling import run_sampling_bench
         r = run_sampling_bench(args.out or "reports/sampling", against=args.against)
         print(f"speed-up {r['speedup']:.2f}x against {args.against}; report in {args.out or 'reports/sampling'}")
+        return
+    if args.name == "errors":
+        from tsdb.bench.errors import run_error_bench
+        out = Path(args.out or "reports/errors")
+        res = run_error_bench(out)
+        print(f"{res['passed']} of {res['cases']} error paths pass; slowest {res['seconds_max']:.2f} s; "
+              f"report in {out / 'report.md'}")
+        return
+    if args.name == "soak":
+        from tsdb.bench.soak import run_soak
+        out = Path(args.out or "reports/soak")
+        res = run_soak(out, updates=args.updates, progress=not args.no_progress)
+        print(f"{res['setup']['updates']:,} updates at {res['updates_per_second']:,.0f}/s; RSS "
+              f"{res['rss_mib_at_1e5']:.0f} -> {res['rss_mib_end']:.0f} MiB; report in {out / 'report.md'}")
         return
     if args.name == "parallel":
         from tsdb.bench.parallel import run_parallel_bench
@@ -142,10 +161,21 @@ def cmd_bench(args) -> None:
                              progress=not args.no_progress)
         print(f"results in {out / 'results.json'}, report in {out / 'report.md'}")
         return
-    path = args.config or BENCH_CONFIGS / f"{args.name}-{args.tier}.yaml"
-    if not args.config and not path.is_file():
-        known = sorted({p.name.removesuffix(".yaml").rsplit("-", 1)[0] for p in BENCH_CONFIGS.iterdir()})
-        raise TsdbError(f"no benchmark {args.name!r} at tier {args.tier!r}; known: {known + ['streaming']}")
+    if args.name in ("memory", "gpu"):
+        out = Path(args.out or f"reports/{args.name}")
+        common = dict(config=args.config, device=args.device, root=args.data_root, arms=args.arms,
+                      command=_command_line())
+        if args.name == "memory":
+            from tsdb.bench.memory import run_memory_bench
+            run_memory_bench(out, **common)
+        else:
+            from tsdb.bench.gpu import run_gpu_bench
+            run_gpu_bench(out, tiny=args.tiny, **common)
+        print(f"results in {out / 'results.json'}, report in {out / 'report.md'}")
+        return
+    from tsdb.bench.experiment import ExperimentSpec, run_experiment
+    from tsdb.config import packaged   # (pydantic: not imported before the preflight checks)
+    path = args.config or packaged("configs", "bench", f"{args.name}-{args.tier}.yaml")   # checked by preflight
     spec = ExperimentSpec.from_yaml(path)
     spec.base.train.progress = not args.no_progress
     out = Path(args.out or f"reports/{spec.name}")
@@ -153,8 +183,12 @@ def cmd_bench(args) -> None:
     print(f"results in {out / 'results.json'}, report in {out / 'report.md'}")
 
 
+_ARGV: list[str] | None = None    # the words of this invocation (main's argv)
+
+
 def _command_line() -> str:
-    return " ".join(["tsdb", *sys.argv[1:]])
+    import shlex
+    return " ".join(["tsdb", *(shlex.quote(w) for w in (sys.argv[1:] if _ARGV is None else _ARGV))])
 
 
 def cmd_ablate(args) -> None:
@@ -167,8 +201,9 @@ def cmd_ablate(args) -> None:
 
 
 def cmd_tune(args) -> None:
-    from tsdb.bench.tune import load_tune_spec, run_tune
-    spec = load_tune_spec(args.config)
+    from tsdb.bench.tune import run_tune
+    from tsdb.bench.tune_spec import load_tune_spec
+    spec = load_tune_spec(args.config)     # (checked by preflight)
     out = Path(args.out or f"reports/tune-{spec.name}")
     run_tune(spec, out, args.runs or f"runs/tune-{spec.name}", root=args.data_root, only=args.trials,
              command=_command_line())
@@ -195,28 +230,32 @@ def cmd_demo(args) -> None:
 
 def cmd_export(args) -> None:
     from tsdb.export.onnx import export_run
-    out = export_run(args.run, args.out or Path(args.run) / "onnx")
+    out = export_run(args.run, args.out or Path(args.run) / "onnx", progress=not args.no_progress)
     print(f"exported to {out}")
 
 
 def cmd_stream(args) -> None:
     from tsdb.cli.stream import run_stream
-    src = open(args.input) if args.input else sys.stdin
-    quantiles = tuple(float(q) for q in args.quantiles.split(","))
-    run_stream(args.model_dir, src, sys.stdout, state_path=args.state, quantiles=quantiles,
+    src = open(args.input, encoding="utf-8", errors="replace") if args.input else sys.stdin
+    run_stream(args.model_dir, src, sys.stdout, state_path=args.state, quantiles=args.quantiles,
                num_samples=args.num_samples, seed=args.seed, freq=args.freq,
-               checkpoint_every=args.checkpoint_every, batch_size=args.batch_size)
+               checkpoint_every=args.checkpoint_every, batch_size=args.batch_size,
+               intra_op_num_threads=args.threads or 1)
 
 
 # -- parser -------------------------------------------------------------------------------
 
+THREADS_HELP = ("CPU threads for torch / onnxruntime (env TSDB_NUM_THREADS); default: the cores not already "
+                "busy (cores minus the 1-minute load average, at least 1), so a loaded machine is not oversubscribed")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tsdb", description="Probabilistic forecasting with DiffusionBlocks.")
+    p = OneLineParser(prog="tsdb", description="Probabilistic forecasting with DiffusionBlocks.")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("demo", help="train a small depth-split model on vic_elec and evaluate it")
     s.add_argument("--out", default="runs/demo")
-    s.add_argument("--steps", type=int, default=None, help="training steps per block")
+    s.add_argument("--steps", type=positive_int, default=None, help="training steps per block")
     s.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("datasets", help="list the dataset registry or describe one dataset")
@@ -235,11 +274,14 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("train", help="train a model block by block into a run directory")
     s.add_argument("--config", help="YAML ExperimentConfig")
     s.add_argument("--out", required=True, help="run directory (resumable)")
-    s.add_argument("--steps", type=int, help="override train.steps_per_block")
+    s.add_argument("--steps", type=positive_int, help="override train.steps_per_block")
     s.add_argument("--strategy", help="override model.strategy")
-    s.add_argument("--block", type=int, nargs="+", help="train only these block indices (cluster array jobs)")
-    s.add_argument("--devices", type=int, default=1, help="train this many blocks at once in parallel workers")
-    s.add_argument("--ddp", type=int, default=None, help="data-parallel processes within each block (Lightning DDP)")
+    s.add_argument("--block", type=nonnegative_int, nargs="+",
+                   help="train only these block indices (cluster array jobs)")
+    s.add_argument("--devices", type=positive_int, default=1,
+                   help="train this many blocks at once in parallel workers")
+    s.add_argument("--ddp", type=positive_int, default=None,
+                   help="data-parallel processes within each block (Lightning DDP)")
     s.add_argument("--no-progress", action="store_true")
     data_flags(s)
     s.set_defaults(func=cmd_train)
@@ -248,21 +290,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("run")
     s.set_defaults(func=cmd_assemble)
 
-    s = sub.add_parser("evaluate", help="evaluate a trained run on its dataset's protocol")
+    s = sub.add_parser("evaluate", help="score a trained run on the data it was trained for -> RUN/evaluation.json")
     s.add_argument("run")
-    s.add_argument("--num-samples", type=int, default=100)
-    s.add_argument("--steps", type=int, default=None, help="inference steps K")
-    s.add_argument("--windows", type=int, default=1, help="rolling windows (non-benchmark datasets)")
-    s.add_argument("--stride", type=int, default=None)
+    s.add_argument("--num-samples", type=positive_int, default=100)
+    s.add_argument("--steps", type=positive_int, default=None, help="inference steps K")
+    s.add_argument("--windows", type=positive_int, default=1, help="rolling windows (non-benchmark datasets)")
+    s.add_argument("--stride", type=positive_int, default=None)
+    s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_evaluate)
 
     s = sub.add_parser("forecast", help="forecast a CSV: quantiles CSV + PNG fan chart")
     s.add_argument("--run", help="trained run directory; omit to train a quick model on the input")
-    s.add_argument("--horizon", type=int, required=True)
-    s.add_argument("--out", required=True, help="output folder")
-    s.add_argument("--num-samples", type=int, default=100)
-    s.add_argument("--steps", type=int, default=None,
+    s.add_argument("--horizon", type=positive_int, required=True)
+    s.add_argument("--out", required=True, help="output folder (its run/ must hold a model of this input or none)")
+    s.add_argument("--num-samples", type=positive_int, default=100)
+    s.add_argument("--steps", type=positive_int, default=None,
                    help="training steps per block when no --run (default: chosen from the data)")
+    s.add_argument("--pretrained", default=None,
+                   help="start from a pretrained model (checkpoint folder or run directory) instead of training")
+    s.add_argument("--finetune-steps", type=nonnegative_int, default=0,
+                   help="with --pretrained: fine-tune each block this many steps on the input first (0: zero-shot)")
+    s.add_argument("--finetune-lr", type=float, default=3e-4)
     s.add_argument("--covariates", default=None,
                    help="comma-separated known-future covariate columns; after each series' last observed "
                         "target the table holds >= --horizon rows with them given and the target empty")
@@ -273,13 +321,19 @@ def build_parser() -> argparse.ArgumentParser:
                                  ("ablate", cmd_ablate, "train and evaluate a grid of split strategies")):
         s = sub.add_parser(name, help=helptext)
         if name == "bench":
-            s.add_argument("name", help="m4-hourly, etth1, parallel, streaming, covariates or sampling")
+            s.add_argument("name", help="m4-hourly, etth1, parallel, streaming, covariates, sampling, memory, "
+                                        "gpu, soak or errors")
             s.add_argument("--tier", default="quick", choices=["quick", "full"])
             s.add_argument("--config", help="override the benchmark's YAML")
             s.add_argument("--strategy", default="depth",
                            help="streaming benchmark only: the strategy to stream (any that streams)")
             s.add_argument("--against", default="8ad1f17",
                            help="sampling benchmark only: the git revision to time against")
+            s.add_argument("--updates", type=positive_int, default=1_000_000,
+                           help="soak only: streamed updates")
+            s.add_argument("--device", choices=["cpu", "cuda"],
+                           help="memory and gpu benchmarks: where to train (gpu default: cuda; cpu with --tiny)")
+            s.add_argument("--tiny", action="store_true", help="gpu benchmark only: a tiny config (seconds on CPU)")
         else:
             s.add_argument("--config", required=True)
         s.add_argument("--out", default=None)
@@ -289,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.set_defaults(func=func)
 
     s = sub.add_parser("tune", help="choose an arm's settings on the validation windows (never the test windows)")
-    s.add_argument("--config", required=True, help="a tuning spec, e.g. configs/tune/m4-hourly.yaml")
+    s.add_argument("--config", required=True, help="a tuning spec, e.g. configs/tune/m4-hourly-proxy.yaml")
     s.add_argument("--out", default=None, help="report folder (default reports/tune-NAME)")
     s.add_argument("--runs", default=None, help="trained models (default runs/tune-NAME; resumable)")
     s.add_argument("--trials", nargs="*", help="run only these variants (no search)")
@@ -300,41 +354,80 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("dir")
     s.set_defaults(func=cmd_report)
 
+    from tsdb.pretrain.cli import add_subcommands as add_pretrain_subcommands
+    add_pretrain_subcommands(sub, data_flags)   # pretrain, pretrain-eval, finetune, finetune-bench
+
     s = sub.add_parser("export", help="export a trained run to ONNX with explicit streaming state")
     s.add_argument("run")
     s.add_argument("--out", default=None)
+    s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("stream", help="online forecasting: NDJSON observations in, NDJSON forecasts out")
     s.add_argument("model_dir")
     s.add_argument("--input", help="NDJSON file (default: stdin)")
     s.add_argument("--state", help="state checkpoint file (resumed if it exists)")
-    s.add_argument("--quantiles", default="0.1,0.5,0.9", help="comma-separated quantile levels")
-    s.add_argument("--num-samples", type=int, default=100)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--quantiles", type=preflight.quantiles, default=(0.1, 0.5, 0.9),
+                   help="comma-separated quantile levels in (0, 1)")
+    s.add_argument("--num-samples", type=positive_int, default=100)
+    s.add_argument("--seed", type=preflight.seed, default=0)
     s.add_argument("--freq", default=None, help="expected step between timestamps (default: from the data)")
-    s.add_argument("--checkpoint-every", type=int, default=100, help="records between state checkpoints")
-    s.add_argument("--batch-size", type=int, default=1, help="records grouped into one update")
+    s.add_argument("--checkpoint-every", type=positive_int, default=100, help="records between state checkpoints")
+    s.add_argument("--batch-size", type=positive_int, default=1, help="records grouped into one update")
     s.set_defaults(func=cmd_stream)
+    for s in sub.choices.values():
+        s.add_argument("--threads", type=positive_int, default=None, help=THREADS_HELP)
     return p
 
 
+def resolve_threads(flag: int | None) -> int:
+    """``--threads``, else ``$TSDB_NUM_THREADS``, else the cores not already busy (at least 1)."""
+    if flag:
+        return flag
+    env = os.environ.get("TSDB_NUM_THREADS", "").strip()
+    if env:
+        if not env.isdigit() or int(env) < 1:
+            raise TsdbError(f"TSDB_NUM_THREADS={env!r} is not a positive integer; unset it or use --threads N")
+        return int(env)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores, int(cores - os.getloadavg()[0])))
+
+
+def _set_threads(n: int) -> None:
+    """Every library that sizes a thread pool reads these at import; torch is set again if loaded."""
+    os.environ["TSDB_NUM_THREADS"] = str(n)   # block-parallel workers inherit it
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "POLARS_MAX_THREADS"):
+        os.environ[var] = str(n)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(n)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
 def main(argv: list[str] | None = None) -> int:
-    _quiet()
-    if os.environ.get("TSDB_NUM_THREADS"):  # set by block-parallel workers
-        import torch
-        torch.set_num_threads(int(os.environ["TSDB_NUM_THREADS"]))
+    global _ARGV
+    _ARGV = argv
     args = build_parser().parse_args(argv)
     try:
+        preflight.check(args)                   # before any heavy import
+        if args.command not in ("datasets", "report"):
+            _set_threads(resolve_threads(args.threads))
+            signals.install_sigterm()
+        _quiet()
         args.func(args)
     except TsdbError as e:
-        print(f"tsdb: error: {e}", file=sys.stderr)
+        print(f"tsdb: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except FileNotFoundError as e:
         print(f"tsdb: error: {e.strerror}: {e.filename}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(f"tsdb: stopped by {_one_line(e)}; resume with: {_command_line()}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
-        print("tsdb: interrupted; rerun the same command to resume", file=sys.stderr)
+        print(f"tsdb: interrupted (SIGINT); resume with: {_command_line()}", file=sys.stderr)
         return 130
     return 0
 

@@ -11,13 +11,20 @@ series continue::
 
     {"line": 7, "item_id": "a", "timestamp": "...", "error": "gap: expected ..., got ...; ..."}
 
+A missing reading is ``"value": null`` (or ``NaN``): it is applied as a missing value (the
+model masks it), so the series stays on its time grid. ``{"item_id": "a", "reset": true}``
+forgets series ``a`` (state and clock; acknowledged with ``{"line": n, "item_id": "a",
+"reset": true, "existed": true}``); its next record starts it afresh. Every output line is
+valid JSON: a forecast that is not finite is reported as an error line, never as ``NaN``.
+
 Models with ``n`` covariates: every record also carries ``"covariates": [n numbers]`` (this
 step's) and ``"future_covariates": [n lists of H numbers]`` (the known future after it),
 checked like the value.
 
 Checks per record: valid JSON object with the three keys; ``item_id`` a string or integer;
-``value`` a finite number (NaN, null, strings and booleans are rejected); ``timestamp`` an
-ISO date-time string or a number, of the same kind for the whole series; strictly after the
+``value`` a finite number within +-1e30 or null/NaN (missing; strings, booleans and infinities
+are rejected, and so are values the runtime refuses, e.g. ones whose normalised scale would
+overflow); ``timestamp`` an ISO date-time string or a number, of the same kind for the whole series; strictly after the
 series' last applied timestamp (duplicate / out-of-order otherwise) and exactly one step
 after it (a gap otherwise). The step is ``freq`` if given (a pandas frequency such as
 ``"h"`` or ``"MS"`` for date-times, a number for numeric timestamps), else the difference
@@ -220,11 +227,45 @@ class Clocks:
 # ---------------------------------------------------------------------------------------
 
 def _check_value(raw):
+    """A finite number, or None/NaN for a missing reading (applied as NaN)."""
+    if raw is None:
+        return math.nan
     if isinstance(raw, bool) or not isinstance(raw, (int, float)):
-        raise RecordError(f"value must be a finite number, got {json.dumps(raw)[:40]}")
-    if not math.isfinite(raw):
-        raise RecordError(f"value must be a finite number, got {raw}")
-    return float(raw)
+        raise RecordError(f"value must be a finite number or null (missing), got {_show(raw)}")
+    try:
+        value = float(raw)
+    except OverflowError:    # an integer beyond the float range
+        raise RecordError(f"value {str(raw)[:40]} is beyond the float range; rescale the series") from None
+    if math.isinf(value):
+        raise RecordError(f"value must be a finite number or null (missing), got {raw}")
+    from tsdb.data.validate import MAX_ABS_VALUE   # the limit of `tsdb forecast` and the readers too
+    if abs(value) > MAX_ABS_VALUE:
+        raise RecordError(f"value {raw} is beyond +-{MAX_ABS_VALUE:.0e}, too large for the model's float32 "
+                          "scaling; rescale the series")
+    return value
+
+
+def _show(raw) -> str:
+    """A short JSON rendering of a raw field for a message (NaN/inf shown as text)."""
+    return _dumps(raw)[:40]
+
+
+def _safe(x):
+    """JSON-safe copy: non-finite floats become strings (the output stays valid JSON)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if isinstance(x, dict):
+        return {str(k): _safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_safe(v) for v in x]
+    return x
+
+
+def _dumps(obj) -> str:
+    try:
+        return json.dumps(obj, allow_nan=False)
+    except ValueError:
+        return json.dumps(_safe(obj), allow_nan=False)
 
 
 def _check_covariates(rec: dict, n: int, horizon: int) -> tuple[list, list] | None:
@@ -250,18 +291,33 @@ def _check_covariates(rec: dict, n: int, horizon: int) -> tuple[list, list] | No
 
 
 def _parse_record(line: str):
+    """A record as a dict with a valid ``item_id``: an observation (``timestamp``, ``value``) or
+    a reset (``"reset": true``)."""
     try:
         rec = json.loads(line)
     except json.JSONDecodeError as e:
         raise RecordError(f"invalid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise RecordError("invalid JSON (nested too deeply)") from None
     if not isinstance(rec, dict):
         raise RecordError("a record must be a JSON object with item_id, timestamp and value")
-    missing = [k for k in ("item_id", "timestamp", "value") if k not in rec]
-    if missing:
-        raise RecordError(f"missing field(s) {', '.join(missing)}")
+    if "item_id" not in rec:
+        raise RecordError("missing field(s) item_id")
     item = rec["item_id"]
     if isinstance(item, bool) or not isinstance(item, (str, int)):
-        raise RecordError(f"item_id must be a string or an integer, got {json.dumps(item)[:40]}")
+        raise RecordError(f"item_id must be a string or an integer, got {_show(item)}")
+    if isinstance(item, str):
+        try:
+            item.encode("utf-8")
+        except UnicodeEncodeError:
+            raise RecordError("item_id is not valid Unicode (a lone surrogate escape)") from None
+    if "reset" in rec:
+        if rec["reset"] is not True or set(rec) != {"item_id", "reset"}:
+            raise RecordError('a reset record is exactly {"item_id": ..., "reset": true}')
+        return rec
+    missing = [k for k in ("timestamp", "value") if k not in rec]
+    if missing:
+        raise RecordError(f"missing field(s) {', '.join(missing)}")
     return rec
 
 
@@ -277,8 +333,7 @@ def run_stream(model_dir: str | Path, input_stream: IO[str], output_stream: IO[s
     either way. Returns counts: ``records``, ``forecasts``, ``errors``, ``series``.
     """
     rt = import_runtime()
-    if not all(0 < q < 1 for q in quantiles):
-        raise TsdbError(f"quantiles must lie in (0, 1), got {list(quantiles)}")
+    _check_options(quantiles, num_samples, seed, checkpoint_every, batch_size)
     model_dir = resolve_model_dir(model_dir)
     # a horizon model keeps num_samples noisy windows per series and draws its rolls' noise from seed
     horizon_kw = ({"num_samples": num_samples, "seed": seed} if rt.model_format(model_dir) == rt.HORIZON_FORMAT
@@ -286,8 +341,11 @@ def run_stream(model_dir: str | Path, input_stream: IO[str], output_stream: IO[s
     try:
         forecaster = rt.StreamingForecaster(model_dir, intra_op_num_threads=intra_op_num_threads, refresh=refresh,
                                             **horizon_kw)
-    except rt.StreamingError as e:
+    except (rt.StreamingError, OSError) as e:
         raise TsdbError(str(e)) from None
+    except Exception as e:  # noqa: BLE001  (onnxruntime's own errors on an unreadable graph)
+        raise TsdbError(f"{model_dir}: cannot load the exported model ({str(e).splitlines()[0][:160]}); "
+                        "re-export it with `tsdb export RUN`") from None
     n_cov = getattr(forecaster, "num_covariates", 0)
     clocks = Clocks(freq)
     state_path = Path(state_path) if state_path is not None else None
@@ -295,10 +353,13 @@ def run_stream(model_dir: str | Path, input_stream: IO[str], output_stream: IO[s
         try:
             extra = forecaster.load_state(state_path)
         except rt.StreamingError as e:
-            raise TsdbError(str(e)) from None
-        if extra.get("version") != STREAM_STATE_VERSION:
-            raise TsdbError(f"{state_path} was not written by `tsdb stream`")
-        clocks.load(extra["clocks"])
+            raise TsdbError(f"{e}; delete {state_path} to start afresh (or restore it from a backup)") from None
+        if not isinstance(extra, dict) or extra.get("version") != STREAM_STATE_VERSION or "clocks" not in extra:
+            raise TsdbError(f"{state_path} was not written by `tsdb stream`; pass another --state file")
+        try:
+            clocks.load(extra["clocks"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise TsdbError(f"{state_path}: unreadable series clocks ({e}); delete it to start afresh") from None
     counts = {"records": 0, "forecasts": 0, "errors": 0, "series": 0}
     since_checkpoint = 0
     horizon = forecaster.horizon
@@ -308,77 +369,148 @@ def run_stream(model_dir: str | Path, input_stream: IO[str], output_stream: IO[s
             forecaster.save_state(state_path, extra={"version": STREAM_STATE_VERSION, "clocks": clocks.to_json()})
 
     outputs: list = []          # dicts, or (item, raw_ts) placeholders for forecasts
-    batch: dict = {}            # item -> (value, raw_ts, kind, ts)
+    batch: dict = {}            # item -> (value, raw_ts, kind, ts, covariates, line)
+
+    def update(items: list) -> dict:
+        """Apply ``batch[items]`` to the model state; -> {item: error message} for the records
+        the runtime refused. The runtime applies a call per series (``SeriesRefused`` names the
+        refused ones, the others are applied); any other error leaves the whole call unapplied,
+        so it is retried record by record and one bad value costs only its own record."""
+        cov = [batch[i][4] for i in items] if n_cov else None
+        try:
+            forecaster.update(items, [[batch[i][0]] for i in items],
+                              **({"covariates": [np.asarray(c[0], np.float32)[:, None] for c in cov]} if cov else {}))
+            return {}
+        except rt.SeriesRefused as e:
+            return {i: " ".join(str(msg).split()) for i, msg in e.refused.items()}
+        except rt.StreamingError as e:
+            if len(items) == 1:
+                return {items[0]: " ".join(str(e).split())}
+        refused = {}
+        for i in items:
+            refused.update(update([i]))
+        return refused
+
+    def forecast(items: list) -> dict:
+        """{item: forecast record or error message}; a failed batch is retried series by series
+        (forecasts are seeded per series, so batching does not change them)."""
+        cov = [batch[i][4] for i in items] if n_cov else None
+        seeds = [rt.series_seed(seed, i, forecaster.observation_count(i)) for i in items]
+        try:
+            fc = forecaster.forecast(items, num_samples=num_samples, seed=seeds, quantiles=quantiles,
+                                     **({"covariates": np.asarray([c[1] for c in cov], np.float32)} if cov else {}))
+        except rt.StreamingError as e:
+            if len(items) > 1:
+                return {k: v for i in items for k, v in forecast([i]).items()}
+            return {items[0]: f"forecast failed: {' '.join(str(e).split())}"}
+        out = {}
+        for j, item in enumerate(items):
+            if not (np.isfinite(fc.mean[j]).all() and np.isfinite(fc.quantiles[j]).all()):
+                out[item] = ('the forecast is not finite (an extreme value reached the model state); reset the '
+                             f'series with {{"item_id": {_show(item)}, "reset": true}}')
+                continue
+            out[item] = {
+                "item_id": item, "timestamp": batch[item][1],
+                "observations": forecaster.observation_count(item),
+                "forecast_timestamps": clocks.future(item, horizon),
+                "mean": [round(float(x), 6) for x in fc.mean[j]],
+                "quantiles": {format(q, "g"): [round(float(x), 6) for x in fc.quantiles[j, k]]
+                              for k, q in enumerate(fc.quantile_levels)},
+            }
+        return out
 
     def flush():
         nonlocal since_checkpoint
         by_item = {}
         if batch:
             items = list(batch)
-            cov = [batch[i][4] for i in items] if n_cov else None
-            forecaster.update(items, [[batch[i][0]] for i in items],
-                              **({"covariates": [np.asarray(c[0], np.float32)[:, None] for c in cov]} if cov else {}))
-            for i in items:
+            refused = update(items)
+            applied = [i for i in items if i not in refused]
+            for i in applied:
                 clocks.apply(i, batch[i][2], batch[i][3])
-            seeds = [rt.series_seed(seed, i, forecaster.observation_count(i)) for i in items]
-            fc = forecaster.forecast(items, num_samples=num_samples, seed=seeds, quantiles=quantiles,
-                                     **({"covariates": np.asarray([c[1] for c in cov], np.float32)} if cov else {}))
-            for j, item in enumerate(items):
-                by_item[item] = {
-                    "item_id": item, "timestamp": batch[item][1],
-                    "observations": forecaster.observation_count(item),
-                    "forecast_timestamps": clocks.future(item, horizon),
-                    "mean": [round(float(x), 6) for x in fc.mean[j]],
-                    "quantiles": {format(q, "g"): [round(float(x), 6) for x in fc.quantiles[j, k]]
-                                  for k, q in enumerate(fc.quantile_levels)},
-                }
-            since_checkpoint += len(items)
-            counts["forecasts"] += len(items)
+            results = forecast(applied) if applied else {}
+            for item in items:
+                result = refused.get(item) or results[item]
+                if isinstance(result, str):
+                    counts["errors"] += 1
+                    result = {"line": batch[item][5], "item_id": item, "timestamp": batch[item][1], "error": result}
+                else:
+                    counts["forecasts"] += 1
+                by_item[item] = result
+            since_checkpoint += len(applied)
             batch.clear()
         for o in outputs:
             rec = by_item[o[0]] if isinstance(o, tuple) else o
-            output_stream.write(json.dumps(rec) + "\n")
+            output_stream.write(_dumps(rec) + "\n")
         outputs.clear()
         output_stream.flush()
         if since_checkpoint >= checkpoint_every:
             checkpoint()
             since_checkpoint = 0
 
-    try:
-        for lineno, line in enumerate(input_stream, 1):
-            if not line.strip():
-                continue
-            counts["records"] += 1
-            item, raw_ts = None, None
-            try:
-                rec = _parse_record(line)
-                item, raw_ts = rec["item_id"], rec["timestamp"]
-                value = _check_value(rec["value"])
-                covariates = _check_covariates(rec, n_cov, horizon)
-                if item in batch:       # a series twice in one batch: apply the first one before checking
+    def reset_series(item) -> bool:
+        clocks.series.pop(item, None)
+        return bool(forecaster.reset_series([item]))
+
+    # a non-finite intermediate is caught where it matters (the forecast check), not printed
+    with np.errstate(all="ignore"):
+        try:
+            for lineno, line in enumerate(input_stream, 1):
+                if not line.strip():
+                    continue
+                counts["records"] += 1
+                item, raw_ts = None, None
+                try:
+                    rec = _parse_record(line)
+                    item = rec["item_id"]
+                    if "reset" in rec:
+                        if batch:
+                            flush()
+                        outputs.append({"line": lineno, "item_id": item, "reset": True,
+                                        "existed": reset_series(item)})
+                        flush()
+                        continue
+                    raw_ts = rec["timestamp"]
+                    value = _check_value(rec["value"])
+                    covariates = _check_covariates(rec, n_cov, horizon)
+                    if item in batch:       # a series twice in one batch: apply the first one before checking
+                        flush()
+                    kind, ts = clocks.check(item, raw_ts)
+                except RecordError as e:
+                    counts["errors"] += 1
+                    err = {"line": lineno}
+                    if item is not None:
+                        err["item_id"] = item
+                    if raw_ts is not None:
+                        err["timestamp"] = raw_ts
+                    err["error"] = str(e)
+                    outputs.append(err)
+                    if not batch:
+                        flush()
+                    continue
+                batch[item] = (value, raw_ts, kind, ts, covariates, lineno)
+                outputs.append((item, raw_ts))
+                if len(batch) >= batch_size:
                     flush()
-                kind, ts = clocks.check(item, raw_ts)
-            except RecordError as e:
-                counts["errors"] += 1
-                err = {"line": lineno}
-                if item is not None:
-                    err["item_id"] = item
-                if raw_ts is not None:
-                    err["timestamp"] = raw_ts
-                err["error"] = str(e)
-                outputs.append(err)
-                if not batch:
-                    flush()
-                continue
-            batch[item] = (value, raw_ts, kind, ts, covariates)
-            outputs.append((item, raw_ts))
-            if len(batch) >= batch_size:
-                flush()
-        flush()
-    finally:
-        counts["series"] = len(forecaster)
-        checkpoint()
+            flush()
+        finally:
+            counts["series"] = len(forecaster)
+            checkpoint()
     return counts
+
+
+def _check_options(quantiles, num_samples, seed, checkpoint_every, batch_size) -> None:
+    """One-line errors for bad options of :func:`run_stream` (the CLI's argparse types check the same)."""
+    try:
+        levels = [float(q) for q in quantiles]
+    except (TypeError, ValueError):
+        raise TsdbError(f"quantiles must be numbers in (0, 1), got {quantiles!r}") from None
+    if not levels or not all(0 < q < 1 for q in levels):
+        raise TsdbError(f"quantiles must lie strictly between 0 and 1, got {list(quantiles)}")
+    for name, value, low in (("num_samples", num_samples, 1), ("checkpoint_every", checkpoint_every, 1),
+                             ("batch_size", batch_size, 1), ("seed", seed, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise TsdbError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
 __all__ = ["Clocks", "import_runtime", "resolve_model_dir", "run_stream"]

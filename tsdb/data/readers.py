@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import polars as pl
-from gluonts.time_feature import get_seasonality
 
 from tsdb.data.series import Series, SeriesDataset
 from tsdb.data.validate import (
@@ -67,7 +66,7 @@ def read_long(source: Source, item_id: str | None, timestamp: str, target: str,
                             freq)
     meta = {"covariates": covariates} if covariates else {}
     series = [Series(part[item_col][0], _float32(part[target]), start, start.freqstr,
-                     _covariates(part, covariates), dict(meta))
+                     _covariates(part, covariates), meta | _start_offset(part[timestamp], start))
               for part, start in zip(parts, starts)]
     return _dataset(name, series, meta)
 
@@ -202,8 +201,16 @@ def _index(timestamps: pl.Series) -> pd.DatetimeIndex:
     return pd.DatetimeIndex(timestamps.to_numpy())
 
 
+def _start_offset(timestamps: pl.Series, start: pd.Period) -> dict:
+    """``{"start_offset": Timedelta}`` when the first timestamp lies inside its period (an hourly
+    series stamped at :30), so forecasts keep the series' own clock; else ``{}``."""
+    offset = pd.Timestamp(timestamps[0]) - start.start_time
+    return {"start_offset": offset} if offset else {}
+
+
 def _float32(column: pl.Series) -> np.ndarray:
-    return column.to_numpy().astype(np.float32)
+    with np.errstate(over="ignore"):   # beyond float32 becomes inf, which validation names
+        return column.to_numpy().astype(np.float32)
 
 
 def _covariates(part: pl.DataFrame, columns: list[str]) -> np.ndarray | None:
@@ -216,6 +223,7 @@ def _dataset(name: str, series: list[Series], meta: dict | None = None) -> Serie
     """Validated dataset; the frequency is the series', seasonality from GluonTS."""
     freq = series[0].freq if series else ""
     dataset = validate_dataset(SeriesDataset(name, series, freq, meta=meta or {}))
+    from gluonts.time_feature import get_seasonality   # after validation: errors answer without it
     dataset.season_length = get_seasonality(freq)
     return dataset
 

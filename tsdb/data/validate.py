@@ -17,6 +17,10 @@ from tsdb.data.series import Series, SeriesDataset
 from tsdb.errors import DataError
 
 FREQ_HINT = "a pandas alias such as 'h', '30min', 'D' or 'B'"
+# Largest |value| accepted: the model scales a series by its own statistics in float32, and
+# a forecast of a series of such values (level +- a few hundred scales) must stay below the
+# float32 maximum 3.4e38.
+MAX_ABS_VALUE = 1e30
 
 
 @dataclass(frozen=True)
@@ -54,14 +58,15 @@ def validate_series(series: Series, min_length: int | None = None) -> Series:
     if len(series) == 0:
         raise DataError(f"{who} has no observations; drop it or check the item_id and "
                         "target columns")
-    _check_no_inf(who, "value", target, series.start)
+    check_values(who, target, series.start)
     if np.isnan(target).all():
         raise DataError(f"{who}: all {len(series)} values are missing (NaN); drop the series")
     if series.past_covariates is not None:
         _check_covariates(who, series)
     if min_length is not None and len(series) < min_length:
-        raise DataError(f"{who}: {len(series)} observations, but context_length + horizon "
-                        f"needs {min_length}; lower --context-length or drop the series")
+        raise DataError(f"{who}: {len(series)} observations, but the model needs at least {min_length}; "
+                        "forecast a shorter horizon (--horizon, model.horizon) or use a shorter "
+                        "model.context_length, or drop the series")
     return series
 
 
@@ -82,12 +87,29 @@ def validate_dataset(dataset: SeriesDataset, min_length: int | None = None) -> S
     return dataset
 
 
-def _check_no_inf(who: str, what: str, values: np.ndarray, start: pd.Period) -> None:
+def check_values(who: str, values: np.ndarray, start: pd.Period | None = None) -> None:
+    """Raise naming the first infinite value, or one beyond ``MAX_ABS_VALUE``; NaN (missing) is fine.
+    ``start`` dates the position in the message (the values of a series from ``start``)."""
+    _check_no_inf(who, "value", values, start)
+    with np.errstate(invalid="ignore"):
+        huge = np.abs(values) > MAX_ABS_VALUE
+    if huge.any():
+        pos = int(huge.argmax())
+        raise DataError(f"{who}: value {values[pos]:.3g} at {_where(start, pos)} is beyond "
+                        f"+-{MAX_ABS_VALUE:.0e}, too large for the model's float32 scaling; rescale the series "
+                        "(e.g. divide it by a power of ten) or replace the outlier with NaN (= missing)")
+
+
+def _where(start: pd.Period | None, pos: int) -> str:
+    return f"position {pos}" if start is None else f"{start + pos} (position {pos})"
+
+
+def _check_no_inf(who: str, what: str, values: np.ndarray, start: pd.Period | None) -> None:
     infinite = np.isinf(values)
     if infinite.any():
         pos = int(infinite.argmax())
-        raise DataError(f"{who}: infinite {what} at {start + pos} (position {pos}); replace it "
-                        "with NaN (= missing) or fix the source")
+        raise DataError(f"{who}: infinite {what} at {_where(start, pos)}; values beyond +-3.4e38 overflow "
+                        "float32 too; replace it with NaN (= missing) or fix the source")
 
 
 def require_covariates(series: Series, num_covariates: int) -> np.ndarray:
@@ -175,7 +197,16 @@ def parse_timestamps(df: pl.DataFrame, column: str, ref: TableRef) -> np.ndarray
         raise DataError(f"column {column!r} of {ref.name} holds {values.dtype} values, not "
                         "timestamps; convert it to dates/times")
     check_no_nulls(df, column, ref)
-    parsed = pd.to_datetime(values.to_pandas(), errors="coerce", utc=True).dt.tz_convert(None)
+    raw = values.to_pandas()
+    # ISO 8601 at any precision ("2024-01-01" beside "2024-01-01 00:30:00") is one format; else
+    # the format pandas infers from the first value. The reading with fewer failures wins, so a
+    # message names the odd value out.
+    parsed = pd.to_datetime(raw, errors="coerce", utc=True, format="ISO8601")
+    if parsed.isna().any() and values.dtype == pl.String:
+        inferred = pd.to_datetime(raw, errors="coerce", utc=True)
+        if inferred.isna().sum() < parsed.isna().sum():
+            parsed = inferred
+    parsed = parsed.dt.tz_convert(None)
     bad = np.flatnonzero(parsed.isna().to_numpy())
     if len(bad):
         raise DataError(f"column {column!r} has a value {values[int(bad[0])]!r} that is not a "

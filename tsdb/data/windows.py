@@ -51,13 +51,22 @@ def diffusion_draws(rng: np.random.Generator, horizon: int) -> np.ndarray:
 
 
 class TrainingWindows(IterableDataset):
-    """An endless, seeded stream of ``(context [C], target [H], draws [1 + H])`` float32 windows,
-    plus ``covariates [n_cov, C + H]`` when ``covariates = n_cov > 0``.
+    """An endless, seeded stream of ``(context [C], target [H], draws [sets * (1 + H)])`` float32
+    windows, plus ``covariates [n_cov, C + H]`` when ``covariates = n_cov > 0``.
 
     ``draws`` are the diffusion step's random numbers for this window (u ~ U[0,1), then
-    eps ~ N(0,1) per lead time). Drawn here, they make every arm see the same noise and
-    let ``rank``/``world_size`` split one global stream exactly across data-parallel
-    processes (process r keeps windows r, r + W, ...).
+    eps ~ N(0,1) per lead time; ``draw_sets`` independent such sets, for losses that need
+    more, e.g. two trajectories per window). Drawn here, they make every arm see the same
+    noise and let ``rank``/``world_size`` split one global stream exactly across
+    data-parallel processes (process r keeps windows r, r + W, ...). The first set and the
+    windows themselves do not depend on ``draw_sets``: the extra sets come from a child
+    generator spawned per window, so arms that read more draws still see the same windows.
+
+    The stream is addressable by position: window ``i`` of the global stream is drawn from
+    its own generator seeded with ``(seed, i)`` (:meth:`window_at`), so a resumed run restarts
+    it at ``position`` = windows already consumed (``global_step * batch_size``,
+    :meth:`start_at`) and sees exactly the windows an uninterrupted run would, and DataLoader
+    workers split it by batch without changing it.
 
     Series are drawn with probability proportional to their number of admissible window
     ends; a window needs at least ``min_context`` observed context points, and contexts
@@ -77,8 +86,11 @@ class TrainingWindows(IterableDataset):
     def __init__(self, dataset: SeriesDataset, context_length: int, horizon: int,
                  seed: int = 0, min_context: int | None = None, patch_length: int = 1,
                  partial_patch_prob: float = 0.0, rank: int = 0, world_size: int = 1,
-                 covariates: int = 0):
+                 covariates: int = 0, draw_sets: int = 1):
         self.rank, self.world_size = rank, world_size
+        self.position = 0         # global windows already consumed (a resumed run starts there)
+        self.worker_batch = 1     # per-process batch size, to split batches across DataLoader workers
+        self.draw_sets = draw_sets
         self.num_covariates = covariates
         from tsdb.data.validate import require_covariates  # (validation pulls polars: only when needed)
 
@@ -98,12 +110,26 @@ class TrainingWindows(IterableDataset):
                             f"context")
         self.weights = counts / counts.sum()
 
-    def shard(self, rank: int, world_size: int) -> "TrainingWindows":
-        """The same stream, keeping every ``world_size``-th window from ``rank``."""
+    def shard(self, rank: int, world_size: int, batch_size: int = 1) -> "TrainingWindows":
+        """The same stream, keeping every ``world_size``-th window from ``rank``; ``batch_size``
+        is this process's batch (DataLoader workers each take whole batches of it)."""
 
         out = copy.copy(self)
-        out.rank, out.world_size = rank, world_size
+        out.rank, out.world_size, out.worker_batch = rank, world_size, batch_size
         return out
+
+    def start_at(self, position: int) -> "TrainingWindows":
+        """The same stream, starting after its first ``position`` windows (a multiple of
+        ``world_size``: whole global batches)."""
+        if position % self.world_size:
+            raise ValueError(f"position {position} is not a multiple of world_size {self.world_size}")
+        out = copy.copy(self)
+        out.position = position
+        return out
+
+    def window_at(self, index: int) -> tuple[np.ndarray, ...]:
+        """Window ``index`` of the global stream."""
+        return self.window(np.random.default_rng([self.seed, index]))
 
     def window(self, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
         i = rng.choice(len(self.targets), p=self.weights)
@@ -113,6 +139,9 @@ class TrainingWindows(IterableDataset):
         context = padded_context(t[:split], self.context_length, pad)
         target = t[split:split + self.horizon]
         draws = diffusion_draws(rng, self.horizon)
+        if self.draw_sets > 1:
+            extra = rng.spawn(1)[0]   # leaves ``rng`` (the window stream) where it is
+            draws = np.concatenate([draws, *(diffusion_draws(extra, self.horizon) for _ in range(self.draw_sets - 1))])
         if self.covariates is None:
             return context, target, draws
         cov = self.covariates[i]
@@ -121,11 +150,11 @@ class TrainingWindows(IterableDataset):
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
-        worker = 0 if info is None else info.id
-        rng = np.random.default_rng([self.seed, worker])
-        index = 0
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        first = self.position // self.world_size     # this process's windows already consumed
+        local = first
         while True:
-            window = self.window(rng)
-            if index % self.world_size == self.rank:
-                yield window
-            index += 1
+            # worker w of n yields the process's batches w, w + n, ... (the DataLoader's round robin)
+            if workers == 1 or (local - first) // self.worker_batch % workers == worker:
+                yield self.window_at(local * self.world_size + self.rank)
+            local += 1

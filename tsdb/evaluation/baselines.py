@@ -24,6 +24,7 @@ import pandas as pd
 from gluonts.model.predictor import Predictor
 from gluonts.time_feature import get_lags_for_frequency
 from gluonts.torch import DeepAREstimator
+from tqdm.auto import tqdm
 
 from tsdb.evaluation.tasks import EvalTask, SamplePredictor
 
@@ -75,13 +76,15 @@ class GluonTSArm:
 
         def timed() -> Iterator[np.ndarray]:
             forecasts = self.predictor.predict(task.test_data.input, num_samples=num_samples)
-            while True:
-                t0 = time.perf_counter()
-                forecast = next(forecasts, None)
-                timer["seconds"] += time.perf_counter() - t0
-                if forecast is None:
-                    return
-                yield forecast.samples[None]
+            with tqdm(total=task.num_windows, desc=f"forecasting {task.name}", unit="window", leave=False) as bar:
+                while True:
+                    t0 = time.perf_counter()
+                    forecast = next(forecasts, None)
+                    timer["seconds"] += time.perf_counter() - t0
+                    if forecast is None:
+                        return
+                    bar.update(1)
+                    yield forecast.samples[None]
 
         metrics = task.evaluate(timed())
         return {

@@ -33,7 +33,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 from importlib.metadata import version
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
 import pandas as pd
@@ -415,6 +415,12 @@ def deepar_peer(task: EvalTask, context_length: int, epochs: int = 100, num_batc
 
 class _Peer(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    stochastic: ClassVar[bool] = False        # its result depends on a random seed
+
+    @property
+    def seeded(self) -> bool:
+        """Runs once per bench seed (stochastic, and no seed of its own fixed in the spec)."""
+        return self.stochastic and getattr(self, "seed", None) is None
 
 
 class StatsPeer(_Peer):
@@ -428,6 +434,7 @@ class StatsPeer(_Peer):
 
 
 class NeuralPeer(_Peer):
+    stochastic: ClassVar[bool] = True
     kind: Literal["nhits", "patchtst"]
     max_steps: int | None = None              # None: the library's default (never fewer unless stated)
     input_size: int | None = None             # None: the protocol's lookback
@@ -450,6 +457,7 @@ class LinearPeerSpec(_Peer):
 
 
 class DeepARPeer(_Peer):
+    stochastic: ClassVar[bool] = True
     kind: Literal["deepar"]
     epochs: int = 100                         # GluonTS defaults
     num_batches_per_epoch: int = 50

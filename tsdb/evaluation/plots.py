@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -37,30 +38,29 @@ def fan_chart(panels: list[dict], path: str | Path, title: str = "", history_poi
     axes[-1, 0].set_xlabel("steps relative to forecast start")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def bar_chart(values: dict[str, float], path: str | Path, ylabel: str, title: str = "",
-              reference: float | None = None, reference_label: str = "") -> Path:
-    """Bars per arm; an optional horizontal reference line (e.g. the e2e arm)."""
+              reference: float | None = None, reference_label: str = "",
+              ranges: dict[str, tuple[float, float]] | None = None) -> Path:
+    """Bars per arm; an optional horizontal reference line (e.g. the e2e arm) and optional
+    whiskers per arm (``ranges``: e.g. min and max over seeds)."""
     names = list(values)
     fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(names) + 2), 3.5))
     ax.bar(names, [values[k] for k in names], color="tab:blue")
+    if ranges:
+        have = [k for k in names if k in ranges]
+        lo = [values[k] - ranges[k][0] for k in have]
+        hi = [ranges[k][1] - values[k] for k in have]
+        ax.errorbar(have, [values[k] for k in have], yerr=[lo, hi], fmt="none", ecolor="black", capsize=3, lw=1)
     if reference is not None:
         ax.axhline(reference, color="tab:red", ls="--", lw=1, label=reference_label)
         ax.legend(fontsize=8)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def line_chart(series: dict[str, tuple[list, list]], path: str | Path, xlabel: str, ylabel: str,
@@ -75,8 +75,36 @@ def line_chart(series: dict[str, tuple[list, list]], path: str | Path, xlabel: s
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(fontsize=8)
-    fig.tight_layout()
+    return _save(fig, path)
+
+
+
+def line_panels(panels: list[tuple[str, dict[str, tuple[list, list]]]], path: str | Path, xlabel: str,
+                title: str = "", styles: dict[str, dict] | None = None, logx: bool = False,
+                logy: bool = False) -> Path:
+    """Side-by-side line charts over one x axis: ``[(ylabel, {name: (xs, ys)}), ...]``;
+    ``styles[name]`` holds extra ``plot`` keywords (color, linestyle, label)."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), squeeze=False)
+    for ax, (ylabel, series) in zip(axes[0], panels):
+        for name, (xs, ys) in series.items():
+            ax.plot(xs, ys, **({"marker": "o", "ms": 3, "label": name} | (styles or {}).get(name, {})))
+        if logx:
+            ax.set_xscale("log", base=2)
+        if logy:
+            ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+    axes[0, 0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def _save(fig, path: str | Path) -> Path:
     path = Path(path)
-    fig.savefig(path, dpi=110)
+    with warnings.catch_warnings():   # ids in scripts the font lacks are drawn as boxes, not warned about
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

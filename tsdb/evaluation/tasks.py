@@ -3,8 +3,8 @@
 Every arm is judged the same way: an :class:`EvalTask` holds the test windows of one
 protocol (built with ``gluonts.dataset.split``), the arm produces sample paths for every
 window, and :meth:`EvalTask.evaluate` wraps them in GluonTS ``SampleForecast`` objects and
-scores them with ``gluonts.model.evaluation.evaluate_forecasts_raw`` and ``gluonts.ev``
-metrics. The protocols and their published anchor numbers are in
+scores them with ``gluonts.ev`` metrics (the loop of gluonts' ``evaluate_forecasts_raw``).
+The protocols and their published anchor numbers are in
 ``shared/benchmarks.md``:
 
 - protocol A, :func:`m4_hourly_task`: M4 Hourly, H = 48, seasonality 24, one window;
@@ -18,6 +18,13 @@ Metric keys returned by :meth:`EvalTask.evaluate`:
 - ``mae``: ``MAE[0.5]`` (point forecast = sample median);
 - ``coverage80``: share of targets inside the [q0.1, q0.9] sample interval (nominal 0.8);
 - ``num_windows`` plus the protocol facts in ``EvalTask.info`` (lookback, stride, split).
+
+With ``EvalTask.window_scores`` set, the metrics also hold ``window_scores``: per test window
+(in ``test_data`` order) the CRPS numerator ``crps_num`` (the mean over quantile levels of
+the window's summed quantile loss), its denominator ``abs_target`` (the window's summed
+``|y|``), and the window's ``mase``, ``mse`` and ``mae``, all from gluonts.ev with
+``axis=1``. ``sum(crps_num) / sum(abs_target)`` is ``crps`` exactly, so a resample of
+windows (the paired bootstrap of ``tsdb.bench.stats``) recomputes the metric as gluonts does.
 
 Covariates: a model with ``num_covariates > 0`` gets, per window, the covariates over its
 context and horizon (:meth:`EvalTask.covariates`). The horizon part is the covariates'
@@ -44,9 +51,14 @@ from gluonts.ev.metrics import (
     MSE,
     Coverage,
     MeanWeightedSumQuantileLoss,
+    SumAbsoluteLabel,
+    SumQuantileLoss,
 )
-from gluonts.model.evaluation import evaluate_forecasts_raw
+from gluonts.itertools import batcher
+# (private, gluonts pinned < 0.18): the batch of labels, forecasts and seasonal errors its metrics read
+from gluonts.model.evaluation import _get_data_batch
 from gluonts.model.forecast import SampleForecast
+from tqdm.auto import tqdm
 
 from tsdb.data.series import Series, SeriesDataset
 from tsdb.errors import DataError
@@ -67,6 +79,15 @@ METRICS = (
     MAE(forecast_type="0.5"),
     Coverage(q=0.1),
     Coverage(q=0.9),
+)
+
+# per window (axis=1: aggregated over lead times only), for resampling windows
+WINDOW_METRICS = (
+    *(SumQuantileLoss(q=q) for q in QUANTILE_LEVELS),
+    SumAbsoluteLabel(),
+    MASE(forecast_type="0.5"),
+    MSE(forecast_type="mean"),
+    MAE(forecast_type="0.5"),
 )
 
 M4_HOURLY_HORIZON = 48
@@ -120,6 +141,7 @@ class EvalTask:
     train: SeriesDataset
     scaler: StandardScaler | None = None
     info: dict = field(default_factory=dict)
+    window_scores: bool = False   # also return per-window scores (see the module doc)
 
     @property
     def num_windows(self) -> int:
@@ -171,19 +193,23 @@ class EvalTask:
         """
         batches = [samples] if isinstance(samples, np.ndarray) else samples
         counter = {"windows": 0}
-        raw = evaluate_forecasts_raw(
-            self._forecasts(batches, counter),
-            test_data=self.test_data,
-            metrics=METRICS,
-            batch_size=1000,
-            seasonality=self.season_length,
-        )
-        if counter["windows"] != self.num_windows:
+        # gluonts' evaluate_forecasts_raw, with a second set of evaluators at axis=1 fed from
+        # the same batches, so per-window scores cost no second pass over the forecasts
+        totals = {e.name: e for e in (m(axis=(0, 1)) for m in METRICS)}
+        per_window = {e.name: e for e in (m(axis=(1,)) for m in WINDOW_METRICS)} if self.window_scores else {}
+        forecasts = batcher(self._forecasts(batches, counter), batch_size=1000)
+        for inputs, labels, batch in zip(batcher(self.test_data.input, batch_size=1000),
+                                         batcher(self.test_data.label, batch_size=1000), forecasts):
+            data = _get_data_batch(inputs, labels, batch, seasonality=self.season_length)
+            for evaluator in (*totals.values(), *per_window.values()):
+                evaluator.update(data)
+        if counter["windows"] != self.num_windows or next(iter(forecasts), None) is not None:
             raise ValueError(
                 f"{self.name}: got samples for {counter['windows']} windows, "
                 f"the task has {self.num_windows}"
             )
-        return {
+        raw = {name: e.get() for name, e in totals.items()}
+        out = {
             "crps": float(raw["mean_weighted_sum_quantile_loss"]),
             "mase": float(raw["MASE[0.5]"]),
             "mse": float(raw["MSE[mean]"]),
@@ -192,6 +218,14 @@ class EvalTask:
             "num_windows": self.num_windows,
             **self.info,
         }
+        if per_window:
+            w = {name: np.asarray(e.get(), dtype=np.float64) for name, e in per_window.items()}
+            out["window_scores"] = {
+                "crps_num": np.mean([w[f"sum_quantile_loss[{q}]"] for q in QUANTILE_LEVELS], axis=0).tolist(),
+                "abs_target": w["sum_absolute_label"].tolist(),
+                "mase": w["MASE[0.5]"].tolist(), "mse": w["MSE[mean]"].tolist(), "mae": w["MAE[0.5]"].tolist(),
+            }
+        return out
 
     def _forecasts(self, batches: Iterable[np.ndarray], counter: dict) -> Iterator[SampleForecast]:
         """Pair each sample array with its window's label start and item id."""
@@ -217,8 +251,10 @@ def evaluate_predictor(
     num_samples: int = 100,
     batch_size: int = 256,
     num_covariates: int = 0,
+    progress: bool = False,
 ) -> dict:
-    """Run ``predictor`` over all windows in batches and score it.
+    """Run ``predictor`` over all windows in batches and score it (``progress``: a bar over
+    the windows on stderr).
 
     With ``num_covariates > 0`` the predictor also gets ``covariates=`` the windows'
     :meth:`EvalTask.covariates` (observed future values: an oracle covariate forecast).
@@ -233,15 +269,18 @@ def evaluate_predictor(
     timer = {"seconds": 0.0}
 
     def batches() -> Iterator[np.ndarray]:
-        for start in range(0, len(contexts), batch_size):
-            t0 = time.perf_counter()
-            if covariates is None:
-                samples = predictor(contexts[start:start + batch_size], num_samples)
-            else:
-                samples = predictor(contexts[start:start + batch_size], num_samples,
-                                    covariates=covariates[start:start + batch_size])
-            timer["seconds"] += time.perf_counter() - t0
-            yield samples
+        with tqdm(total=len(contexts), desc=f"forecasting {task.name}", unit="window", disable=not progress,
+                  leave=False) as bar:
+            for start in range(0, len(contexts), batch_size):
+                t0 = time.perf_counter()
+                if covariates is None:
+                    samples = predictor(contexts[start:start + batch_size], num_samples)
+                else:
+                    samples = predictor(contexts[start:start + batch_size], num_samples,
+                                        covariates=covariates[start:start + batch_size])
+                timer["seconds"] += time.perf_counter() - t0
+                bar.update(len(samples))
+                yield samples
 
     metrics = task.evaluate(batches())
     extra = {"num_covariates": num_covariates, "covariate_future": "observed (oracle)"} if num_covariates else {}

@@ -43,15 +43,20 @@ The cost is ~2K small ``session.run`` calls per forecast (tens of microseconds e
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import shutil
+from contextvars import ContextVar
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from tsdb.errors import TsdbError
-from tsdb.nn.cache import encode_tokens, window_tokens
+from tsdb.nn.cache import encode_tokens, init_tokens, window_tokens
 
 METADATA_FILE = "tsdb_model.json"
 OPSET = 18
@@ -84,6 +89,21 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+_BAR: ContextVar = ContextVar("tsdb_export_bar", default=None)   # the bar of the export in progress
+
+
+@contextlib.contextmanager
+def export_progress(enabled: bool = True):
+    """A progress bar ticked by every graph exported inside the block (each takes seconds to
+    minutes to trace), whichever strategy writes them."""
+    with tqdm(desc="ONNX export", unit="graph", disable=not enabled) as bar:
+        token = _BAR.set(bar)
+        try:
+            yield bar
+        finally:
+            _BAR.reset(token)
+
+
 def export_graph(module: nn.Module, args: tuple, path: Path, input_names, output_names, dynamic_shapes) -> None:
     import warnings
     with warnings.catch_warnings():
@@ -93,6 +113,8 @@ def export_graph(module: nn.Module, args: tuple, path: Path, input_names, output
                           opset_version=OPSET, dynamic_shapes=dynamic_shapes, verbose=False)
     if not path.exists():
         raise TsdbError(f"ONNX export did not write {path}")
+    if _BAR.get() is not None:
+        _BAR.get().update()
 
 
 class TraceExamples:
@@ -134,11 +156,13 @@ def export_update_graph(model, out: Path, ex: TraceExamples, n_cov: int = 0) -> 
     return update_in, update_out
 
 
-def export_run(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
+def export_run(run_dir: str | Path, out_dir: str | Path | None = None, progress: bool = False) -> Path:
     """Export a trained run directory (``tsdb train``) for streaming; returns ``out_dir``.
 
     ``out_dir`` defaults to ``RUN_DIR/onnx``. The graphs and metadata are the strategy's
-    (``strategy.streaming().export``).
+    (``strategy.streaming().export``). They are written to a hidden sibling folder that
+    replaces ``out_dir`` once complete, so a failed or interrupted export leaves no half model
+    (an earlier export stays usable until then). ``progress``: a bar over the graphs.
     """
     from tsdb.training.loop import load_model
 
@@ -147,8 +171,44 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
     if streaming is None:
         raise TsdbError(f"strategy {strategy.name!r} does not stream, so it has no ONNX export")
     out = Path(out_dir) if out_dir is not None else Path(run_dir) / "onnx"
-    streaming.export(model, out, num_steps=cfg.model.inference_steps)
+    partial, old = out.with_name(f".{out.name}.partial"), out.with_name(f".{out.name}.old")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        with export_progress(progress):
+            streaming.export(model, partial, num_steps=cfg.model.inference_steps)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        os.replace(out, old)
+    os.replace(partial, out)
+    shutil.rmtree(old, ignore_errors=True)
     return out
+
+
+def base_metadata(model: nn.Module, strategy, fmt: str, version: int, ex: "TraceExamples", arm: str | None,
+                  graphs: dict) -> dict:
+    """The metadata every format shares: identity, the shapes of the context cache, sizes,
+    and the graphs (``{"update": ..., "denoise": [...]}``)."""
+    shape = model.blocks[0].shape
+    return {
+        "format": fmt,
+        "format_version": version,
+        "tsdb_version": tsdb_version(),
+        "strategy": strategy.name,
+        "arm": arm or strategy.arm_name(),
+        "opset": OPSET,
+        "shapes": {
+            "context_length": shape.context_length, "horizon": shape.horizon, "patch_length": ex.p,
+            "context_channels": shape.context_channels, "d_model": shape.d_model, "n_heads": ex.heads,
+            "head_dim": ex.hd, "n_blocks": len(model.blocks), "layers_per_block": ex.layers,
+            "window_tokens": ex.w, "init_tokens": init_tokens(model), "future_tokens": shape.future_tokens,
+        },
+        "params": sum(q.numel() for q in model.parameters()),
+        "sigma_data": model.precond.sigma_data,
+        "graphs": graphs,
+    }
 
 
 def write_metadata(meta: dict, out: Path) -> dict:

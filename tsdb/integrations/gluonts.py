@@ -49,6 +49,8 @@ from torch import Tensor, nn
 
 from tsdb.config import ExperimentConfig, ModelConfig
 from tsdb.data.readers import from_gluonts
+from tsdb.data.validate import MAX_ABS_VALUE
+from tsdb.errors import DataError
 from tsdb.integrations import model_horizon
 from tsdb.strategies import get_strategy
 from tsdb.training.loop import train_model
@@ -89,6 +91,12 @@ class TsdbPredictionNetwork(nn.Module):
                 past_feat_dynamic_real: Tensor | None = None,
                 future_feat_dynamic_real: Tensor | None = None) -> Tensor:
         context = torch.where(past_observed_values > 0, past_target, torch.nan)
+        bad = ~torch.isnan(context) & ~(context.abs() <= MAX_ABS_VALUE)
+        if bad.any():
+            row, pos = (int(i) for i in bad.nonzero()[0])
+            raise DataError(f"series {row} of this batch: value {float(context[row, pos]):.3g} at context position "
+                            f"{pos} is infinite or beyond +-{MAX_ABS_VALUE:.0e}; replace it with NaN (= missing) "
+                            "or rescale the series")
         covariates = None
         if self.model_config.num_covariates:
             covariates = self._covariates(past_is_pad, past_feat_dynamic_real, future_feat_dynamic_real)

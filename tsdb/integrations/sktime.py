@@ -37,7 +37,7 @@ from tsdb.nn.cache import by_group
 from tsdb.strategies.depth.online import DepthStreaming
 from tsdb.config import ExperimentConfig
 from tsdb.data.series import Series, SeriesDataset
-from tsdb.data.validate import validate_dataset
+from tsdb.data.validate import check_values, validate_dataset
 from tsdb.data.windows import last_context
 from tsdb.integrations import model_horizon
 from tsdb.strategies import get_strategy
@@ -146,6 +146,8 @@ class TsdbForecaster(BaseForecaster):
         """Extend the history by ``y``; retrain on all of it if ``update_params``, else stream
         the values past each series' last seen time point into the state."""
         new = _series(y)
+        for key, (values, _) in new.items():    # inf or extreme values never reach the state
+            check_values(f"series {str(key)!r}", values)
         unknown = [key for key in new if key not in self._keys]
         if unknown:
             raise ValueError(f"update got series {unknown[0]} that fit did not see; fit again to "

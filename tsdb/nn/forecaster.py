@@ -13,20 +13,28 @@ from tsdb.core.samplers import SAMPLERS
 from tsdb.nn.denoiser import BlockDenoiser, ContextEncoding, CovariateFeatures
 
 
-def instance_stats(values: Tensor) -> tuple[Tensor, Tensor]:
-    """NaN-aware mean and std over the last axis, ``[batch, 1]`` each.
+SCALE_FLOOR = 1e-6     # relative: a std at most this share of |loc| counts as constant
+SCALE_TINY = 1e-30     # absolute: below it float32 arithmetic loses the values
 
-    A constant (or single-point) context gets scale 1 so it normalizes to zero rather than
-    blowing up.
+
+def instance_stats(values: Tensor) -> tuple[Tensor, Tensor]:
+    """NaN-aware mean and std over the last axis, ``[batch, 1]`` each, in ``values``' dtype.
+
+    Summed in float64, so a context of huge values (1e30) does not overflow the variance.
+    The floor is relative to the series: a std above ``SCALE_FLOOR * |loc|`` is kept, so a
+    series of values around 1e-7 is scaled by its own std; a constant context gets
+    ``min(|loc|, 1)`` (1 when it is all zero or missing), so it normalizes to zero and its
+    intervals stay on its own scale.
     """
     observed = ~torch.isnan(values)
+    x = values.double()
     n = observed.sum(-1, keepdim=True).clamp_min(1)
-    filled = torch.where(observed, values, torch.zeros_like(values))
-    loc = filled.sum(-1, keepdim=True) / n
-    var = torch.where(observed, (values - loc) ** 2, torch.zeros_like(values)).sum(-1, keepdim=True) / n
+    loc = torch.where(observed, x, torch.zeros_like(x)).sum(-1, keepdim=True) / n
+    var = torch.where(observed, (x - loc) ** 2, torch.zeros_like(x)).sum(-1, keepdim=True) / n
     scale = var.sqrt()
-    scale = torch.where(scale > 1e-6 * (1.0 + loc.abs()), scale, torch.ones_like(scale))
-    return loc, scale
+    constant = torch.where(loc.abs() > SCALE_TINY, loc.abs().clamp_max(1.0), torch.ones_like(loc))
+    scale = torch.where((scale > SCALE_FLOOR * loc.abs()) & (scale > SCALE_TINY), scale, constant)
+    return loc.to(values.dtype), scale.to(values.dtype)
 
 
 def context_features(values: Tensor, loc: Tensor, scale: Tensor) -> Tensor:

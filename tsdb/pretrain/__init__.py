@@ -1,9 +1,25 @@
 """Pretraining: a corpus made on the machine (KernelSynth, TSMixup, real series that installed
-packages ship) and its window stream. See docs/pretraining-corpus.md."""
+packages ship) and its window stream (docs/pretraining-corpus.md); ``tsdb pretrain``, zero-shot
+evaluation, fine-tuning, conversion of an end-to-end model into blocks, and the pipeline API of
+a pretrained checkpoint (docs/pretraining.md).
 
-from tsdb.pretrain.corpus import Corpus, CorpusConfig, CorpusWindows
-from tsdb.pretrain.kernel_synth import KernelSynth
-from tsdb.pretrain.mixup import TSMixup
-from tsdb.pretrain.sources import CorpusSeries, load_source
+Names are imported on first use, so that ``tsdb --help`` (which registers the pretraining
+subcommands) pulls in neither torch nor scipy."""
 
-__all__ = ["Corpus", "CorpusConfig", "CorpusSeries", "CorpusWindows", "KernelSynth", "TSMixup", "load_source"]
+from importlib import import_module
+
+_EXPORTS = {
+    "Corpus": "corpus", "CorpusConfig": "corpus", "CorpusWindows": "corpus",
+    "KernelSynth": "kernel_synth", "TSMixup": "mixup", "CorpusSeries": "sources", "load_source": "sources",
+    "PretrainConfig": "config", "pretrain": "train", "corpus_windows": "train",
+    "TsdbPipeline": "pipeline", "save_pretrained": "checkpoint", "load_pretrained": "checkpoint",
+    "finetune": "finetuning", "convert_e2e_to_blocks": "convert",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(f"tsdb.pretrain.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'tsdb.pretrain' has no attribute {name!r}")

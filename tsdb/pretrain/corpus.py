@@ -203,7 +203,10 @@ class CorpusWindows(IterableDataset):
 
     Chunk ``c`` holds ``series_per_chunk`` series drawn with the generator seeded by
     ``(seed, c)``; each of its ``series_per_chunk * windows_per_series`` windows picks one of
-    them uniformly, so the sources' share of windows is their weight. A shard (``rank`` of
+    them uniformly, so the sources' share of windows is their weight. With probability
+    ``short_context_prob`` a window's context keeps only a random number of its last slots,
+    between ``min_context`` and ``context_length`` (the others NaN): histories of every length
+    through one context shape. A shard (``rank`` of
     ``world_size``, times the DataLoader workers) takes every ``shards``-th chunk: the
     shards partition one global stream, whatever their number.
     """
@@ -211,7 +214,7 @@ class CorpusWindows(IterableDataset):
     def __init__(self, corpus: Corpus, context_length: int, horizon: int, seed: int = 0,
                  min_context: int | None = None, patch_length: int = 1,
                  partial_patch_prob: float = 0.0, rank: int = 0, world_size: int = 1,
-                 series_per_chunk: int = 64, windows_per_series: int = 32):
+                 series_per_chunk: int = 64, windows_per_series: int = 32, short_context_prob: float = 0.0):
         if series_per_chunk < 1 or windows_per_series < 1:
             raise DataError(f"series_per_chunk ({series_per_chunk}) and windows_per_series "
                             f"({windows_per_series}) must be at least 1")
@@ -221,15 +224,42 @@ class CorpusWindows(IterableDataset):
         self.patch_length = patch_length
         self.partial_patch_prob = partial_patch_prob if patch_length > 1 else 0.0
         self.rank, self.world_size = rank, world_size
+        self.position, self.worker_batch = 0, 1
         self.series_per_chunk, self.windows_per_series = series_per_chunk, windows_per_series
+        self.short_context_prob = short_context_prob
         self.min_length = self.min_context + horizon
         corpus.check(self.min_length)
 
-    def shard(self, rank: int, world_size: int) -> "CorpusWindows":
-        """The same global stream, keeping every ``world_size``-th chunk from ``rank``."""
+    def shard(self, rank: int, world_size: int, batch_size: int = 1) -> "CorpusWindows":
+        """The same global stream, keeping every ``world_size``-th chunk from ``rank``;
+        ``batch_size`` is this process's batch (DataLoader workers each take whole batches)."""
         out = copy.copy(self)
-        out.rank, out.world_size = rank, world_size
+        out.rank, out.world_size, out.worker_batch = rank, world_size, batch_size
         return out
+
+    def start_at(self, position: int) -> "CorpusWindows":
+        """The same stream after its first ``position`` windows (whole global batches, split
+        evenly over the ``world_size`` shards): how a resumed run continues where it stopped."""
+        if position % self.world_size:
+            raise ValueError(f"position {position} is not a multiple of world_size {self.world_size}")
+        out = copy.copy(self)
+        out.position = position
+        return out
+
+    def _skip(self, workers: int, worker: int) -> int:
+        """Windows this shard's DataLoader ``worker`` has already yielded at ``position``
+        (the loader takes whole batches from its workers in turn)."""
+        own = self.position // self.world_size
+        if workers == 1:
+            return own
+        batches = own // self.worker_batch
+        return (batches // workers + (worker < batches % workers)) * self.worker_batch
+
+    def identity(self) -> dict:
+        """What a run directory records of its training data (a resume on another corpus is refused)."""
+        return {"stream": "corpus", "seed": self.seed, "corpus": self.corpus.config.model_dump(mode="json"),
+                "series_per_chunk": self.series_per_chunk, "windows_per_series": self.windows_per_series,
+                "short_context_prob": self.short_context_prob}
 
     @property
     def windows_per_chunk(self) -> int:
@@ -247,8 +277,12 @@ class CorpusWindows(IterableDataset):
             t = series[int(rng.integers(len(series)))]
             split, pad = window_cut(len(t), rng, self.horizon, self.min_context, self.patch_length,
                                     self.partial_patch_prob)
-            yield (padded_context(t[:split], self.context_length, pad), t[split:split + self.horizon],
-                   diffusion_draws(rng, self.horizon))
+            context = padded_context(t[:split], self.context_length, pad)
+            if self.short_context_prob and rng.random() < self.short_context_prob:
+                # a shorter history: keep the last `keep` slots (>= min_context observed)
+                keep = int(rng.integers(min(self.min_context + pad, self.context_length), self.context_length + 1))
+                context[:self.context_length - keep] = np.nan
+            yield context, t[split:split + self.horizon], diffusion_draws(rng, self.horizon)
 
     def chunk_indices(self, workers: int = 1, worker: int = 0):
         """The chunks this shard (and DataLoader ``worker`` of ``workers``) takes, in order."""
@@ -258,8 +292,16 @@ class CorpusWindows(IterableDataset):
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         workers, worker = (1, 0) if info is None else (info.num_workers, info.id)
-        for index in self.chunk_indices(workers, worker):
-            yield from self.chunk(index)
+        skip = self._skip(workers, worker)
+        chunks = self.chunk_indices(workers, worker)
+        # chunks are seeded apart: whole skipped chunks are never generated
+        chunks = itertools.islice(chunks, skip // self.windows_per_chunk, None)
+        first = True
+        for index in chunks:
+            windows = self.chunk(index)
+            if first:
+                windows, first = itertools.islice(windows, skip % self.windows_per_chunk, None), False
+            yield from windows
 
 
 # ---------------------------------------------------------------- report

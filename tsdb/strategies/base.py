@@ -44,6 +44,10 @@ class Strategy(ABC):
     name: ClassVar[str]
     # how the strategy's models stream (ONNX export, streaming benchmark); None: they do not
     streaming_class: ClassVar[type["StreamingSupport"] | None] = None
+    # independent (u, eps) sets per training window that the units' losses read from the
+    # batch's draws (``TrainingWindows(draw_sets=...)``): every random number of a training
+    # step comes from the data stream
+    draw_sets: ClassVar[int] = 1
 
     def __init__(self, cfg: ModelConfig):
         self.cfg = cfg

@@ -13,8 +13,7 @@ import torch
 from torch import nn
 
 from tsdb.errors import TsdbError
-from tsdb.export.onnx import OPSET, TraceExamples, export_graph, tsdb_version, export_update_graph, write_metadata
-from tsdb.nn.cache import init_tokens
+from tsdb.export.onnx import TraceExamples, base_metadata, export_graph, export_update_graph, write_metadata
 from tsdb.nn.forecaster import DiffusionForecaster
 from tsdb.strategies.depth.streaming import NORMALIZATION_RULE, denoise_step
 
@@ -51,7 +50,7 @@ def export_model(model: DiffusionForecaster, strategy, out_dir: str | Path, samp
     model = model.eval().float()
     shape = model.blocks[0].shape
     ex = TraceExamples(model)
-    p, w, heads, hd, layers = ex.p, ex.w, ex.heads, ex.hd, ex.layers
+    heads, hd, layers = ex.heads, ex.hd, ex.layers
     nb = len(model.blocks)
     n_cov = shape.covariates
     batch, cache, samples = ex.batch, ex.cache, ex.samples
@@ -84,42 +83,29 @@ def export_model(model: DiffusionForecaster, strategy, out_dir: str | Path, samp
     for n in sorted({k, nb, 2 * nb, 4 * nb, 8, 16}):
         sched = strategy.schedule(n)
         schedules[str(n)] = {"sigmas": sched.sigmas.tolist(), "blocks": list(sched.blocks)}
-    meta = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "tsdb_version": tsdb_version(),
-        "strategy": strategy.name,
-        "arm": arm or strategy.arm_name(),
-        "opset": OPSET,
-        "shapes": {
-            "core_layers": [len(b.layers) for b in model.blocks],
-            "context_length": shape.context_length, "horizon": shape.horizon, "patch_length": p,
-            "context_channels": shape.context_channels, "d_model": shape.d_model, "n_heads": heads,
-            "head_dim": hd, "n_blocks": nb, "layers_per_block": layers, "window_tokens": w,
-            "init_tokens": init_tokens(model), "future_tokens": shape.future_tokens,
-        },
-        "params": sum(q.numel() for q in model.parameters()),
+    graphs = {"update": {"file": "update.onnx", "inputs": update_in, "outputs": update_out},
+              "denoise": [{"file": f, "inputs": denoise_in, "outputs": ["denoised"]} for f in denoise_files]}
+    meta = base_metadata(model, strategy, FORMAT, FORMAT_VERSION, ex, arm, graphs)
+    meta["shapes"]["core_layers"] = [len(b.layers) for b in model.blocks]
+    meta.update({
         "sampler": sampler,
         "num_steps": k,
         "sigmas": schedules[str(k)]["sigmas"],
         "step_blocks": schedules[str(k)]["blocks"],
         "schedules": schedules,
         "band_edges": [float(e) for e in model.edges.tolist()],
-        "sigma_data": model.precond.sigma_data,
         "normalization": {
             "rule": NORMALIZATION_RULE,
             "stats_window": shape.context_length,
             "scale_floor": 1e-6,
-            "description": ("loc/scale = NaN-aware mean/std (population) of the last context_length values "
-                            "at initialisation; scale = 1 where std <= 1e-6 * (1 + |loc|). Frozen while the "
+            "description": ("loc/scale = NaN-aware mean/std (population, summed in float64) of the last "
+                            "context_length values at initialisation; where std <= max(1e-6 * |loc|, 1e-30) "
+                            "the context counts as constant and scale = min(|loc|, 1), or 1 where "
+                            "|loc| <= 1e-30 (tsdb.nn.forecaster.instance_stats). Frozen while the "
                             "cache is valid; a refresh recomputes them and re-encodes the cache from the "
                             "last init_tokens * patch_length raw values."),
         },
-        "graphs": {
-            "update": {"file": "update.onnx", "inputs": update_in, "outputs": update_out},
-            "denoise": [{"file": f, "inputs": denoise_in, "outputs": ["denoised"]} for f in denoise_files],
-        },
-    }
+    })
     if n_cov:
         meta["shapes"]["num_covariates"] = n_cov
         meta["normalization"]["covariates"] = (

@@ -37,9 +37,8 @@ import torch
 from torch import Tensor, nn
 
 from tsdb.errors import TsdbError
-from tsdb.export.onnx import OPSET, TraceExamples, export_graph, tsdb_version, export_update_graph, write_metadata
+from tsdb.export.onnx import TraceExamples, base_metadata, export_graph, export_update_graph, write_metadata
 from tsdb.strategies.horizon.model import HorizonForecaster
-from tsdb.nn.cache import init_tokens
 from tsdb.strategies.horizon.streaming import NORMALIZATION_RULE, denoise_tokens
 
 FORMAT = "tsdb-streaming-onnx-horizon"
@@ -71,8 +70,7 @@ def export_horizon_model(model: HorizonForecaster, strategy, out_dir: str | Path
     model = model.eval().float()
     shape = model.blocks[0].shape
     ex = TraceExamples(model)
-    p, w, h, heads, hd, layers = ex.p, ex.w, shape.horizon, ex.heads, ex.hd, ex.layers
-    nb = len(model.blocks)
+    h, heads, hd, layers = shape.horizon, ex.heads, ex.hd, ex.layers
     substeps = strategy.substeps(num_steps)
     update_in, update_out = export_update_graph(model, out, ex)
 
@@ -90,34 +88,20 @@ def export_horizon_model(model: HorizonForecaster, strategy, out_dir: str | Path
         denoise_files.append(name)
 
     phases = torch.linspace(0.0, 1.0, substeps + 1, dtype=torch.float64)
-    meta = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "tsdb_version": tsdb_version(),
-        "strategy": strategy.name,
-        "arm": arm or strategy.arm_name(),
-        "opset": OPSET,
-        "shapes": {
-            "context_length": shape.context_length, "horizon": h, "patch_length": p,
-            "chunk_length": model.chunk_length, "n_blocks": nb, "context_channels": shape.context_channels,
-            "d_model": shape.d_model, "n_heads": heads, "head_dim": hd, "layers_per_block": layers,
-            "window_tokens": w, "init_tokens": init_tokens(model), "future_tokens": shape.future_tokens,
-        },
-        "params": sum(q.numel() for q in model.parameters()),
+    graphs = {"update": {"file": "update.onnx", "inputs": update_in, "outputs": update_out},
+              "denoise": [{"file": f, "inputs": list(DENOISE_INPUTS), "outputs": ["denoised"]} for f in denoise_files]}
+    meta = base_metadata(model, strategy, FORMAT, FORMAT_VERSION, ex, arm, graphs)
+    meta["shapes"]["chunk_length"] = model.chunk_length
+    meta.update({
         "sampler": strategy.cfg.sampler,
         "substeps": substeps,
         "last_substep": "euler",
         "roll_sigmas": model.window_sigma(phases).tolist(),   # [S + 1, H], staircase phase 0 -> 1
         "sigma_max": float(model.noise.sigma_max),
-        "sigma_data": model.precond.sigma_data,
         "noise": {"init": "[batch, S, 2H]", "update": "[batch, S, c] per observed roll",
                   "forecast": "[batch, S, H + c]"},
         "normalization": {"rule": NORMALIZATION_RULE, "stats_window": shape.context_length, "scale_floor": 1e-6},
-        "graphs": {
-            "update": {"file": "update.onnx", "inputs": update_in, "outputs": update_out},
-            "denoise": [{"file": f, "inputs": list(DENOISE_INPUTS), "outputs": ["denoised"]} for f in denoise_files],
-        },
-    }
+    })
     return write_metadata(meta, out)
 
 

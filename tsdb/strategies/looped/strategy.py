@@ -52,13 +52,20 @@ def fair_crps(x1: Tensor, x2: Tensor, y: Tensor) -> Tensor:
 def unrolled_crps(model: DiffusionForecaster, batch: Batch, iters: int) -> Tensor:
     """Mean fair CRPS of two ``iters``-step Euler trajectories per series, differentiable end to end.
 
-    Two trajectories need twice the random numbers a batch's ``draws`` carry, so they come
-    from torch's (seeded) generator.
+    The two trajectories of a series take their grid phase and start noise from the batch's
+    two draw sets (``[b, 2 * (1 + H)]``: u, then eps, per trajectory), so every random
+    number comes from the data stream, like the EDM loss's. ``iters = 1`` is the same loss
+    without unrolling: one application of the core from pure noise at a random sigma.
     """
     features, y, observed, _, _ = model.prepare(*batch)
+    if len(batch) < 3 or batch[2].shape[-1] != 2 * (1 + y.shape[1]):
+        raise TsdbError(f"looped-bptt needs two draw sets per window (draws [batch, {2 * (1 + y.shape[1])}]: "
+                        "TrainingWindows(draw_sets=2)); got "
+                        f"{'none' if len(batch) < 3 else list(batch[2].shape)}")
+    draws = batch[2].reshape(y.shape[0] * 2, 1 + y.shape[1])  # series-major: rows 2i, 2i + 1 are series i's
     denoise, = model.denoisers([e.repeat(2) for e in model.encode(features)])  # prelude once per series
-    sigmas = shifted_grid(iters, torch.rand(2 * y.shape[0], device=y.device), model.noise)
-    x = sigmas[:, :1] * torch.randn(2 * y.shape[0], y.shape[1], device=y.device)
+    sigmas = shifted_grid(iters, draws[:, 0], model.noise)
+    x = sigmas[:, :1] * draws[:, 1:]
     for i in range(iters):
         s, s_next = sigmas[:, i:i + 1], sigmas[:, i + 1:i + 2]
         x = x + (s_next - s) * to_d(x, s, denoise(x, s[:, 0]))
@@ -107,6 +114,7 @@ class LoopedStrategy(DepthStrategy):
 
 class LoopedBPTTStrategy(LoopedStrategy):
     name = "looped-bptt"
+    draw_sets = 2   # two trajectories per window
 
     def units(self, model: DiffusionForecaster) -> list[TrainUnit]:
         return [TrainUnit("block-0", model.blocks[0], lambda batch: unrolled_crps(model, batch, self.cfg.loop_iters))]

@@ -1,0 +1,49 @@
+"""Pretrained checkpoints: a folder with ``config.yaml`` (the `ExperimentConfig` the model was
+built from) and ``model.safetensors`` (its weights), small enough to commit and ship.
+
+A checkpoint folder is also a run directory as far as `tsdb.training.loop.load_model` is
+concerned, so ``tsdb export``, ``tsdb forecast --pretrained``, ``tsdb finetune`` and
+`tsdb.pretrain.TsdbPipeline` all take either a checkpoint folder or a trained run directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from torch import nn
+
+from tsdb.config import ExperimentConfig
+from tsdb.errors import TsdbError
+
+WEIGHTS_FILE = "model.safetensors"
+
+
+def save_pretrained(cfg: ExperimentConfig, model: nn.Module, out_dir: str | Path, info: dict | None = None) -> Path:
+    """Write ``config.yaml``, ``model.safetensors`` and ``checkpoint.json`` (sha256 of the
+    weights, parameter count, ``info``) to ``out_dir``; returns it."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.to_yaml(out / "config.yaml")
+    # contiguous copies: safetensors refuses shared or strided storage
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(out / WEIGHTS_FILE))
+    digest = hashlib.sha256((out / WEIGHTS_FILE).read_bytes()).hexdigest()
+    meta = {"weights": WEIGHTS_FILE, "sha256": digest, "bytes": (out / WEIGHTS_FILE).stat().st_size,
+            "params": sum(p.numel() for p in model.parameters()), "strategy": cfg.model.strategy, **(info or {})}
+    (out / "checkpoint.json").write_text(json.dumps(meta, indent=2))
+    return out
+
+
+def load_pretrained(path: str | Path):
+    """``(cfg, strategy, model)`` from a checkpoint folder or a trained run directory; the model
+    is in eval mode on the CPU."""
+    from tsdb.training.loop import load_model
+
+    path = Path(path)
+    if not (path / "config.yaml").exists():
+        raise TsdbError(f"{path} is neither a pretrained checkpoint folder ({WEIGHTS_FILE} + config.yaml) nor a "
+                        "trained run directory; pass the folder `tsdb pretrain` or `tsdb train` wrote")
+    return load_model(path)

@@ -1,0 +1,228 @@
+"""``tsdb finetune-bench``: does a pretrained start beat training from scratch at the same
+budget, does conversion from an end-to-end model work, and is a clean-target anchor needed?
+
+Arms, all `depth` models of the pretraining run's shape trained with the same recipe (steps per
+block, batch, warmup, seed) on the protocol's training data:
+
+- ``scratch``: random initialisation;
+- ``finetune``: every block from the pretrained depth model (blocks pretrained as blocks);
+- ``finetune-anchor``: the same plus the anchor loss (the block's loss at sigma_min);
+- ``convert``: blocks cut from the pretrained end-to-end model (`tsdb.pretrain.convert`);
+- ``convert-anchor``: the same plus the anchor loss;
+- ``zero-shot``, ``zero-shot-e2e``: the pretrained depth and e2e models untouched (references).
+
+The learning rate of each trained arm is chosen from ``lrs`` on the protocol's validation
+windows (M4: the last 48 points of each training series; ETTh1: the validation split) with
+the first seed; the test windows are then scored for every seed. Every job (arm, dataset,
+split, lr, seed) caches its metrics in ``OUT/jobs/``; jobs run in ``workers`` processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+import yaml
+from pydantic import Field
+
+from tsdb.config import _Strict
+from tsdb.errors import TsdbError
+
+ARMS = ("scratch", "finetune", "finetune-anchor", "convert", "convert-anchor")
+REFERENCES = ("zero-shot", "zero-shot-e2e")
+# arms that take the learning rate chosen for another arm (same kind of start)
+LR_FROM = {"finetune-anchor": "finetune", "convert": "finetune", "convert-anchor": "finetune"}
+
+
+class FinetuneBenchConfig(_Strict):
+    pretrained_run: str                      # a `tsdb pretrain` run directory with depth/ and e2e/
+    datasets: list[str] = ["m4_hourly", "etth1_96"]
+    arms: list[str] = list(ARMS)
+    seeds: list[int] = [0, 1, 2]
+    steps: int = Field(150, ge=1)            # per block
+    lrs: list[float] = [3e-4, 1e-3]
+    anchor_weight: float = 1.0
+    num_samples: int = Field(50, ge=1)
+    etth1_stride: int = Field(49, ge=1)
+    workers: int = Field(2, ge=1)
+
+
+def _tasks(dataset: str, context_length: int, stride: int, root=None):
+    """``(validation task, test task)`` of a protocol."""
+    from tsdb.data.registry import load_dataset
+    from tsdb.data.series import SeriesDataset
+    from tsdb.evaluation.tasks import etth1_task, m4_hourly_task
+    from tsdb.pretrain.zeroshot import protocol_task
+
+    test = protocol_task(dataset, context_length, stride, root)
+    if dataset == "m4_hourly":
+        full = load_dataset("m4_hourly", root)
+        train = SeriesDataset(full.name, [s.slice(0, len(s) - 48) for s in full], full.freq, full.season_length,
+                              dict(full.meta))
+        return m4_hourly_task(train), test
+    if dataset.startswith("etth1_"):
+        return etth1_task(load_dataset("etth1", root), test.horizon, lookback=context_length, stride=stride,
+                          split="val"), test
+    raise TsdbError(f"finetune-bench: datasets are m4_hourly and etth1_<H>, got {dataset!r}")
+
+
+def run_job(cfg: FinetuneBenchConfig, out: Path, job: dict) -> dict:
+    """Train (unless a reference) and score one job; cached in its folder."""
+    import torch
+
+    from tsdb.pretrain.finetuning import finetune, finetune_config
+    from tsdb.pretrain.zeroshot import zero_shot_predictor
+    from tsdb.evaluation.tasks import evaluate_predictor
+    from tsdb.strategies import get_strategy
+    from tsdb.training.loop import load_model, train_model
+
+    from tsdb.cli.main import _quiet
+
+    _quiet()     # a spawned worker: the CLI's warning filters again
+    torch.set_num_threads(1)
+    folder = out / "jobs" / job_name(job)
+    done = folder / "metrics.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    run = Path(cfg.pretrained_run)
+    depth_cfg, _, _ = load_model(run / "depth")
+    val, test = _tasks(job["dataset"], depth_cfg.model.context_length, cfg.etth1_stride)
+    task = val if job["split"] == "val" else test
+    started, cpu = time.perf_counter(), time.process_time()
+    arm = job["arm"]
+    anchor = cfg.anchor_weight if arm.endswith("-anchor") else 0.0
+    if arm in REFERENCES:
+        model_dir = run / ("e2e" if arm == "zero-shot-e2e" else "depth")
+    elif arm == "scratch":
+        model_dir = folder / "run"
+        ft_cfg = finetune_config(depth_cfg, task.train, cfg.steps, job["lr"], job["seed"], progress=False)
+        train_model(ft_cfg, task.train, model_dir, strategy=get_strategy(ft_cfg.model))
+    else:
+        model_dir = folder / "run"
+        source, blocks = (run / "e2e", depth_cfg.model.n_blocks) if arm.startswith("convert") else (run / "depth", None)
+        finetune(source, task.train, model_dir, steps=cfg.steps, lr=job["lr"], seed=job["seed"], anchor_weight=anchor,
+                 num_blocks=blocks, progress=False)
+    train_cpu = time.process_time() - cpu
+    _, strategy, model = load_model(model_dir)
+    metrics = evaluate_predictor(task, zero_shot_predictor(strategy, model, task.horizon, seed=job["seed"]),
+                                 depth_cfg.model.context_length, cfg.num_samples)
+    metrics.update(job=job, train_cpu_seconds=train_cpu, wall_seconds=time.perf_counter() - started,
+                   cpu_seconds=time.process_time() - cpu)
+    folder.mkdir(parents=True, exist_ok=True)
+    done.write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def job_name(job: dict) -> str:
+    lr = "" if job.get("lr") is None else f"-lr{job['lr']:g}"
+    return f"{job['dataset']}/{job['split']}/{job['arm']}{lr}-seed{job['seed']}"
+
+
+def _run_all(cfg: FinetuneBenchConfig, out: Path, jobs: list[dict], log) -> list[dict]:
+    if cfg.workers == 1:
+        return [run_job(cfg, out, j) for j in jobs]
+    ctx = get_context("spawn")   # fresh interpreters: no torch thread pools inherited across fork
+    env = {"OMP_NUM_THREADS": "1", "TSDB_NUM_THREADS": "1"}
+    os.environ.update(env)
+    with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=ctx) as pool:
+        futures = [pool.submit(run_job, cfg, out, j) for j in jobs]
+        results = []
+        for job, f in zip(jobs, futures):
+            results.append(f.result())
+            log(f"[finetune-bench] {job_name(job)}: CRPS {results[-1]['crps']:.4f}")
+        return results
+
+
+def run_finetune_bench(cfg: FinetuneBenchConfig, out: str | Path, report_dir: str | Path | None = None,
+                       command: str | None = None, log=print) -> dict:
+    """Every arm x dataset x seed, learning rates chosen on validation; writes ``results.json``
+    and ``report.md`` to ``out`` (the jobs' runs stay there) and, if given, ``report_dir``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    unknown = sorted(set(cfg.arms) - set(ARMS) - set(REFERENCES))
+    if unknown:
+        raise TsdbError(f"finetune-bench: unknown arm {unknown[0]!r}; arms are {', '.join(ARMS + REFERENCES)}")
+    trained = [a for a in cfg.arms if a in ARMS]
+    # 1. validation: each arm that chooses its own lr, at every lr, first seed
+    choosers = sorted({LR_FROM.get(a, a) for a in trained})
+    val_jobs = [dict(dataset=d, split="val", arm=a, lr=lr, seed=cfg.seeds[0])
+                for d in cfg.datasets for a in choosers for lr in cfg.lrs]
+    val = _run_all(cfg, out, val_jobs, log)
+    chosen = {}
+    for d in cfg.datasets:
+        for a in choosers:
+            scores = {j["lr"]: m["crps"] for j, m in zip(val_jobs, val) if j["dataset"] == d and j["arm"] == a}
+            chosen[f"{d}/{a}"] = min(scores, key=scores.get)
+    # 2. test: every arm and seed at its chosen lr, plus the untouched pretrained models
+    test_jobs = [dict(dataset=d, split="test", arm=a, lr=chosen[f"{d}/{LR_FROM.get(a, a)}"], seed=s)
+                 for d in cfg.datasets for a in trained for s in cfg.seeds]
+    test_jobs += [dict(dataset=d, split="test", arm=a, lr=None, seed=cfg.seeds[0])
+                  for d in cfg.datasets for a in cfg.arms if a in REFERENCES]
+    test = _run_all(cfg, out, test_jobs, log)
+    results = {"config": cfg.model_dump(mode="json"), "chosen_lr": chosen,
+               "validation": [dict(job=j, crps=m["crps"], mase=m["mase"]) for j, m in zip(val_jobs, val)],
+               "test": summarize(test_jobs, test), "load_average": os.getloadavg()[0],
+               "command": command or f"tsdb finetune-bench --config {out / 'config.yaml'} --out {out}"}
+    for folder in [out] + ([Path(report_dir)] if report_dir else []):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        (folder / "results.json").write_text(json.dumps(results, indent=2))
+        (folder / "report.md").write_text(render(results))
+    return results
+
+
+def summarize(jobs: list[dict], metrics: list[dict]) -> dict:
+    """Per dataset and arm: mean and std over seeds of CRPS and MASE, the per-seed figures, and
+    the CPU seconds of training."""
+    out: dict = {}
+    for j, m in zip(jobs, metrics):
+        cell = out.setdefault(j["dataset"], {}).setdefault(j["arm"], {"seeds": [], "crps": [], "mase": [],
+                                                                        "train_cpu_seconds": [], "lr": j["lr"]})
+        cell["seeds"].append(j["seed"])
+        cell["crps"].append(m["crps"])
+        cell["mase"].append(m["mase"])
+        cell["train_cpu_seconds"].append(m["train_cpu_seconds"])
+    for arms in out.values():
+        for cell in arms.values():
+            for k in ("crps", "mase"):
+                cell[f"{k}_mean"] = float(np.mean(cell[k]))
+                cell[f"{k}_std"] = float(np.std(cell[k], ddof=1)) if len(cell[k]) > 1 else 0.0
+        if "scratch" in arms:
+            for cell in arms.values():
+                cell["crps_vs_scratch"] = cell["crps_mean"] / arms["scratch"]["crps_mean"]
+    return out
+
+
+def render(results: dict) -> str:
+    c = results["config"]
+    lines = ["# Fine-tuning from the pretrained model, conversion and the anchor loss", "",
+             f"Produced by: `{results['command']}` (`config.yaml` beside this report).", "",
+             f"Pretrained run: `{c['pretrained_run']}`. Every trained arm: {c['steps']} steps per block, learning "
+             f"rate chosen from {c['lrs']} on the validation windows with seed {c['seeds'][0]} (chosen: "
+             + ", ".join(f"{k} {v:g}" for k, v in results["chosen_lr"].items())
+             + "; the anchor and conversion arms take the fine-tuning arm's). "
+             f"Test: seeds {c['seeds']}, {c['num_samples']} samples, ETTh1 every {c['etth1_stride']}th window. "
+             f"Anchor: weight {c['anchor_weight']} times the block's loss at sigma_min. "
+             "Mean +- std over seeds; CRPS = mean weighted quantile loss over q = 0.1..0.9.", ""]
+    for dataset, arms in results["test"].items():
+        lines += [f"## {dataset}", "", "| arm | lr | CRPS mean +- std | CRPS / scratch | MASE mean +- std | per seed CRPS | train CPU s |",
+                  "|---|---|---|---|---|---|---|"]
+        for arm, cell in arms.items():
+            lines.append(f"| {arm} | {'-' if cell['lr'] is None else format(cell['lr'], 'g')} | "
+                         f"{cell['crps_mean']:.4f} +- {cell['crps_std']:.4f} | "
+                         f"{cell.get('crps_vs_scratch', float('nan')):.3f} | {cell['mase_mean']:.3f} +- {cell['mase_std']:.3f} | "
+                         + ", ".join(f"{x:.4f}" for x in cell["crps"])
+                         + f" | {np.mean(cell['train_cpu_seconds']):.0f} |")
+        lines.append("")
+    lines += ["Validation CRPS (learning-rate choice):", ""]
+    for v in results["validation"]:
+        j = v["job"]
+        lines.append(f"- {j['dataset']} {j['arm']} lr {j['lr']:g}: {v['crps']:.4f}")
+    lines += ["", "Figures are written by `tsdb.pretrain.finetune_bench` from `results.json` in this folder."]
+    return "\n".join(lines) + "\n"
