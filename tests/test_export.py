@@ -99,6 +99,7 @@ def test_runtime_matches_pytorch_streaming(exported):
     check_runtime_parity(*exported)
 
 
+@pytest.mark.slow   # its own ONNX export (tens of seconds)
 def test_runtime_matches_pytorch_streaming_with_a_linear_head(tmp_path_factory):
     """The linear head reads the context embeddings from the cache (the tap is one more
     context layer), so the generic graphs and runtime serve it unchanged."""

@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import resource
 import time
 from pathlib import Path
 from typing import Callable
@@ -43,6 +42,7 @@ from tsdb.config import ExperimentConfig
 from tsdb.errors import TsdbError
 from tsdb.evaluation.peers import run_peer
 from tsdb.evaluation.tasks import EvalTask, evaluate_predictor
+from tsdb.pretrain.train import cpu_seconds as _cpu
 
 # model fields that only change inference: trials differing in these share a trained model
 INFERENCE_FIELDS = ("num_steps", "sampler", "num_samples")
@@ -51,11 +51,6 @@ FIGURES = ("crps", "mase", "mse", "mae", "coverage80")
 
 def _key(data: dict) -> str:
     return hashlib.sha1(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def _cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
 
 
 def training_config(cfg: ExperimentConfig) -> ExperimentConfig:
@@ -221,6 +216,12 @@ def _compact(overrides: dict) -> str:
     return ", ".join(items) or "(arm as in the bench)"
 
 
+def _budget(config: dict) -> str:
+    m, t = config["model"], config["train"]
+    return (f"{t['steps_per_block']} x {m['n_blocks']}, batch {t['batch_size']}, context {m['context_length']}, "
+            f"{m['sampler']} K={m['num_steps']}")
+
+
 def write_tune_report(results: dict, out: Path) -> Path:
     spec = results["spec"]
     task = results["task"]
@@ -232,12 +233,16 @@ def write_tune_report(results: dict, out: Path) -> Path:
              f"{_compact(spec['overrides'])}. CRPS = mean weighted quantile loss 0.1..0.9, MASE on the sample "
              "median, MSE on the sample mean (gluonts.ev); mean over seeds, sd across seeds. CPU seconds "
              "are this process's (1 torch thread) per seed; the machine is shared, so wall time says little.", "",
-             "| trial | overrides | val CRPS | sd | val MASE | val MSE | train CPU s | eval CPU s |",
-             "|---|---|---|---|---|---|---|---|"]
+             "Budget per seed: training steps per block x blocks, batch size, context length, sampler and "
+             "its steps K; CPU seconds per seed (trials that differ only in inference share a trained model "
+             "and its training seconds).", "",
+             "| trial | overrides | budget | val CRPS | sd | per seed | val MASE | val MSE | train CPU s | eval CPU s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, t in results["trials"].items():
-        lines.append(f"| {name} | {_compact(t['overrides'])} | {_fmt(t['crps'])} | {_fmt(t['crps_sd'])} | "
-                     f"{_fmt(t['mase'], 3)} | {_fmt(t['mse'], 4)} | {t['train_cpu_seconds']:.0f} | "
-                     f"{t['eval_cpu_seconds']:.0f} |")
+        per_seed = " / ".join(f"{s['crps']:.4f}" for s in t["seeds"].values())
+        lines.append(f"| {name} | {_compact(t['overrides'])} | {_budget(t['config'])} | {_fmt(t['crps'])} | "
+                     f"{_fmt(t['crps_sd'])} | {per_seed} | {_fmt(t['mase'], 3)} | {_fmt(t['mse'], 4)} | "
+                     f"{t['train_cpu_seconds']:.0f} | {t['eval_cpu_seconds']:.0f} |")
     if results["peers"]:
         lines += ["", "Peers on the same validation windows (the benchmark's settings):", "",
                   "| peer | val CRPS | val MASE | val MSE |", "|---|---|---|---|"]

@@ -3,8 +3,7 @@ validation window carved from it.
 
 1. :func:`choose_config` reads the data's shape (number and lengths of the series, the season
    length of its frequency, the horizon) and picks the patch, the context, the model size and
-   the training steps, saying why on the way (the rules and the figures behind them are in
-   ``docs/recipe.md``).
+   the training steps, printing them as it goes (each rule's reason is in its docstring).
 2. :func:`train_and_validate` holds out the last ``horizon`` points of every series (the
    validation window), trains the model on what is before, scores it there beside
    statsforecast's seasonal naive (with its intervals) and AutoETS, scored by the same
@@ -56,9 +55,10 @@ class DataProfile:
 
 def choose_patch(horizon: int) -> int:
     """The largest patch with at least 3 future tokens (at most 16: the benchmark recipe),
-    preferring one that divides the horizon."""
+    preferring one at least half as long that divides the horizon (no wasted future points);
+    else the horizon is rounded up to whole patches."""
     fits = [p for p in PATCHES if p <= max(1, horizon // 3)]
-    return next((p for p in fits if horizon % p == 0), fits[0])
+    return next((p for p in fits if horizon % p == 0 and 2 * p >= fits[0]), fits[0])
 
 
 def choose_context(profile: DataProfile, patch: int) -> int:
