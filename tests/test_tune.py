@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pytest
 import yaml
 
 from tsdb.bench.tune import run_tune, training_config
@@ -34,7 +33,6 @@ def test_overrides_nest_and_merge():
     assert training_config(cfg).model == training_config(ExperimentConfig()).model
 
 
-@pytest.mark.slow
 def test_tune_scores_on_validation_chooses_the_best_and_reuses_trials(tmp_path):
     bench = tmp_path / "bench.yaml"
     bench.write_text(yaml.safe_dump(BENCH))
