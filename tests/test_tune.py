@@ -64,6 +64,9 @@ def test_tune_scores_on_validation_chooses_the_best_and_reuses_trials(tmp_path):
     assert np.isfinite(results["peers"]["seasonal-naive"]["crps"])
     report = (out / "report.md").read_text()
     assert "| euler |" in report and "3 x 2, batch 8, context 96, euler K=2" in report   # each trial's budget
+    ratio = results["chosen"]["crps"] / results["peers"]["seasonal-naive"]["crps"]
+    assert f"| seasonal-naive | {results['peers']['seasonal-naive']['crps']:.4f} |" in report
+    assert f"| {ratio:.3f} |" in report and "2 seed(s) per trial" in report
 
     # the command: a second run reuses every trained model and scored trial
     stamps = {p: p.stat().st_mtime_ns for p in runs.rglob("*.json")}

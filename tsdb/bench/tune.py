@@ -244,11 +244,17 @@ def write_tune_report(results: dict, out: Path) -> Path:
                      f"{_fmt(t['crps_sd'])} | {per_seed} | {_fmt(t['mase'], 3)} | {_fmt(t['mse'], 4)} | "
                      f"{t['train_cpu_seconds']:.0f} | {t['eval_cpu_seconds']:.0f} |")
     if results["peers"]:
-        lines += ["", "Peers on the same validation windows (the benchmark's settings):", "",
-                  "| peer | val CRPS | val MASE | val MSE |", "|---|---|---|---|"]
+        best = results["chosen"]["crps"]
+        lines += ["", "Peers on the same validation windows (the benchmark's settings), and the chosen trial's "
+                  "CRPS over theirs (below 1: the chosen trial is better):", "",
+                  "| peer | val CRPS | val MASE | val MSE | chosen / peer CRPS |", "|---|---|---|---|---|"]
         for name, f in results["peers"].items():
-            lines.append(f"| {name} | {_fmt(f['crps'])} | {_fmt(f['mase'], 3)} | {_fmt(f['mse'], 4)} |")
+            lines.append(f"| {name} | {_fmt(f['crps'])} | {_fmt(f['mase'], 3)} | {_fmt(f['mse'], 4)} | "
+                         f"{_fmt(best / f['crps'], 3)} |")
     c = results["chosen"]
+    if len(seeds) < 3:
+        lines += ["", f"{len(seeds)} seed(s) per trial: differences between trials smaller than their spread are not "
+                  "established (a claimed difference needs at least 3 seeds)."]
     lines += ["", f"Chosen: **{c['name']}** (val CRPS {_fmt(c['crps'])}, MASE {_fmt(c['mase'], 3)}, "
               f"MSE {_fmt(c['mse'], 4)}), overrides of the arm: {_compact(c['overrides'])} "
               "(`chosen.yaml`).", "",
