@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import SHARED_DATA
 
 from tsdb.evaluation.baselines import fit_deepar, repeat_last, seasonal_naive
 from tsdb.data.series import Series, SeriesDataset
@@ -20,7 +20,7 @@ from tsdb.evaluation.tasks import (
     rolling_task,
 )
 
-DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+DATASETS = SHARED_DATA   # ../shared/datasets, or $TSDB_DATA_DIR (a worktree)
 needs_data = pytest.mark.skipif(not DATASETS.is_dir(), reason=f"no benchmark files at {DATASETS}")
 
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SHARED_DATA
 import torch
 
 import tsdb.strategies.depth.streaming as st
@@ -15,7 +15,7 @@ from tsdb.errors import TsdbError
 
 from conftest import block_calls, expected_calls, random_chunks, randomized_model
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+SHARED = SHARED_DATA   # ../shared/datasets, or $TSDB_DATA_DIR (a worktree)
 P, C, H = 4, 32, 16
 TOL = 1e-4  # normalized scale: float32 rounding of x ~ 80 * noise (ulp ~1e-5) through K sampler steps
 
