@@ -101,6 +101,9 @@ class ExperimentSpec(_Strict):
     # count matches the reference arm's within 3% (e.g. an e2e arm as large as depth-b4)
     match_params: dict[str, str] = Field(default_factory=dict)
     labels: dict[str, str] = Field(default_factory=dict)   # {arm: what sets it apart}, shown in reports
+    # how the base settings were chosen (printed in the report: a reader must know whether the
+    # test windows took part)
+    selection: str | None = None
     bootstrap_resamples: int = Field(RESAMPLES, ge=100)
     # extra inference-time evaluations: {arm: [K, ...]} -> figures "crps_k" per K
     steps_sweep: dict[str, list[int]] = Field(default_factory=dict)
@@ -558,6 +561,11 @@ def write_report(spec: ExperimentSpec, results: dict, out: Path) -> Path:
              "exact (params + grads + AdamW state + saved activations, measured by MemoryMeter on the first real training steps of the largest unit); "
              "peak RSS is the process high-water mark after the arm's training, reset before it, and "
              "includes heap the process kept from earlier arms, so compare arms by the exact bytes."]
+    if spec.selection:
+        lines += ["", f"Settings: {spec.selection}"]
+    missing = [n for n in (*spec.baselines, *spec.peers, *spec.arms) if n not in arms]
+    if missing:
+        lines += ["", f"Arms of the spec not in this run (not selected by `--arms`): {', '.join(missing)}."]
     if seeded:
         lines += ["", "Seeds: every figure of an arm run with several seeds is the mean over its seeds (a seed sets "
                   "the model's initialisation and the training windows and noise); CRPS and MASE show mean ± std "

@@ -64,6 +64,11 @@ def render(reports: Path = ROOT / "reports") -> str:
                  "|---" * (len(cols) + 5) + "|"]
         lines += [_row(n, f, e2e, cols) for n, f in arms.items()]
         lines += _verdicts(res)
+        if res.get("schema", 1) < 2:
+            lines += ["", f"_Stale: written by an older tsdb (results.json schema 1): before blocks were routed by "
+                          f"step index (its Heun arms sent some corrector evaluations at band edges to the "
+                          f"neighbouring block), with one seed and no provenance records. Not comparable with "
+                          f"the reports above; `{command}` regenerates it._"]
         blocks.append("\n".join(lines))
     for extra in (_memory(reports), _streaming(reports), _zero_shot(reports)):
         if extra:

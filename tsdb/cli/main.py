@@ -126,61 +126,8 @@ def cmd_forecast(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    if args.name == "streaming":
-        from tsdb.bench.streaming import bench_config, run_streaming_bench
-        default = f"reports/streaming-{args.strategy}"
-        run_streaming_bench(args.out or default, model_cfg=bench_config(args.strategy))
-        return
-    if args.name == "sampling":
-        from tsdb.bench.sampling import run_sampling_bench
-        r = run_sampling_bench(args.out or "reports/sampling", against=args.against)
-        print(f"speed-up {r['speedup']:.2f}x against {args.against}; report in {args.out or 'reports/sampling'}")
-        return
-    if args.name == "errors":
-        from tsdb.bench.errors import run_error_bench
-        out = Path(args.out or "reports/errors")
-        res = run_error_bench(out)
-        print(f"{res['passed']} of {res['cases']} error paths pass; slowest {res['seconds_max']:.2f} s; "
-              f"report in {out / 'report.md'}")
-        return
-    if args.name == "soak":
-        from tsdb.bench.soak import run_soak
-        out = Path(args.out or "reports/soak")
-        res = run_soak(out, updates=args.updates, progress=not args.no_progress)
-        print(f"{res['setup']['updates']:,} updates at {res['updates_per_second']:,.0f}/s; RSS "
-              f"{res['rss_mib_at_1e5']:.0f} -> {res['rss_mib_end']:.0f} MiB; report in {out / 'report.md'}")
-        return
-    if args.name == "parallel":
-        from tsdb.bench.parallel import run_parallel_bench
-        run_parallel_bench(args.out or "reports/parallel")
-        return
-    if args.name == "covariates":
-        from tsdb.bench.covariates import covariates_spec, run_covariates_bench
-        out = Path(args.out or "reports/covariates")
-        run_covariates_bench(out, covariates_spec(args.config), root=args.data_root, only=args.arms,
-                             progress=not args.no_progress)
-        print(f"results in {out / 'results.json'}, report in {out / 'report.md'}")
-        return
-    if args.name in ("memory", "gpu"):
-        out = Path(args.out or f"reports/{args.name}")
-        common = dict(config=args.config, device=args.device, root=args.data_root, arms=args.arms,
-                      command=_command_line())
-        if args.name == "memory":
-            from tsdb.bench.memory import run_memory_bench
-            run_memory_bench(out, **common)
-        else:
-            from tsdb.bench.gpu import run_gpu_bench
-            run_gpu_bench(out, tiny=args.tiny, **common)
-        print(f"results in {out / 'results.json'}, report in {out / 'report.md'}")
-        return
-    from tsdb.bench.experiment import ExperimentSpec, run_experiment
-    from tsdb.config import packaged   # (pydantic: not imported before the preflight checks)
-    path = args.config or packaged("configs", "bench", f"{args.name}-{args.tier}.yaml")   # checked by preflight
-    spec = ExperimentSpec.from_yaml(path)
-    spec.base.train.progress = not args.no_progress
-    out = Path(args.out or f"reports/{spec.name}")
-    run_experiment(spec, out, root=args.data_root, only=args.arms, command=_command_line())
-    print(f"results in {out / 'results.json'}, report in {out / 'report.md'}")
+    from tsdb.cli.bench import run_bench
+    run_bench(args, _command_line())
 
 
 _ARGV: list[str] | None = None    # the words of this invocation (main's argv)
@@ -321,8 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
                                  ("ablate", cmd_ablate, "train and evaluate a grid of split strategies")):
         s = sub.add_parser(name, help=helptext)
         if name == "bench":
-            s.add_argument("name", help="m4-hourly, etth1, parallel, streaming, covariates, sampling, memory, "
-                                        "gpu, soak or errors")
+            from tsdb.cli.bench import PROGRAMS
+            s.add_argument("name", help="a tiered benchmark (m4-hourly, etth1: configs/bench/NAME-TIER.yaml) "
+                                        f"or a program ({', '.join(PROGRAMS)})")
             s.add_argument("--tier", default="quick", choices=["quick", "full"])
             s.add_argument("--config", help="override the benchmark's YAML")
             s.add_argument("--strategy", default="depth",

@@ -293,22 +293,23 @@ def _stream(args) -> None:
             raise TsdbError(f"--state {state}: folder {state.parent} does not exist; create it first")
 
 
-BENCH_PROGRAMS = ("streaming", "parallel", "covariates", "sampling", "memory", "gpu", "soak", "errors")   # with their own code
 
 
 def bench_names() -> list[str]:
     """Every ``tsdb bench NAME``: the tiered configs (NAME-quick.yaml, ...) and the programs."""
+    from tsdb.cli.bench import PROGRAMS   # (light: the programs import their modules when run)
     from tsdb.config import packaged
     tiered = {p.name.removesuffix(".yaml").rsplit("-", 1)[0] for p in packaged("configs", "bench").iterdir()
               if p.name.count("-") and p.name.endswith(".yaml")}
-    return sorted(tiered | set(BENCH_PROGRAMS))
+    return sorted(tiered | set(PROGRAMS))
 
 
 def _bench(args) -> None:
+    from tsdb.cli.bench import PROGRAMS
     from tsdb.config import packaged, resolve_config
     if args.config:
         resolve_config(args.config)
-    elif (args.name not in BENCH_PROGRAMS
+    elif (args.name not in PROGRAMS
           and not packaged("configs", "bench", f"{args.name}-{args.tier}.yaml").is_file()):
         raise TsdbError(f"no benchmark {args.name!r} at tier {args.tier!r}; known: {bench_names()}")
 

@@ -12,12 +12,29 @@ import hashlib
 import json
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from tsdb.config import ExperimentConfig
 from tsdb.errors import TsdbError
 
 WEIGHTS_FILE = "model.safetensors"
+# shipped weights are float16 (half the bytes; loading casts them back to the model's float32),
+# and the zero-shot figures are measured on the rounded weights (`as_shipped`)
+SHIPPED_DTYPE = torch.float16
+
+
+def shipped_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict as a checkpoint stores it: floating tensors in :data:`SHIPPED_DTYPE`,
+    contiguous, on the CPU (safetensors refuses shared or strided storage)."""
+    return {k: (v.to(SHIPPED_DTYPE) if v.is_floating_point() else v).detach().contiguous().cpu()
+            for k, v in model.state_dict().items()}
+
+
+def as_shipped(model: nn.Module) -> nn.Module:
+    """``model`` with its weights rounded as a shipped checkpoint holds them (in place)."""
+    model.load_state_dict(shipped_state(model))
+    return model
 
 
 def save_pretrained(cfg: ExperimentConfig, model: nn.Module, out_dir: str | Path, info: dict | None = None) -> Path:
@@ -28,11 +45,11 @@ def save_pretrained(cfg: ExperimentConfig, model: nn.Module, out_dir: str | Path
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg.to_yaml(out / "config.yaml")
-    # contiguous copies: safetensors refuses shared or strided storage
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(out / WEIGHTS_FILE))
+    save_file(shipped_state(model), str(out / WEIGHTS_FILE))
     digest = hashlib.sha256((out / WEIGHTS_FILE).read_bytes()).hexdigest()
     meta = {"weights": WEIGHTS_FILE, "sha256": digest, "bytes": (out / WEIGHTS_FILE).stat().st_size,
-            "params": sum(p.numel() for p in model.parameters()), "strategy": cfg.model.strategy, **(info or {})}
+            "params": sum(p.numel() for p in model.parameters()), "dtype": str(SHIPPED_DTYPE).removeprefix("torch."),
+            "strategy": cfg.model.strategy, **(info or {})}
     (out / "checkpoint.json").write_text(json.dumps(meta, indent=2))
     return out
 

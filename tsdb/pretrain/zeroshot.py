@@ -130,6 +130,7 @@ def evaluate_pretrained_run(run_dir: str | Path, arms: list[str] | None = None, 
     Writes ``RUN/zeroshot/results.json``; with ``report_dir`` also ``results.json``,
     ``report.md`` and the first arm's checkpoint (``model/``) there.
     """
+    from tsdb.pretrain.checkpoint import as_shipped
     from tsdb.pretrain.train import load_pretrain_config
     from tsdb.training.loop import load_model
 
@@ -151,6 +152,7 @@ def evaluate_pretrained_run(run_dir: str | Path, arms: list[str] | None = None, 
         if not (run_dir / arm / "model.pt").exists():
             raise TsdbError(f"{run_dir / arm} has no trained model yet; finish `tsdb pretrain` first")
         arm_cfg, strategy, model = load_model(run_dir / arm)
+        as_shipped(model)   # the figures describe the weights a checkpoint ships
         log(f"[zero-shot] {arm}: {sum(p.numel() for p in model.parameters()):,} parameters")
         results["arms"][arm] = evaluate_zero_shot(strategy, model, arm_cfg.model, run_dir / "zeroshot" / arm,
                                                   protocols, z.summary, num_samples, stride, z.num_steps, root, log)
