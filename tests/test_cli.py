@@ -58,7 +58,18 @@ def test_forecast_a_user_csv(tmp_path):
                 check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "tsdb: error: --horizon 99 exceeds the trained model's horizon 16; retrain with model.horizon >= 99"]
+        "tsdb: error: --horizon 99 exceeds the trained model's horizon 12; retrain with model.horizon >= 99"]
+    # the model was scored on the last 12 points of each series (held out of its training)
+    # beside seasonal naive and AutoETS, by the benchmarks' code
+    validation = json.loads((out / "validation.json").read_text())
+    assert validation["horizon"] == 12 and validation["windows"] == 2
+    assert set(validation["models"]) == {"tsdb depth-b4", "seasonal naive", "AutoETS"}
+    # (a pure sinusoid: seasonal naive is exact, so MASE is 0/0 here; CRPS is defined)
+    assert all(np.isfinite(m["crps"]) and m["crps"] >= 0 for m in validation["models"].values())
+    assert validation["models"]["seasonal naive"]["crps"] < 1e-6   # exact: the window is on the data's phase
+    assert "| AutoETS |" in (out / "validation.md").read_text()
+    data = json.loads((out / "run" / "data.json").read_text())
+    assert data["held_out"] == 12
 
 
 def test_bad_input_is_one_line_naming_the_series(tmp_path):
@@ -164,3 +175,31 @@ def test_forecast_with_known_future_covariates(tmp_path):
                 "--freq", "h", "--horizon", "12", "--out", str(tmp_path / "x"), check=False)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     assert "has 5 row(s) after its last observed target" in proc.stderr
+
+
+def test_forecast_settings_follow_the_data():
+    """`tsdb forecast` without --run sizes the model from the data: patches that leave the
+    horizon at least 3 tokens (dividing it where one does), a context of two weeks of hourly
+    seasons or 4 horizons that the typical series can fill after the validation window, and
+    about one training step per 100 points (500..3000)."""
+    from tsdb.cli.autoconfig import choose_config
+    from tsdb.data.series import Series, SeriesDataset
+
+    def dataset(n, length, freq, season):
+        start = pd.Period("2024-01-01", freq=freq)
+        return SeriesDataset("d", [Series(f"s{i}", np.ones(length, np.float32), start, freq) for i in range(n)],
+                             freq, season)
+
+    lines = []
+    long = choose_config(dataset(3, 2000, "h", 24), 48, log=lines.append).model
+    assert (long.patch_length, long.horizon, long.context_length) == (16, 48, 336)   # 14 days of hours
+    assert choose_config(dataset(3, 2000, "h", 24), 48, log=lines.append).train.steps_per_block == 500
+    assert choose_config(dataset(100, 2000, "h", 24), 48, log=lines.append).train.steps_per_block == 2000
+    assert any("season length 24" in line for line in lines)
+    short = choose_config(dataset(2, 150, "h", 24), 24, log=lines.append).model
+    assert (short.patch_length, short.context_length) == (8, 96)     # 150 - 2 x 24 points, in whole patches
+    monthly = choose_config(dataset(5, 100, "M", 12), 18, log=lines.append).model
+    assert (monthly.patch_length, monthly.horizon, monthly.context_length) == (6, 18, 60)
+    assert choose_config(dataset(2, 400, "D", 7), 10, log=lines.append).model.patch_length == 2
+    prime = choose_config(dataset(2, 400, "D", 7), 11, log=lines.append).model
+    assert (prime.patch_length, prime.horizon) == (3, 12)    # 3 or 2 do not divide 11: rounded up, not patch 1

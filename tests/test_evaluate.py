@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import SHARED_DATA
 
 from tsdb.evaluation.baselines import fit_deepar, repeat_last, seasonal_naive
 from tsdb.data.series import Series, SeriesDataset
@@ -20,7 +20,7 @@ from tsdb.evaluation.tasks import (
     rolling_task,
 )
 
-DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+DATASETS = SHARED_DATA   # ../shared/datasets, or $TSDB_DATA_DIR (a worktree)
 needs_data = pytest.mark.skipif(not DATASETS.is_dir(), reason=f"no benchmark files at {DATASETS}")
 
 
@@ -196,3 +196,34 @@ def test_deepar_tiny_budget_gives_finite_metrics(one_torch_thread):
     assert metrics["num_windows"] == 8
     assert all(math.isfinite(metrics[k]) for k in ("crps", "mase", "mse", "mae", "coverage80"))
     assert metrics["train_seconds"] > 0 and metrics["predict_seconds"] > 0
+
+
+@needs_data
+def test_m4_hourly_validation_window_is_the_48_points_before_the_test_window():
+    m4 = _load("m4_hourly")
+    val, test = m4_hourly_task(m4, split="val"), m4_hourly_task(m4)
+    assert val.num_windows == test.num_windows == 414 and val.info["split"] == "val"
+    assert [len(s) for s in val.train] == [len(s) - 96 for s in m4]
+    for series, label, test_label in zip(m4, val.test_data.label, test.test_data.label):
+        np.testing.assert_array_equal(label["target"], series.target[-96:-48])
+        assert label["start"] + 48 == test_label["start"]
+    with pytest.raises(ValueError, match="split"):
+        m4_hourly_task(m4, split="train")
+
+
+@needs_data
+def test_rolling_validation_window_precedes_the_test_windows():
+    """Exchange rate (the GluonTS recipe): 5 test windows of 30; validation is the window of
+    30 before the first, and its training part ends before it."""
+    from tsdb.evaluation.tasks import rolling_protocol_task
+
+    rates = _load("exchange_rate")
+    test = rolling_protocol_task(rates, 30, windows=5, stride=30)
+    val = rolling_protocol_task(rates, 30, windows=5, stride=30, split="val")
+    assert test.num_windows == 8 * 5 and val.num_windows == 8
+    n = len(rates.series[0])
+    assert [len(s) for s in val.train] == [n - 6 * 30] * 8
+    first_test = next(iter(test.test_data.label))
+    first_val = next(iter(val.test_data.label))
+    assert first_val["start"] + 30 == first_test["start"]
+    np.testing.assert_array_equal(first_val["target"], rates.series[0].target[n - 180:n - 150])

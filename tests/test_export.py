@@ -37,9 +37,9 @@ def exported(tiny_run):
     return strat, model, tiny_run / "onnx"
 
 
-def export_tiny(tmp_path_factory, strategy: str):
+def export_tiny(tmp_path_factory, strategy: str, **cfg):
     """A tiny run (random weights, adaLN-Zero layers randomized), exported."""
-    strat, model = randomized_model(strategy, 0, context_length=C, horizon=H, patch_length=P)
+    strat, model = randomized_model(strategy, 0, context_length=C, horizon=H, patch_length=P, **cfg)
     run = tmp_path_factory.mktemp(strategy)
     ExperimentConfig(model=strat.cfg).to_yaml(run / "config.yaml")
     torch.save(model.state_dict(), run / "model.pt")
@@ -96,7 +96,20 @@ def test_update_graph_dynamic_axes(exported, b, c, m):
 def test_runtime_matches_pytorch_streaming(exported):
     """Several series, different history lengths, chunked updates past the window, ending
     mid-patch: ORT runtime vs PyTorch streaming vs full recompute, same noise."""
-    strat, model, out = exported
+    check_runtime_parity(*exported)
+
+
+@pytest.mark.slow   # its own ONNX export (tens of seconds)
+def test_runtime_matches_pytorch_streaming_with_a_linear_head(tmp_path_factory):
+    """The linear head reads the context embeddings from the cache (the tap is one more
+    context layer), so the generic graphs and runtime serve it unchanged."""
+    strat, model, out = export_tiny(tmp_path_factory, "depth", linear_head=True)
+    assert load_metadata(out)["shapes"]["layers_per_block"] == [3, 3]  # tap + 2 layers
+    assert all(block.linear_head.proj.weight.abs().sum() > 0 for block in model.blocks)
+    check_runtime_parity(strat, model, out)
+
+
+def check_runtime_parity(strat, model, out):
     rng = np.random.default_rng(0)
     total = 170
     histories = (rng.normal(size=(3, total)).cumsum(-1) * 4 + 50).astype(np.float32)

@@ -120,3 +120,35 @@ def test_training_windows_short_series_and_partial_patches():
         assert 1 <= pad < 8
         last = ctx[~np.isnan(ctx)][-1]
         assert tgt[0] == last + 1  # the target starts right after the last observed value
+
+
+def test_linear_head_is_affine_in_the_normalized_context_and_absent_by_default():
+    """The head reads the context embeddings before any LayerNorm (through the tap), so its
+    forecast is an affine function of the normalized context values: NLinear inside the block.
+    Without it, a block has exactly the weights it had before the option existed."""
+    plain = get_strategy(CFG).build()
+    assert not any("linear_head" in k or "taps" in k for k in plain.state_dict())
+    cfg = CFG.model_copy(update={"linear_head": True})
+    model = trained_like(get_strategy(cfg).build())
+    block = model.blocks[0]
+    assert len(block.context_layers) == len(block.layers) + 1
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(2, 1, 32, generator=g)
+    ones = torch.ones(1, 32)
+
+    def head(z):   # normalized values, all observed -> the head's forecast [1, H]
+        features = torch.stack([z, ones], dim=-1)
+        return block.linear_head(block.encode_context(features).kv[0], None)
+
+    mix = head(0.3 * a + 0.7 * b)
+    assert torch.allclose(mix, 0.3 * head(a) + 0.7 * head(b), atol=1e-5)
+    assert not torch.allclose(head(a), head(b))
+    # the future path adds it to F for every sample alike
+    ctx = block.encode_context(torch.stack([a, ones], dim=-1))
+    z = torch.randn(1, 3, 16, generator=g)
+    with torch.no_grad():
+        with_head, prior = block.denoise_future(ctx, z, torch.zeros(1)), head(a)
+        block.linear_head.proj.weight.zero_()
+        block.linear_head.proj.bias.zero_()
+        without = block.denoise_future(ctx, z, torch.zeros(1))
+    assert torch.allclose(with_head - without, prior[:, None].expand(1, 3, 16), atol=1e-5)

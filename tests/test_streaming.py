@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SHARED_DATA
 import torch
 
 import tsdb.strategies.depth.streaming as st
@@ -15,7 +15,7 @@ from tsdb.errors import TsdbError
 
 from conftest import block_calls, expected_calls, random_chunks, randomized_model
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+SHARED = SHARED_DATA   # ../shared/datasets, or $TSDB_DATA_DIR (a worktree)
 P, C, H = 4, 32, 16
 TOL = 1e-4  # normalized scale: float32 rounding of x ~ 80 * noise (ulp ~1e-5) through K sampler steps
 
@@ -40,12 +40,15 @@ def reference(model, history, state, t0, noise, schedule):
                                  normalized=True, init_length=t0)
 
 
-@pytest.mark.parametrize("strategy,t0,total", [("depth", 6, 90), ("depth", 40, 161), ("depth", 150, 300),
-                                                ("e2e", 40, 161), ("looped", 6, 90), ("looped", 150, 300)])
-def test_update_then_forecast_equals_recompute(strategy, t0, total):
+@pytest.mark.parametrize("strategy,t0,total,linear_head", [
+    ("depth", 6, 90, False), ("depth", 40, 161, False), ("depth", 150, 300, False), ("e2e", 40, 161, False),
+    ("looped", 6, 90, False), ("looped", 150, 300, False),
+    ("depth", 6, 90, True), ("depth", 150, 300, True), ("looped", 40, 161, True)])
+def test_update_then_forecast_equals_recompute(strategy, t0, total, linear_head):
     """Short/medium/long initial histories, random chunk sizes, far past the window
-    (eviction), ending mid-patch or on a boundary."""
-    strat, model = tiny(strategy)
+    (eviction), ending mid-patch or on a boundary; with and without the linear head (its
+    embeddings ride in the cache)."""
+    strat, model = tiny(strategy, linear_head=linear_head)
     rng = np.random.default_rng(t0)
     history = torch.from_numpy(rng.normal(size=(3, total)).cumsum(-1).astype(np.float32)) * 3 + 10
     history[1, 20:23] = float("nan")  # missing values stream through too

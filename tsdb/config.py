@@ -99,6 +99,10 @@ class ModelConfig(_Strict):
     # if any, are ignored). A past-only covariate can be fed by shifting it forward by the
     # horizon, so that its value at t + H is the observed value at t (see docs/covariates.md).
     num_covariates: int = Field(0, ge=0)
+    # each block adds a linear map of its normalized context to its output (NLinear inside the
+    # block, tsdb.nn.denoiser.LinearHead): the linear forecasters' inductive bias for the
+    # highest-noise block, which at sigma_max is a pure point predictor
+    linear_head: bool = False
 
     @model_validator(mode="after")
     def _check_shapes(self) -> "ModelConfig":

@@ -130,6 +130,16 @@ def make_cases(tmp: str | Path) -> list[Case]:
     records.write_text('{"item_id": "a", "timestamp": 0, "value": 1.0}\n')
     stream = ["stream", str(exported), "--input", str(records)]
     train = ["train", "--config", str(cfg), "--input", str(good), *cols]
+    # tuning specs (tsdb tune): the packaged quick M4 bench, a misspelt override, a missing arm
+    def tune_spec(name: str, **fields) -> Path:
+        path = tmp / name
+        path.write_text(json.dumps({"name": "t", "bench": "configs/bench/m4-hourly-quick.yaml", "arm": "depth-b4",
+                                    **fields}))
+        return path
+
+    tune_typo = tune_spec("tune-typo.yaml", variants={"head": {"model": {"linear_heed": True}}})
+    tune_arm = tune_spec("tune-arm.yaml", arm="depth-b9")
+    tune_ok = tune_spec("tune-ok.yaml")
 
     return [
         Case("forecast: empty CSV (0 bytes)", forecast(tmp / "empty.csv"), "empty.csv", "fc"),
@@ -190,6 +200,13 @@ def make_cases(tmp: str | Path) -> list[Case]:
         Case("bench: unknown benchmark", ["bench", "nope"], "nope"),
         Case("bench: --config missing", ["bench", "m4-hourly", "--config", str(tmp / "no.yaml")], "no.yaml"),
         Case("bench soak: --updates 0", ["bench", "soak", "--updates", "0"], "--updates"),
+        Case("tune: spec file missing", ["tune", "--config", str(tmp / "no-tune.yaml")], "no-tune.yaml"),
+        Case("tune: variant field misspelt", ["tune", "--config", str(tune_typo), "--out", str(tmp / "tu")],
+             "linear_heed", "tu"),
+        Case("tune: arm not in the bench", ["tune", "--config", str(tune_arm), "--out", str(tmp / "tu")],
+             "depth-b9", "tu"),
+        Case("tune: --trials names no variant",
+             ["tune", "--config", str(tune_ok), "--trials", "nope", "--out", str(tmp / "tu")], "nope", "tu"),
         Case("--threads 0", ["train", "--threads", "0", "--out", str(tmp / "tr")], "--threads", "tr"),
         Case("datasets: unknown dataset", ["datasets", "nope"], "nope"),
     ]

@@ -44,7 +44,7 @@ from tsdb.bench.stats import (RESAMPLES, bootstrap_blocks, crps_ratio, mean_std_
 from tsdb.config import ExperimentConfig, _Strict
 from tsdb.data.registry import describe, load_dataset
 from tsdb.errors import TsdbError
-from tsdb.evaluation.tasks import EvalTask, etth1_task, evaluate_predictor, m4_hourly_task, rolling_task
+from tsdb.evaluation.tasks import EvalTask, etth1_task, evaluate_predictor, m4_hourly_task, rolling_protocol_task
 from tsdb.provenance import dataset_sha256, mismatch, record
 from tsdb.training.memory import peak_rss_bytes, reset_peak_rss
 from tsdb.strategies import get_strategy
@@ -66,6 +66,9 @@ class TaskSpec(BaseModel):
     stride: int = 1                 # etth1 / rolling
     windows: int = 1                # rolling: the last `windows` windows of each series
     max_windows: int | None = None  # subsample evaluation windows (quick tiers); stated in results
+    # "val": the protocol's validation window(s) instead of the test windows (tsdb tune chooses
+    # settings there; the test windows are never read)
+    split: Literal["test", "val"] = "test"
 
 
 class DeepARSpec(BaseModel):
@@ -185,14 +188,12 @@ def match_parameters(cfg: ExperimentConfig, target: int, tolerance: float = 0.03
 def build_task(spec: TaskSpec, root: str | None = None) -> EvalTask:
     dataset = load_dataset(spec.dataset, root)
     if spec.protocol == "m4-hourly":
-        task = m4_hourly_task(dataset)
+        task = m4_hourly_task(dataset, split=spec.split)
     elif spec.protocol == "etth1":
-        task = etth1_task(dataset, spec.horizon or 96, lookback=spec.lookback, stride=spec.stride)
+        task = etth1_task(dataset, spec.horizon or 96, lookback=spec.lookback, stride=spec.stride, split=spec.split)
     else:
         horizon = spec.horizon or dataset.meta.get("prediction_length")
-        task = rolling_task(dataset.name, dataset, horizon, dataset.season_length,
-                            offset=-horizon - (spec.windows - 1) * spec.stride, windows=spec.windows,
-                            stride=spec.stride, info={"protocol": "rolling", "windows": spec.windows})
+        task = rolling_protocol_task(dataset, horizon, spec.windows, spec.stride, split=spec.split)
     if spec.max_windows and task.num_windows > spec.max_windows:
         task = subsample_windows(task, spec.max_windows)
     return task

@@ -21,6 +21,7 @@ import pandas as pd
 import polars as pl
 
 from tsdb.cli import preflight
+from tsdb.cli.autoconfig import choose_config, choose_patch, train_and_validate
 from tsdb.config import ExperimentConfig
 from tsdb.data.readers import read_long
 from tsdb.data.series import SeriesDataset
@@ -31,20 +32,15 @@ QUANTILES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
 def quick_patch(horizon: int) -> tuple[int, int]:
-    """Patch length of the quick model (8, or 1 for short horizons) and its horizon in whole patches."""
-    patch = 8 if horizon >= 8 else 1
+    """Patch length of the quick model (:func:`tsdb.cli.autoconfig.choose_patch`) and its horizon in
+    whole patches."""
+    patch = choose_patch(horizon)
     return patch, -(-horizon // patch) * patch
 
 
-def quick_config(dataset: SeriesDataset, horizon: int, steps: int, num_covariates: int = 0) -> ExperimentConfig:
-    """A small depth-split model sized to the data (:func:`quick_patch`)."""
-    patch, model_horizon = quick_patch(horizon)
-    shortest = min(len(s) for s in dataset)
-    context = max(patch, min(336, (shortest - model_horizon) // patch * patch))
-    return ExperimentConfig().with_overrides(
-        model=dict(context_length=context, horizon=model_horizon, patch_length=patch, d_model=64,
-                   n_layers=4, n_blocks=4, num_steps=8, num_covariates=num_covariates),
-        train=dict(steps_per_block=steps, warmup_steps=min(100, steps // 5)))
+def quick_config(dataset: SeriesDataset, horizon: int, steps: int | None, num_covariates: int = 0) -> ExperimentConfig:
+    """A depth-split model sized to the data (:func:`tsdb.cli.autoconfig.choose_config`)."""
+    return choose_config(dataset, horizon, steps, num_covariates)
 
 
 def sample_dataset(strategy, model, dataset: SeriesDataset, context_length: int, num_samples: int,
@@ -124,7 +120,8 @@ def prepare(args) -> tuple[SeriesDataset, list | None, ExperimentConfig]:
         data, futures = split_known_future(data, args.horizon, model_horizon)
     if not args.run:
         cfg = quick_config(data, args.horizon, args.steps, len(names))
-        validate_dataset(data, min_length=cfg.model.horizon + cfg.model.patch_length)
+        # the last --horizon points are held out for validation; before them, one training target
+        validate_dataset(data, min_length=args.horizon + cfg.model.horizon + cfg.model.patch_length)
     return data, futures, cfg
 
 
@@ -159,17 +156,17 @@ def forecast_csv(args) -> dict:
 
 
 def _trained_samples(args, data: SeriesDataset, futures, cfg: ExperimentConfig, out: Path) -> np.ndarray:
-    """Samples from ``--run``'s model, or from a quick model trained on the input into ``out/run``."""
-    from tsdb.training.loop import load_model, train_model
+    """Samples from ``--run``'s model, or from a model trained on the input into ``out/run`` with
+    the last ``--horizon`` points of each series held out and scored
+    (:func:`tsdb.cli.autoconfig.train_and_validate`: ``out/validation.{md,json}``)."""
+    from tsdb.training.loop import load_model
     if args.run:
         cfg, strategy, model = load_model(args.run)
     else:
         fingerprint = preflight.input_fingerprint(args)
         preflight.check_reuse(out / "run", fingerprint)
-        preflight.record_training_data(out / "run", fingerprint | {"held_out": 0})
-        model, _ = train_model(cfg, data, out / "run")
-        from tsdb.strategies import get_strategy
-        strategy = get_strategy(cfg.model)
+        preflight.record_training_data(out / "run", fingerprint | {"held_out": args.horizon})
+        strategy, model, _ = train_and_validate(cfg, data, args.horizon, out / "run", out, args.num_samples)
     return sample_dataset(strategy, model, data, cfg.model.context_length, args.num_samples, cfg.train.seed,
                           futures)
 

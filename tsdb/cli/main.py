@@ -1,6 +1,6 @@
 """The ``tsdb`` command line.
 
-Subcommands: demo, train, evaluate, forecast, bench, ablate, datasets, export, stream,
+Subcommands: demo, train, evaluate, forecast, bench, ablate, tune, datasets, export, stream,
 pretrain, pretrain-eval, finetune, finetune-bench.
 User errors print one line (``tsdb: error: ...``) and exit 2; no tracebacks. Flags and files
 are checked (``tsdb.cli.preflight``) before torch, lightning or gluonts are imported, so an
@@ -147,6 +147,16 @@ def cmd_ablate(args) -> None:
     print(f"results in {out / 'results.json'}, report in {out / 'report.md'}")
 
 
+def cmd_tune(args) -> None:
+    from tsdb.bench.tune import run_tune
+    from tsdb.bench.tune_spec import load_tune_spec
+    spec = load_tune_spec(args.config)     # (checked by preflight)
+    out = Path(args.out or f"reports/tune-{spec.name}")
+    run_tune(spec, out, args.runs or f"runs/tune-{spec.name}", root=args.data_root, only=args.trials,
+             command=_command_line())
+    print(f"results in {out / 'results.json'}, chosen settings in {out / 'chosen.yaml'}")
+
+
 def cmd_report(args) -> None:
     from tsdb.bench.experiment import ExperimentSpec, write_report
     out = Path(args.dir)
@@ -247,7 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--horizon", type=positive_int, required=True)
     s.add_argument("--out", required=True, help="output folder (its run/ must hold a model of this input or none)")
     s.add_argument("--num-samples", type=positive_int, default=100)
-    s.add_argument("--steps", type=positive_int, default=300, help="training steps per block when no --run")
+    s.add_argument("--steps", type=positive_int, default=None,
+                   help="training steps per block when no --run (default: chosen from the data)")
     s.add_argument("--pretrained", default=None,
                    help="start from a pretrained model (checkpoint folder or run directory) instead of training")
     s.add_argument("--finetune-steps", type=nonnegative_int, default=0,
@@ -284,6 +295,14 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--data-root", default=None)
         s.add_argument("--no-progress", action="store_true")
         s.set_defaults(func=func)
+
+    s = sub.add_parser("tune", help="choose an arm's settings on the validation windows (never the test windows)")
+    s.add_argument("--config", required=True, help="a tuning spec, e.g. configs/tune/m4-hourly-proxy.yaml")
+    s.add_argument("--out", default=None, help="report folder (default reports/tune-NAME)")
+    s.add_argument("--runs", default=None, help="trained models (default runs/tune-NAME; resumable)")
+    s.add_argument("--trials", nargs="*", help="run only these variants (no search)")
+    s.add_argument("--data-root", default=None)
+    s.set_defaults(func=cmd_tune)
 
     s = sub.add_parser("report", help="re-render report.md and plots from a results.json")
     s.add_argument("dir")

@@ -320,6 +320,14 @@ def _bench(args) -> None:
         raise TsdbError(f"no benchmark {args.name!r} at tier {args.tier!r}; known: {bench_names()}")
 
 
+def _tune(args) -> None:
+    from tsdb.bench.tune_spec import check as check_tune_spec
+    check_tune_spec(args.config, args.trials)
+    for flag in ("--out", "--runs"):
+        if getattr(args, flag[2:]):
+            output_dir(getattr(args, flag[2:]), flag)
+
+
 def _resolve_config(path) -> None:
     from tsdb.config import resolve_config
     resolve_config(path)
@@ -334,6 +342,7 @@ CHECKS = {
     "stream": _stream,
     "bench": _bench,
     "ablate": lambda a: _resolve_config(a.config),
+    "tune": _tune,
 }
 
 

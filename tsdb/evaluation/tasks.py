@@ -326,18 +326,56 @@ def rolling_task(
                     info or {})
 
 
-def m4_hourly_task(dataset: SeriesDataset) -> EvalTask:
+SPLITS = ("test", "val")
+
+
+def _check_split(name: str, split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"{name}: split must be one of {SPLITS}, got {split!r}")
+
+
+def m4_hourly_task(dataset: SeriesDataset, split: str = "test") -> EvalTask:
     """Protocol A: M4 Hourly, the last 48 points of each series are its one test window.
 
     ``dataset`` holds train + test concatenated (as ``load_dataset("m4_hourly")``).
     Training set: each series minus its last 48 points. MASE seasonality 24.
+
+    ``split="val"``: the validation window is the last 48 points of each *training* series
+    (the 48 before the test window), and the training set is each series minus its last 96
+    points; the test window is never read. Settings are chosen here (``tsdb tune``).
     """
     horizon = M4_HOURLY_HORIZON
+    _check_split("m4_hourly", split)
+    held = horizon * (1 + SPLITS.index(split))   # points after the training part
     for s in dataset:
-        if len(s) <= horizon:
-            raise DataError(f"m4_hourly: series {s.item_id!r} has {len(s)} points, need > {horizon}")
+        if len(s) <= held:
+            raise DataError(f"m4_hourly: series {s.item_id!r} has {len(s)} points, need > {held}")
+    if split == "val":
+        dataset = SeriesDataset(dataset.name, [s.slice(0, len(s) - horizon) for s in dataset], dataset.freq,
+                                dataset.season_length, dict(dataset.meta))
     return rolling_task("m4_hourly", dataset, horizon, M4_HOURLY_SEASON, offset=-horizon,
-                        info={"protocol": "A"})
+                        info={"protocol": "A", "split": split})
+
+
+def rolling_protocol_task(dataset: SeriesDataset, horizon: int, windows: int = 1, stride: int | None = None,
+                          split: str = "test") -> EvalTask:
+    """The last ``windows`` windows of ``horizon`` points of every series, ``stride`` apart
+    (default ``horizon``; e.g. exchange rate: 5 windows of 30, the GluonTS recipe).
+
+    ``split="val"``: one validation window, the ``horizon`` points right before the first test
+    window; the training set is every series cut before it (test windows never read).
+    """
+    _check_split(dataset.name, split)
+    stride = stride or horizon
+    test_offset = -horizon - (windows - 1) * stride
+    info = {"protocol": "rolling", "windows": windows, "split": split}
+    if split == "test":
+        return rolling_task(dataset.name, dataset, horizon, dataset.season_length, offset=test_offset,
+                            windows=windows, stride=stride, info=info)
+    cut = SeriesDataset(dataset.name, [s.slice(0, len(s) + test_offset) for s in dataset], dataset.freq,
+                        dataset.season_length, dict(dataset.meta))
+    return rolling_task(dataset.name, cut, horizon, dataset.season_length, offset=-horizon,
+                        info={**info, "windows": 1})
 
 
 def etth1_task(

@@ -29,6 +29,7 @@ class DenoiserShape:
     mlp_ratio: float = 4.0
     dropout: float = 0.0
     covariates: int = 0  # known-future dynamic real covariates
+    linear_head: bool = False  # a linear map of the normalized context added to F (LinearHead)
 
     @property
     def context_channels(self) -> int:
@@ -91,8 +92,76 @@ class ContextEncoding:
                                None if self.mask is None else self.mask[:, -tokens:], self.future)
 
 
+class EmbeddingTap(nn.Module):
+    """A context "layer" that attends to nothing: its keys and values are its input tokens,
+    the block's context embeddings (a linear function of the normalized context patches).
+
+    Placed first in a block's context layers, it makes the embeddings part of every context
+    encoding, the streaming cache included (the cache holds per context layer the keys and
+    values of the last W tokens), so the :class:`LinearHead` reads them wherever the future
+    path runs: training, sampling, streaming and the exported denoise graphs.
+    """
+
+    def __init__(self, n_heads: int):
+        super().__init__()
+        self.n_heads = n_heads
+
+    def context(self, h: Tensor, rope=None, cache: KV | None = None, mask: Tensor | None = None,
+                need_output: bool = True) -> tuple[Tensor, KV]:
+        b, m, d = h.shape
+        tokens = h.reshape(b, m, self.n_heads, d // self.n_heads).transpose(1, 2)
+        if cache is not None:
+            tokens = torch.cat([cache.k, tokens], dim=2)
+        return h, KV(tokens, tokens)
+
+
+class LinearHead(nn.Module):
+    """NLinear inside a block: a linear map from the block's W context embeddings (so from the
+    normalized context, by way of the linear patch embedding) to the H future values, added
+    to the block's raw output F.
+
+    At the top of the noise range ``c_skip ~ 0`` and the block is a pure point predictor
+    (``D ~ sigma_data F``); this gives it the inductive bias of the linear forecasters
+    (instance normalization + a linear map of the context), with the transformer modelling
+    what is left. Each token is reduced to ``patch_length`` features first (so the head has
+    about ``C * H`` weights, as NLinear); the output layer starts at zero, keeping the
+    block's start at F = 0.
+    """
+
+    def __init__(self, shape: "DenoiserShape"):
+        super().__init__()
+        self.tokens = shape.context_tokens
+        self.reduce = nn.Linear(shape.d_model, shape.patch_length)
+        self.proj = nn.Linear(shape.context_tokens * shape.patch_length, shape.horizon)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def visible(self, tap: KV, mask: Tensor | None) -> Tensor:
+        """The W context embeddings the future sees, oldest first, ``[batch, W, d]``.
+
+        ``tap``: the tap's keys ``[batch, heads, T, head_dim]``. Without a mask they are the
+        last W tokens; a streaming encoding (cache + one partial token, ``mask [batch, T]``)
+        sees the last W when its partial token is visible, else the W before it.
+        """
+        k, w = tap.k, self.tokens
+        if mask is None:
+            if not torch.compiler.is_exporting() and k.shape[2] < w:
+                raise TsdbError(f"the linear head needs {w} context tokens, the encoding has {k.shape[2]}")
+            return k[:, :, -w:].transpose(1, 2).flatten(2)
+        # one zero token in front keeps both slices W long for any cache length (a streaming
+        # cache always holds W tokens; the exporter traces with fewer)
+        k = torch.cat([torch.zeros_like(k[:, :, :1]), k], dim=2)
+        last = torch.where(mask[:, -1][:, None, None, None], k[:, :, -w:], k[:, :, -w - 1:-1])
+        return last.transpose(1, 2).flatten(2)
+
+    def forward(self, tap: KV, mask: Tensor | None) -> Tensor:
+        """The head's forecast ``[batch, H]`` (normalized scale)."""
+        return self.proj(self.reduce(self.visible(tap, mask)).flatten(1))
+
+
 class BlockDenoiser(nn.Module):
-    """Stem -> n_layers transformer layers -> head, for one noise band."""
+    """Stem -> n_layers transformer layers -> head, for one noise band (plus, optionally, a
+    :class:`LinearHead` reading the context embeddings through an :class:`EmbeddingTap`)."""
 
     def __init__(self, shape: DenoiserShape):
         super().__init__()
@@ -113,12 +182,17 @@ class BlockDenoiser(nn.Module):
             nn.init.zeros_(m.bias)
         if shape.covariates:  # patches of known-future covariates, added to the future tokens
             self.covariate_embed = nn.Linear(p * shape.covariates, d)
+        # the tap caches the embeddings the linear head reads (no parameters: an empty list
+        # keeps the weights of a model without the head unchanged)
+        self.taps = nn.ModuleList([EmbeddingTap(shape.n_heads)] if shape.linear_head else [])
+        self.linear_head = LinearHead(shape) if shape.linear_head else None
 
     # -- context path (independent of sigma) -------------------------------------------
     @property
-    def context_layers(self) -> list[TransformerLayer]:
-        """Layers whose context keys/values an encoding holds (a looped block adds its prelude)."""
-        return list(self.layers)
+    def context_layers(self) -> list[nn.Module]:
+        """Layers whose context keys/values an encoding holds: the tap (with a linear head),
+        then the block's layers (a looped block puts its prelude before them)."""
+        return [*self.taps, *self.layers]
 
     def embed_context(self, context: Tensor) -> Tensor:
         """``context [batch, C, channels]`` -> tokens ``[batch, C/P, d]``."""
@@ -211,7 +285,11 @@ class BlockDenoiser(nn.Module):
         for layer, kv in zip(self.layers, own):
             h = layer.future(h, kv, ctx.mask, cond, rope)
         shift, scale = self.final_ada(cond).chunk(2, dim=-1)
-        return self.out(modulate(self.final_norm(h), shift, scale)).reshape(scaled_noisy.shape)
+        out = self.out(modulate(self.final_norm(h), shift, scale)).reshape(scaled_noisy.shape)
+        if self.linear_head is not None:  # the tap is the first context layer
+            prior = self.linear_head(ctx.kv[0], ctx.mask)
+            out = out + (prior[:, None] if samples else prior)
+        return out
 
     def forward(self, context: Tensor | CovariateFeatures, scaled_noisy: Tensor, c_noise: Tensor) -> Tensor:
         return self.denoise_future(self.encode_context(context), scaled_noisy, c_noise)

@@ -14,7 +14,7 @@ from tsdb.strategies.depth.online import DepthStreaming
 
 def denoiser_shape(cfg, n_layers: int) -> DenoiserShape:
     return DenoiserShape(cfg.context_length, cfg.horizon, cfg.patch_length, cfg.d_model, cfg.n_heads,
-                         n_layers, cfg.mlp_ratio, cfg.dropout, cfg.num_covariates)
+                         n_layers, cfg.mlp_ratio, cfg.dropout, cfg.num_covariates, cfg.linear_head)
 
 
 class DepthStrategy(Strategy):

@@ -36,5 +36,6 @@ class LoopedDenoiser(BlockDenoiser):
 
     @property
     def context_layers(self) -> list[TransformerLayer]:
-        """The prelude's layers, then the core's: the core's context path reads the prelude's output."""
-        return [*self.prelude, *self.layers]
+        """The tap (with a linear head), the prelude's layers, then the core's: the core's
+        context path reads the prelude's output."""
+        return [*self.taps, *self.prelude, *self.layers]
