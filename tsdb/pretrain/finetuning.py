@@ -86,9 +86,9 @@ def finetune(pretrained: str | Path, dataset: SeriesDataset, out: str | Path, st
 
     cfg, pre_strategy, model = load_pretrained(pretrained)
     if init == "auto":
-        init = "e2e" if num_blocks and cfg.model.strategy == "e2e" else "blocks"
+        init = "e2e" if num_blocks and pre_strategy.convertible_to_blocks else "blocks"
     if init == "e2e":
-        if cfg.model.strategy != "e2e":
+        if not pre_strategy.convertible_to_blocks:
             raise TsdbError(f"conversion needs a pretrained e2e model; {pretrained} is {cfg.model.strategy!r}")
         blocks_cfg = cfg.model.model_copy(update={"strategy": "depth", "n_blocks": num_blocks or cfg.model.n_blocks})
         ft_cfg = finetune_config(cfg.with_overrides(model=blocks_cfg.model_dump()), dataset, steps, lr, seed, progress)

@@ -76,6 +76,10 @@ class Strategy(ABC):
         """Name in results tables, pattern ``strategy-bN[-variant]``."""
         return self.name
 
+    # one denoiser over the whole sigma range whose layers can be cut into depth blocks
+    # (tsdb.pretrain.convert: a pretrained end-to-end model converted to DiffusionBlocks)
+    convertible_to_blocks: bool = False
+
     def describe(self) -> str:
         """The model's layout in words (reports)."""
         return f"{self.cfg.n_layers} layers in {self.cfg.n_blocks} blocks"

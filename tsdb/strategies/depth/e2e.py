@@ -8,6 +8,7 @@ from tsdb.strategies.depth.strategy import DepthStrategy
 
 class EndToEndStrategy(DepthStrategy):
     name = "e2e"
+    convertible_to_blocks = True
 
     @property
     def num_blocks(self) -> int:
