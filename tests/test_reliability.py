@@ -178,9 +178,8 @@ def test_a_failed_export_leaves_the_earlier_one_and_no_partial_folder(tiny_run, 
     assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "model.pt", "onnx"]
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="the runtime's numpy instance_stats (streaming/, owned separately) still has "
-                                       "the absolute floor and float32 sums; it must mirror tsdb.nn.instance_stats")
 def test_runtime_normalisation_matches_torch():
+    """The runtime's numpy statistics follow tsdb.nn.instance_stats: relative floor, float64 sums."""
     from tsdb.cli.stream import import_runtime
     import_runtime()
     from tsdb_streaming.numerics import instance_stats as runtime_stats

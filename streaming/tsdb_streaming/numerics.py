@@ -16,15 +16,25 @@ from .errors import StreamingError
 MAX_NORMALIZED = 1e4
 
 
+# the statistics rule of tsdb.nn.forecaster.instance_stats (the torch side), mirrored here
+SCALE_FLOOR = 1e-6     # relative: a std at most this share of |loc| counts as constant
+SCALE_TINY = 1e-30     # absolute: below it float32 arithmetic loses the values
+
+
 def instance_stats(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """NaN-aware mean/std over the last axis, ``[batch, 1]`` (scale 1 for constant rows)."""
+    """NaN-aware mean/std over the last axis, ``[batch, 1]`` float32, summed in float64 (so
+    huge values do not overflow the variance). A std above ``SCALE_FLOOR * |loc|`` is kept (a
+    series around 1e-7 is scaled by its own std); a constant context gets ``min(|loc|, 1)``
+    (1 when all zero or missing)."""
     observed = ~np.isnan(values)
-    n = np.maximum(observed.sum(-1, keepdims=True), 1).astype(np.float32)
-    filled = np.where(observed, values, np.float32(0))
-    loc = filled.sum(-1, keepdims=True, dtype=np.float32) / n
-    var = np.where(observed, (values - loc) ** 2, np.float32(0)).sum(-1, keepdims=True, dtype=np.float32) / n
+    x = values.astype(np.float64)
+    n = np.maximum(observed.sum(-1, keepdims=True), 1)
+    loc = np.where(observed, x, 0.0).sum(-1, keepdims=True) / n
+    with np.errstate(over="ignore", invalid="ignore"):
+        var = np.where(observed, (x - loc) ** 2, 0.0).sum(-1, keepdims=True) / n
     scale = np.sqrt(var)
-    scale = np.where(scale > np.float32(1e-6) * (np.float32(1) + np.abs(loc)), scale, np.float32(1))
+    constant = np.where(np.abs(loc) > SCALE_TINY, np.minimum(np.abs(loc), 1.0), 1.0)
+    scale = np.where((scale > SCALE_FLOOR * np.abs(loc)) & (scale > SCALE_TINY), scale, constant)
     return loc.astype(np.float32), scale.astype(np.float32)
 
 
