@@ -226,14 +226,20 @@ def test_new_series_are_refused_whole_when_their_history_does_not_fit(exported):
     f = rt.StreamingForecaster(out, refresh="none")
     old_outlier = _walk(60, 2)
     old_outlier[3] = 1e9               # outside the statistics' window (last C), inside the initial context (2 C)
-    huge = _walk(40, 3) * 1e24         # float32 statistics overflow
+    broken = np.r_[_walk(39, 3), np.float32(np.inf)]
     with pytest.raises(rt.SeriesRefused) as e:
-        f.update(["ok", "outlier", "huge"], [_walk(40, 4), old_outlier, huge])
-    assert set(e.value.refused) == {"outlier", "huge"} and e.value.applied == ["ok"]
-    assert "rescale" in e.value.refused["huge"] and "1e+09" in e.value.refused["outlier"]
+        f.update(["ok", "outlier", "broken"], [_walk(40, 4), old_outlier, broken])
+    assert set(e.value.refused) == {"outlier", "broken"} and e.value.applied == ["ok"]
+    assert "infinite" in e.value.refused["broken"] and "1e+09" in e.value.refused["outlier"]
     assert f.item_ids == ["ok"] and len(f) == 1
     f.update(["outlier"], [old_outlier[10:]])      # without the faulty value it is accepted
     assert f.item_ids == ["ok", "outlier"]
+    # a series on a huge scale is normalised by float64 statistics (as the library does), so it
+    # streams and forecasts on its own scale instead of being refused
+    huge = _walk(40, 3) * np.float32(1e24)
+    f.update(["huge"], [huge])
+    samples = f.forecast(["huge"]).samples
+    assert np.isfinite(samples).all() and 1e22 < np.abs(samples).mean() < 1e27
 
 
 def test_a_state_is_never_left_non_finite(exported, monkeypatch):

@@ -365,11 +365,11 @@ class StreamingForecaster:
             z = np.abs((values - loc) / scale)
             bad = ~(np.isnan(values) | (z <= MAX_NORMALIZED))
             stats_bad = ~(np.isfinite(loc) & np.isfinite(scale) & (scale > 0))
-        if stats_bad.any():
+        if stats_bad.any() and not np.isinf(values).any():
             big = float(np.nanmax(np.abs(values))) if np.isfinite(values).any() else float("nan")
             return (f"series {item!r}: its {what}s (up to {big:.3g} in magnitude) are too large for float32 "
                     f"statistics; rescale the series (e.g. divide it by 1e6) before streaming it")
-        i = np.flatnonzero(bad.reshape(-1))[0]
+        i = np.flatnonzero((np.isinf(values) if stats_bad.any() else bad).reshape(-1))[0]
         x, lo, sc, zz = (float(a.reshape(-1)[i]) for a in (values, loc, scale, z))
         if np.isinf(x):
             return (f"series {item!r}: {what} {x} is infinite (or beyond float32's range, 3.4e38); the series "
