@@ -52,13 +52,13 @@ def covariates_spec(config: str | Path | None = None, steps: int | None = None, 
 
 def run_covariates_bench(out: str | Path = "reports/covariates", spec: ExperimentSpec | None = None,
                          root: str | None = None, only: list[str] | None = None, progress: bool = True,
-                         log=print) -> dict:
+                         log=print, command: str | None = None) -> dict:
     """Train and evaluate every arm (and seasonal naive) into ``out``; returns results.json's dict
     with a ``covariates`` summary (per seed and mean CRPS with/without, their ratio)."""
     spec = spec or covariates_spec()
     spec.base.train.progress = progress
     out = Path(out)
-    results = run_experiment(spec, out, root=root, only=only, log=log)
+    results = run_experiment(spec, out, root=root, only=only, log=log, command=command or "tsdb bench covariates")
     arms = results["arms"]
     per_seed = {}
     for name in arms:

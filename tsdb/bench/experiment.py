@@ -663,6 +663,8 @@ def write_report(spec: ExperimentSpec, results: dict, out: Path) -> Path:
 
 def _default_command(spec: ExperimentSpec) -> str:
     name, _, tier = spec.name.rpartition("-")
+    if tier not in ("quick", "full"):   # a program's spec (e.g. covariates): its name is the command's
+        return f"tsdb bench {spec.name}"
     if name.startswith("ablation-"):
         return f"tsdb ablate --config configs/ablation/{name.removeprefix('ablation-')}-{tier}.yaml"
     return f"tsdb bench {name} --tier {tier}"

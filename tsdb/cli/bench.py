@@ -74,7 +74,7 @@ def _covariates(args, command: str) -> None:
     from tsdb.bench.covariates import covariates_spec, run_covariates_bench
     out = _out(args, "reports/covariates")
     run_covariates_bench(out, covariates_spec(args.config), root=args.data_root, only=args.arms,
-                         progress=not args.no_progress)
+                         progress=not args.no_progress, command=command)
     _printed(out)
 
 
