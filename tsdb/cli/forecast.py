@@ -102,9 +102,7 @@ def prepare(args) -> tuple[SeriesDataset, list | None, ExperimentConfig]:
     names = [c for c in (getattr(args, "covariates", None) or "").split(",") if c]
     data = read_long(args.input, item_id=args.item_id, timestamp=args.timestamp, target=args.target,
                      covariates=names, freq=args.freq)
-    if getattr(args, "pretrained", None):
-        if args.run or names:
-            raise TsdbError("--pretrained starts from a pretrained model: drop --run and --covariates")
+    if getattr(args, "pretrained", None):   # (--run and --covariates refused by the preflight checks)
         return data, None, None
     if args.run:
         cfg = ExperimentConfig.from_yaml(Path(args.run) / "config.yaml")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from tsdb import checksum
 from tsdb.errors import TsdbError
+from tsdb.pretrain import WEIGHTS_FILE
 
 TABLE_SUFFIXES = (".csv", ".parquet")
 STREAM_FORMATS = ("tsdb-streaming-onnx", "tsdb-streaming-onnx-horizon")
@@ -123,7 +124,6 @@ def require_columns(path: str | Path, names: dict[str, str | None]) -> None:
                             f"column name with {flag}")
 
 
-SHIPPED = "model.safetensors"   # a pretrained checkpoint folder's weights (tsdb.pretrain.checkpoint)
 
 
 def run_dir(path: str | Path) -> Path:
@@ -134,7 +134,7 @@ def run_dir(path: str | Path) -> Path:
     if not path.is_dir():
         raise TsdbError(f"run directory {path} does not exist; pass a folder written by `tsdb train` or "
                         "`tsdb forecast` (its run/)")
-    shipped = not (path / "model.pt").exists() and (path / SHIPPED).exists()
+    shipped = not (path / "model.pt").exists() and (path / WEIGHTS_FILE).exists()
     if not (path / "model.pt").exists() and not shipped:
         raise TsdbError(f"{path} has no trained model (model.pt); run `tsdb train` first")
     ExperimentConfig.from_yaml(path / "config.yaml")
@@ -181,7 +181,7 @@ def model_dir(path: str | Path) -> Path:
                             f"{meta.get('format') if isinstance(meta, dict) else None!r}); re-export the model "
                             "with `tsdb export RUN`")
         return path
-    if (path / "model.pt").exists() or (path / SHIPPED).exists():
+    if (path / "model.pt").exists() or (path / WEIGHTS_FILE).exists():
         return run_dir(path)
     if not path.is_dir():
         raise TsdbError(f"model directory {path} does not exist; pass the folder written by `tsdb export RUN`")
@@ -267,8 +267,8 @@ def _forecast(args) -> None:
     _data_flags(args)
     output_dir(args.out)
     if getattr(args, "pretrained", None):
-        if args.run:
-            raise TsdbError("--pretrained starts from a pretrained model: drop --run")
+        if args.run or getattr(args, "covariates", None):
+            raise TsdbError("--pretrained starts from a pretrained model: drop --run and --covariates")
         if not Path(args.pretrained).is_dir():
             raise TsdbError(f"--pretrained {args.pretrained}: no such checkpoint folder (model.safetensors + "
                             "config.yaml, e.g. tsdb/data/pretrained/...)")

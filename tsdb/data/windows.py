@@ -50,7 +50,35 @@ def diffusion_draws(rng: np.random.Generator, horizon: int) -> np.ndarray:
     return np.concatenate([rng.random(1), rng.standard_normal(horizon)]).astype(np.float32)
 
 
-class TrainingWindows(IterableDataset):
+class PositionedStream(IterableDataset):
+    """A seeded window stream that data-parallel processes share and a resumed run restarts
+    at a position (what ``tsdb.training.resume.ResumableWindows`` asks of its windows).
+
+    ``rank``/``world_size`` split the one global stream between processes, ``worker_batch``
+    is a process's batch (DataLoader workers take whole batches in turn) and ``position``
+    counts the global windows already consumed.
+    """
+
+    rank, world_size, worker_batch, position = 0, 1, 1, 0
+
+    def shard(self, rank: int, world_size: int, batch_size: int = 1):
+        """The same stream, this process's share of it (``rank`` of ``world_size``);
+        ``batch_size`` is this process's batch."""
+        out = copy.copy(self)
+        out.rank, out.world_size, out.worker_batch = rank, world_size, batch_size
+        return out
+
+    def start_at(self, position: int):
+        """The same stream after its first ``position`` windows (a multiple of ``world_size``:
+        whole global batches)."""
+        if position % self.world_size:
+            raise ValueError(f"position {position} is not a multiple of world_size {self.world_size}")
+        out = copy.copy(self)
+        out.position = position
+        return out
+
+
+class TrainingWindows(PositionedStream):
     """An endless, seeded stream of ``(context [C], target [H], draws [sets * (1 + H)])`` float32
     windows, plus ``covariates [n_cov, C + H]`` when ``covariates = n_cov > 0``.
 
@@ -88,8 +116,6 @@ class TrainingWindows(IterableDataset):
                  partial_patch_prob: float = 0.0, rank: int = 0, world_size: int = 1,
                  covariates: int = 0, draw_sets: int = 1):
         self.rank, self.world_size = rank, world_size
-        self.position = 0         # global windows already consumed (a resumed run starts there)
-        self.worker_batch = 1     # per-process batch size, to split batches across DataLoader workers
         self.draw_sets = draw_sets
         self.num_covariates = covariates
         from tsdb.data.validate import require_covariates  # (validation pulls polars: only when needed)
@@ -109,23 +135,6 @@ class TrainingWindows(IterableDataset):
                             f"(min context {self.min_context} + horizon {horizon}); use a shorter horizon or "
                             f"context")
         self.weights = counts / counts.sum()
-
-    def shard(self, rank: int, world_size: int, batch_size: int = 1) -> "TrainingWindows":
-        """The same stream, keeping every ``world_size``-th window from ``rank``; ``batch_size``
-        is this process's batch (DataLoader workers each take whole batches of it)."""
-
-        out = copy.copy(self)
-        out.rank, out.world_size, out.worker_batch = rank, world_size, batch_size
-        return out
-
-    def start_at(self, position: int) -> "TrainingWindows":
-        """The same stream, starting after its first ``position`` windows (a multiple of
-        ``world_size``: whole global batches)."""
-        if position % self.world_size:
-            raise ValueError(f"position {position} is not a multiple of world_size {self.world_size}")
-        out = copy.copy(self)
-        out.position = position
-        return out
 
     def window_at(self, index: int) -> tuple[np.ndarray, ...]:
         """Window ``index`` of the global stream."""

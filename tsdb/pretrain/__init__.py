@@ -8,6 +8,9 @@ subcommands) pulls in neither torch nor scipy."""
 
 from tsdb.lazy import lazy_exports
 
+# a pretrained checkpoint folder's weights, beside its config.yaml (light: read by the CLI checks)
+WEIGHTS_FILE = "model.safetensors"
+
 _EXPORTS = {
     "Corpus": "corpus", "CorpusConfig": "corpus", "CorpusWindows": "corpus",
     "KernelSynth": "kernel_synth", "TSMixup": "mixup", "CorpusSeries": "sources", "load_source": "sources",

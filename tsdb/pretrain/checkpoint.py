@@ -17,8 +17,8 @@ from torch import nn
 
 from tsdb.config import ExperimentConfig
 from tsdb.errors import TsdbError
+from tsdb.pretrain import WEIGHTS_FILE
 
-WEIGHTS_FILE = "model.safetensors"
 # shipped weights are float16 (half the bytes; loading casts them back to the model's float32),
 # and the zero-shot figures are measured on the rounded weights (`as_shipped`)
 SHIPPED_DTYPE = torch.float16

@@ -19,7 +19,6 @@ stream without generating each other's series, the expensive part.
 from __future__ import annotations
 
 import argparse
-import copy
 import itertools
 import json
 import os
@@ -30,9 +29,8 @@ from functools import cached_property
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from torch.utils.data import IterableDataset
 
-from tsdb.data.windows import default_min_context, diffusion_draws, padded_context, window_cut
+from tsdb.data.windows import PositionedStream, default_min_context, diffusion_draws, padded_context, window_cut
 from tsdb.errors import DataError
 from tsdb.pretrain.kernel_synth import KernelSynth
 from tsdb.pretrain.mixup import TSMixup
@@ -195,7 +193,7 @@ def _pick(rng: np.random.Generator, weights: dict[str, float]) -> str:
     return names[int(rng.choice(len(names), p=p / p.sum()))]
 
 
-class CorpusWindows(IterableDataset):
+class CorpusWindows(PositionedStream):
     """An endless, seeded stream of ``(context [C], target [H], draws [1 + H])`` float32
     windows from ``corpus``, in the format of `tsdb.data.windows.TrainingWindows` (NaN-left-
     padded contexts, a partial last patch with probability ``partial_patch_prob``, draws =
@@ -224,27 +222,10 @@ class CorpusWindows(IterableDataset):
         self.patch_length = patch_length
         self.partial_patch_prob = partial_patch_prob if patch_length > 1 else 0.0
         self.rank, self.world_size = rank, world_size
-        self.position, self.worker_batch = 0, 1
         self.series_per_chunk, self.windows_per_series = series_per_chunk, windows_per_series
         self.short_context_prob = short_context_prob
         self.min_length = self.min_context + horizon
         corpus.check(self.min_length)
-
-    def shard(self, rank: int, world_size: int, batch_size: int = 1) -> "CorpusWindows":
-        """The same global stream, keeping every ``world_size``-th chunk from ``rank``;
-        ``batch_size`` is this process's batch (DataLoader workers each take whole batches)."""
-        out = copy.copy(self)
-        out.rank, out.world_size, out.worker_batch = rank, world_size, batch_size
-        return out
-
-    def start_at(self, position: int) -> "CorpusWindows":
-        """The same stream after its first ``position`` windows (whole global batches, split
-        evenly over the ``world_size`` shards): how a resumed run continues where it stopped."""
-        if position % self.world_size:
-            raise ValueError(f"position {position} is not a multiple of world_size {self.world_size}")
-        out = copy.copy(self)
-        out.position = position
-        return out
 
     def _skip(self, workers: int, worker: int) -> int:
         """Windows this shard's DataLoader ``worker`` has already yielded at ``position``

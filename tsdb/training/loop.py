@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from tsdb import checksum
 from tsdb.cli.preflight import MODEL_FIX
+from tsdb.pretrain import WEIGHTS_FILE
 from tsdb.config import ExperimentConfig, TrainConfig
 from tsdb.data.series import SeriesDataset
 from tsdb.data.windows import TrainingWindows
@@ -368,7 +369,7 @@ def load_model(run_dir: str | Path) -> tuple[ExperimentConfig, Strategy, nn.Modu
     """Rebuild a trained model from its run directory (``model.pt``), or from a checkpoint
     folder with ``model.safetensors`` beside ``config.yaml`` (a shipped pretrained model)."""
     run_dir = Path(run_dir)
-    shipped = run_dir / "model.safetensors"
+    shipped = run_dir / WEIGHTS_FILE
     if not (run_dir / "model.pt").exists() and not shipped.exists():
         raise TsdbError(f"{run_dir} has no trained model (model.pt); run `tsdb train` first")
     cfg = ExperimentConfig.from_yaml(run_dir / "config.yaml")
