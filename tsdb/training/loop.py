@@ -369,30 +369,32 @@ def load_model(run_dir: str | Path) -> tuple[ExperimentConfig, Strategy, nn.Modu
     """Rebuild a trained model from its run directory (``model.pt``), or from a checkpoint
     folder with ``model.safetensors`` beside ``config.yaml`` (a shipped pretrained model)."""
     run_dir = Path(run_dir)
-    shipped = run_dir / WEIGHTS_FILE
-    if not (run_dir / "model.pt").exists() and not shipped.exists():
+    weights = run_dir / "model.pt"
+    if not weights.exists():
+        weights = run_dir / WEIGHTS_FILE      # a shipped checkpoint folder
+    if not weights.exists():
         raise TsdbError(f"{run_dir} has no trained model (model.pt); run `tsdb train` first")
     cfg = ExperimentConfig.from_yaml(run_dir / "config.yaml")
     strategy = get_strategy(cfg.model)
     model = strategy.build()
-    if shipped.exists():
-        from safetensors.torch import load_file   # a shipped checkpoint
+    if weights.suffix == ".safetensors":
+        from safetensors.torch import load_file   # (no code runs on load)
         try:
-            state = load_file(shipped)
+            state = load_file(weights)
         except Exception as e:  # noqa: BLE001  (truncated or foreign file)
-            raise TsdbError(f"{shipped} is not a readable safetensors file ({str(e)[:120]}); "
+            raise TsdbError(f"{weights} is not a readable safetensors file ({str(e)[:120]}); "
                             "copy the checkpoint folder again") from None
     else:
-        state = checksum.load_state_dict(run_dir / "model.pt", MODEL_FIX)
+        state = checksum.load_state_dict(weights, MODEL_FIX)
     bad = [k for k, v in state.items()
            if not isinstance(v, torch.Tensor) or v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
-        raise TsdbError(f"{run_dir / 'model.pt'}: weight {bad[0]!r} is not a finite tensor (a corrupt file "
+        raise TsdbError(f"{weights}: weight {bad[0]!r} is not a finite tensor (a corrupt file "
                         "or a diverged run); retrain the run")
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError) as e:
-        raise TsdbError(f"{run_dir / 'model.pt'} does not fit the model of {run_dir / 'config.yaml'} "
+        raise TsdbError(f"{weights} does not fit the model of {run_dir / 'config.yaml'} "
                         f"({str(e).splitlines()[0][:120]}); retrain the run") from None
     model.eval()
     return cfg, strategy, model

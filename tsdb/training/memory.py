@@ -251,7 +251,10 @@ class MemoryMeter(Callback):
             self._sync()
             step = state_figures(optimizer, self._saved.bytes)
             step["device_resident_bytes"] = self._resident_bytes()
-            step["step_peak_rss_bytes"] = _status_kib("VmHWM")
+            # the kernel's RSS counters are batched per thread (up to ~100 KiB apart), so the
+            # step's VmHWM can read just below the RSS sampled at its start: the peak is at least that
+            hwm = _status_kib("VmHWM")
+            step["step_peak_rss_bytes"] = None if hwm is None else max(hwm, self._rss_at_start or 0)
             step["rss_bytes_at_step_start"] = self._rss_at_start
             if self._device.type == "cuda":
                 step["cuda_max_memory_allocated"] = torch.cuda.max_memory_allocated(self._device)
