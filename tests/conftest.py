@@ -109,6 +109,25 @@ def stream(out_dir, recs, **kw):
 TINY_MODEL = dict(context_length=32, horizon=16, patch_length=4)   # + randomized_model's shape
 
 
+def forecasts_after_different_pasts(model_dir, refresh: str, recent: int, num_samples: int = 8) -> np.ndarray:
+    """The runtime's forecasts ``[2, S, H]`` for one series id streamed by two forecasters
+    whose histories differ only before the last ``recent`` values (which they then receive
+    one at a time, off the patch grid); the same count, seed and forecast noise."""
+    import tsdb_streaming as rt
+
+    rng = np.random.default_rng(7)
+    tail = (10 + np.sin(np.arange(recent) / 3) + rng.normal(0, 0.3, recent)).astype(np.float32)
+    pasts = [rng.normal(40, 5, 200).astype(np.float32), rng.normal(-3, 1, 200).astype(np.float32)]
+    out = []
+    for past in pasts:
+        f = rt.StreamingForecaster(model_dir, refresh=refresh, num_samples=num_samples, seed=0)
+        f.update(["a"], [past])
+        for x in tail:
+            f.update(["a"], [x])
+        out.append(f.forecast(["a"], seed=[3]).samples[0])
+    return np.stack(out)
+
+
 def _session_root(tmp_path_factory, worker_id: str) -> Path:
     """A folder shared by every xdist worker of this session (the session's basetemp without xdist)."""
     base = tmp_path_factory.getbasetemp()

@@ -10,6 +10,7 @@ import torch
 
 from tsdb.bench.streamed_accuracy import (Policy, Stream, cold_forecasts, compare, draw_noise,
                                           parity_at_first_origin, rolling_stream, streamed_forecasts)
+from conftest import forecasts_after_different_pasts
 from tsdb.config import ExperimentConfig
 from tsdb.data.series import Series, SeriesDataset
 from tsdb.errors import TsdbError
@@ -50,10 +51,11 @@ def test_runtime_started_from_the_cold_context_gives_the_cold_samples(bench):
 
 
 def test_stream_reinitialised_from_the_context_gives_the_cold_forecasts_and_scores(bench):
-    """Streamed one value at a time, then re-initialised from exactly the cold context before
-    each forecast: the cold samples and scores at every origin, on and off the patch grid."""
+    """Streamed one value at a time by the runtime with ``refresh="context"`` (each series
+    rebuilt from exactly its cold context inside each forecast): the cold samples and scores
+    at every origin, on and off the patch grid."""
     model_dir, cfg, stream, noise, cold = bench
-    samples, _ = streamed_forecasts(model_dir, stream, Policy(at_forecast="context"), cfg, SAMPLES, 0, noise)
+    samples, _ = streamed_forecasts(model_dir, stream, Policy(refresh="context"), cfg, SAMPLES, 0, noise)
     scale = np.array([np.std(c) for c in stream.task.contexts(cfg.context_length)])[:, None, None]
     assert np.max(np.abs(samples - cold) / scale) < 1e-4
     cold_m, streamed_m = stream.task.evaluate(cold), stream.task.evaluate(samples)
@@ -92,3 +94,15 @@ def test_a_stream_out_of_window_order_is_refused(bench):
     swapped = Stream(stream.ids[::-1], stream.history[::-1], stream.values[::-1], stream.offsets, stream.task)
     with pytest.raises(TsdbError, match="does not end with the input of window 0"):
         swapped.check(cfg.context_length)
+
+
+def test_context_refresh_forgets_everything_before_the_context(tiny_run):
+    """``refresh="context"``: a forecast reads only the last ``context_length`` values, as the
+    cold path does; the default sliding state still carries the older past (and its frozen
+    statistics) into the forecast."""
+    cfg = ExperimentConfig.from_yaml(tiny_run / "config.yaml").model
+    recent = cfg.context_length + cfg.patch_length + 1
+    bounded = forecasts_after_different_pasts(tiny_run / "onnx", "context", recent)
+    assert np.abs(bounded[0] - bounded[1]).max() < 1e-4
+    sliding = forecasts_after_different_pasts(tiny_run / "onnx", "warmup", recent)
+    assert np.abs(sliding[0] - sliding[1]).max() > 1e-2

@@ -15,7 +15,7 @@ import torch
 import tsdb.strategies.horizon.streaming as sh
 from tsdb.errors import TsdbError
 
-from conftest import random_chunks, randomized_model
+from conftest import forecasts_after_different_pasts, random_chunks, randomized_model
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 P, C, H = 4, 32, 16          # B = 2 blocks -> chunks of c = 8 values (2 patches)
@@ -377,3 +377,15 @@ def test_tsdb_stream_serves_a_horizon_model(exported, tmp_path):
     assert first + second == lines[:60]
     _, batched = stream(out, recs, batch_size=6)
     assert batched == lines[:60]
+
+
+def test_context_refresh_forgets_everything_before_the_context(exported):
+    """``refresh="context"``: a horizon forecast is rebuilt from the last ``C + H`` values
+    (the context and the windows' truth), so an older past leaves no trace; the sliding
+    state keeps it."""
+    *_, out, _ = exported
+    recent = C + H + P + 1
+    bounded = forecasts_after_different_pasts(out, "context", recent)
+    assert np.abs(bounded[0] - bounded[1]).max() < 1e-4
+    sliding = forecasts_after_different_pasts(out, "warmup", recent)
+    assert np.abs(sliding[0] - sliding[1]).max() > 1e-2

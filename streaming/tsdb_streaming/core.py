@@ -96,10 +96,14 @@ def _digest(arrays: dict[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
+REFRESH_POLICIES = ("warmup", "none", "context")
+
+
 def refresh_due(refresh: str, refresh_every: int | None, context_length: int, before: int, after: int) -> bool:
     """Whether a series whose observation count goes from ``before`` to ``after`` is
-    re-initialised from its recent values (the ``refresh``/``refresh_every`` policy of
-    :class:`StreamingForecaster`; ``tsdb bench streamed-accuracy`` scores the policies)."""
+    re-initialised from its recent values by an update (the ``refresh``/``refresh_every``
+    policy of :class:`StreamingForecaster`; ``tsdb bench streamed-accuracy`` scores the
+    policies). ``"context"`` rebuilds at each forecast instead, never in an update."""
     if refresh == "warmup":
         k = 2
         while k < context_length:
@@ -127,7 +131,13 @@ class StreamingForecaster:
     refresh: ``"warmup"`` (default) re-initialises a series from its recent raw values when
         its observation count reaches 2, 4, 8, ... < context_length and context_length, so
         the frozen normalization statistics of a young series follow the data;
-        ``"none"`` keeps the statistics of the first update frozen.
+        ``"none"`` keeps the statistics of the first update frozen;
+        ``"context"`` rebuilds each series from exactly its last ``context_length`` values
+        (statistics over that window) right before each of its forecasts, so a streamed
+        forecast is the cold forecast the model was evaluated with: the state's sliding
+        caches otherwise reach back ``init_tokens`` patches, beyond any training context
+        (``tsdb bench streamed-accuracy`` measures both). Costs one context pass per series
+        per forecast; updates cost the same as under the other policies.
     refresh_every: also re-initialise every N observations (``None``: never).
     providers: onnxruntime execution providers (default CPU).
     num_samples: samples per forecast (a format that keeps sample trajectories in its state,
@@ -150,8 +160,8 @@ class StreamingForecaster:
     def __init__(self, model_dir: str | os.PathLike, intra_op_num_threads: int = 1, refresh: str = "warmup",
                  refresh_every: int | None = None, providers: Sequence[str] | None = None,
                  num_samples: int = 100, seed: int = 0):
-        if refresh not in ("warmup", "none"):
-            raise StreamingError(f"refresh must be 'warmup' or 'none', got {refresh!r}")
+        if refresh not in REFRESH_POLICIES:
+            raise StreamingError(f"refresh must be one of {', '.join(map(repr, REFRESH_POLICIES))}, got {refresh!r}")
         if refresh_every is not None and (isinstance(refresh_every, bool) or int(refresh_every) != refresh_every
                                           or refresh_every < 1):
             raise StreamingError(f"refresh_every must be a positive integer or None, got {refresh_every!r}")
@@ -472,16 +482,20 @@ class StreamingForecaster:
         return gone
 
     # -- refresh --------------------------------------------------------------------------------
-    def _recent_history(self, slot: int) -> np.ndarray:
-        n = int(min(self.count[slot], self.recent.shape[1]))
+    def _recent_history(self, slot: int, limit: int | None = None) -> np.ndarray:
+        n = int(min(self.count[slot], self.recent.shape[1], limit or self.recent.shape[1]))
         return self.recent[slot, self.recent.shape[1] - n:].copy()
 
     def _recent_covariates(self, slots: np.ndarray) -> list | None:
         return None
 
-    def _reinit(self, slots: np.ndarray) -> None:
+    def _reinit(self, slots: np.ndarray, limit: int | None = None) -> None:
+        """Rebuild ``slots`` from their recent raw values (the last ``limit`` of them)."""
         count = self.count[slots].copy()      # observations seen, not the recent values kept
-        self._init_slots(slots, [self._recent_history(int(s)) for s in slots], self._recent_covariates(slots))
+        covs = self._recent_covariates(slots)
+        if covs is not None and limit:
+            covs = [c[:, c.shape[1] - min(c.shape[1], limit):] for c in covs]
+        self._init_slots(slots, [self._recent_history(int(s), limit) for s in slots], covs)
         self.count[slots] = count
 
     def refresh_series(self, item_ids: Sequence) -> None:
@@ -489,6 +503,19 @@ class StreamingForecaster:
         (equal to initialising it from its whole history). Atomic per series, as ``update``."""
         slots = self._slots(item_ids)
         self._transaction(slots, [], lambda _: self._reinit(slots))
+
+    def _rebuild_length(self) -> int:
+        """Raw values a series is rebuilt from before a forecast under ``refresh="context"``:
+        the cold path's input."""
+        return self.context_length
+
+    def _forecast_slots(self, item_ids: list) -> np.ndarray:
+        """The slots of ``item_ids``; under ``refresh="context"`` each is first rebuilt from
+        its last ``_rebuild_length()`` values (atomic per series, as ``update``)."""
+        slots = self._slots(item_ids)
+        if self.refresh == "context":
+            self._transaction(slots, [], lambda _: self._reinit(slots, self._rebuild_length()))
+        return slots
 
     def _refresh_points(self, before: int, after: int) -> bool:
         return refresh_due(self.refresh, self.refresh_every, self.context_length, before, after)

@@ -22,8 +22,8 @@ What can make a streamed forecast differ from the cold one:
 - receptive field: the runtime builds a state over ``init_tokens`` = context layers x W
   patches and its deeper layers attend over a sliding window of keys that already
   summarise older patches, so they see values older than the last ``context_length``
-  (a cold forecast, and training, never do). The ``at_forecast: context`` policy resets
-  each series to exactly the cold context before forecasting: the control;
+  (a cold forecast, and training, never do). The runtime's ``refresh="context"`` policy
+  rebuilds each series from exactly the cold context before each forecast;
 - the unfinished patch: between patch boundaries the stream forecasts from a partial token
   (the models train with ``partial_patch_prob`` > 0); the cold context is cut at the origin
   into whole patches.
@@ -67,14 +67,14 @@ class StreamTask(_Strict):
 
 class Policy(_Strict):
     """A runtime refresh policy: ``StreamingForecaster(refresh=..., refresh_every=...)``, plus
-    ``at_forecast``, right before each forecast: ``"refresh"`` calls ``refresh_series`` (fresh
-    statistics, the state rebuilt from the runtime's recent values, which reach back
-    ``init_tokens`` patches); ``"context"`` resets the series and initialises it from
-    exactly its last ``context_length`` values (the cold path's input and receptive field)."""
+    ``at_forecast: refresh``, ``refresh_series`` right before each forecast (fresh statistics,
+    the state rebuilt from the runtime's recent values, which reach back ``init_tokens``
+    patches). The runtime's ``refresh: context`` rebuilds each series from exactly its last
+    ``context_length`` values before each forecast (the cold path's input and receptive field)."""
 
-    refresh: Literal["warmup", "none"] = "warmup"
+    refresh: Literal["warmup", "none", "context"] = "warmup"
     refresh_every: int | Literal["context", "patch"] | None = None
-    at_forecast: Literal["none", "refresh", "context"] = "none"
+    at_forecast: Literal["none", "refresh"] = "none"
 
     def every(self, cfg) -> int | None:
         return {"context": cfg.context_length, "patch": cfg.patch_length}.get(self.refresh_every, self.refresh_every)
@@ -207,10 +207,7 @@ def streamed_forecasts(model_dir: Path, stream: Stream, policy: Policy, cfg, num
         if policy.at_forecast == "refresh":
             f.refresh_series(stream.ids)
             refreshes += n
-        elif policy.at_forecast == "context":
-            f.reset_series(stream.ids)
-            f.update(stream.ids, [np.concatenate([h, v[:off]])[-cfg.context_length:]
-                                  for h, v in zip(stream.history, stream.values)])
+        if policy.refresh == "context":     # the runtime rebuilds every series in its forecast
             refreshes += n
         t1 = time.perf_counter()
         eps = None if noise is None else noise[[stream.window(i, k) for i in range(n)]]
@@ -454,9 +451,9 @@ def diagnosis(results: dict, spec: StreamedAccuracySpec) -> list[str]:
     """What the policies' verdicts say about the gap's cause, per dataset and model: the
     runtime's state (kept, with frozen or fresh statistics) against a re-initialisation from
     exactly the cold context (the cold path's input and receptive field)."""
-    kept = [p for p, v in spec.policies.items() if v.at_forecast != "context"]
+    kept = [p for p, v in spec.policies.items() if v.refresh != "context"]
     fresh = [p for p, v in spec.policies.items() if v.at_forecast == "refresh" or v.refresh_every == "patch"]
-    control = [p for p, v in spec.policies.items() if v.at_forecast == "context"]
+    control = [p for p, v in spec.policies.items() if v.refresh == "context"]
     close = ("tie", "equal (float rounding)")
     out = []
     for r in results["rows"]:

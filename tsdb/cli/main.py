@@ -192,7 +192,7 @@ def cmd_stream(args) -> None:
     src = open(args.input, encoding="utf-8", errors="replace") if args.input else sys.stdin
     run_stream(args.model_dir, src, sys.stdout, state_path=args.state, quantiles=args.quantiles,
                num_samples=args.num_samples, seed=args.seed, freq=args.freq,
-               checkpoint_every=args.checkpoint_every, batch_size=args.batch_size,
+               checkpoint_every=args.checkpoint_every, batch_size=args.batch_size, refresh=args.refresh,
                intra_op_num_threads=args.threads or 1)
 
 
@@ -328,6 +328,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--freq", default=None, help="expected step between timestamps (default: from the data)")
     s.add_argument("--checkpoint-every", type=positive_int, default=100, help="records between state checkpoints")
     s.add_argument("--batch-size", type=positive_int, default=1, help="records grouped into one update")
+    s.add_argument("--refresh", choices=("context", "warmup", "none"), default="context",
+                   help="context (default): each forecast is rebuilt from the series' last context_length values, "
+                        "the forecast the model was evaluated with (one context pass per forecast); warmup / none: "
+                        "forecasts from the sliding state, O(1) but less accurate (reports/streamed-accuracy)")
     s.set_defaults(func=cmd_stream)
     for s in sub.choices.values():
         s.add_argument("--threads", type=positive_int, default=None, help=THREADS_HELP)

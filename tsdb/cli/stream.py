@@ -324,7 +324,7 @@ def _parse_record(line: str):
 def run_stream(model_dir: str | Path, input_stream: IO[str], output_stream: IO[str],
                state_path: str | Path | None = None, quantiles: Sequence[float] = (0.1, 0.5, 0.9),
                num_samples: int = 100, seed: int = 0, freq=None, checkpoint_every: int = 100,
-               batch_size: int = 1, refresh: str = "warmup", intra_op_num_threads: int = 1) -> dict:
+               batch_size: int = 1, refresh: str = "context", intra_op_num_threads: int = 1) -> dict:
     """Stream NDJSON observations from ``input_stream`` to NDJSON forecasts on ``output_stream``.
 
     ``model_dir``: an exported model (``tsdb export``) or a training run (exported on the

@@ -260,7 +260,7 @@ class DepthStreamingForecaster(StreamingForecaster):
         called before each sampler step.
         """
         item_ids = list(item_ids)
-        s = self._slots(item_ids)
+        s = self._forecast_slots(item_ids)
         b, hz = len(s), self.horizon
         noise = forecast_noise(noise, seed, b, self.num_samples if num_samples is None else num_samples, hz)
         sig, step_blocks = self.schedule(num_steps)

@@ -167,6 +167,10 @@ class HorizonStreamingForecaster(StreamingForecaster):
             if keep:
                 self.recent[slot, -keep:] = x[len(x) - keep:]
 
+    def _rebuild_length(self) -> int:
+        # a cold start reads the last H values as the windows' truth and the context before them
+        return self.context_length + self.horizon
+
     def values_pending(self, item_id) -> int:
         """Values of ``item_id`` observed since its last chunk boundary (``< c``): the next
         ``c - values_pending`` values complete a chunk and trigger an observed roll."""
@@ -243,7 +247,8 @@ class HorizonStreamingForecaster(StreamingForecaster):
                  quantiles: Sequence[float] = DEFAULT_QUANTILES, noise: np.ndarray | None = None,
                  normalized: bool = False, **unsupported: Any) -> Forecast:
         """The ``S`` samples per series of the ``H`` steps after its last observation, and
-        their quantiles; the state is not modified.
+        their quantiles; the state is not modified (except under ``refresh="context"``, which
+        first rebuilds each series from its last ``context_length + H`` values).
 
         ``noise [b, S, H + c]`` standard normal (the chunk appended by each free roll)
         overrides ``seed`` (an int, one seed per series, or None, as the depth format).
@@ -256,7 +261,7 @@ class HorizonStreamingForecaster(StreamingForecaster):
                                  f"have {self.num_samples} samples, not {num_samples}; open the model with "
                                  f"num_samples={num_samples}")
         item_ids = list(item_ids)
-        s = self._slots(item_ids)
+        s = self._forecast_slots(item_ids)
         b, h, c, S = len(s), self.horizon, self.chunk_length, self.num_samples
         if noise is not None and np.shape(noise)[2:] == (h,) and not (self.pending_count[s] > 0).any():
             noise = np.concatenate([np.asarray(noise, np.float32), np.zeros((b, S, c), np.float32)], -1)
