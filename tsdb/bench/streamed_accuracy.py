@@ -476,6 +476,14 @@ def diagnosis(results: dict, spec: StreamedAccuracySpec) -> list[str]:
                        "already summarise W patches further back, a context longer than any the model was "
                        "trained on (the runtime follows the library's sliding-window recompute exactly, "
                        "tests/test_export.py, so this is the streaming design, not an export error).")
+        elif control and all(pol[p]["verdict"] == "streamed worse" for p in kept) \
+                and all(pol[p]["verdict"] in close for p in control):
+            out.append(head + "forecasts from the runtime's sliding state are worse than cold ("
+                       + ", ".join(map(say, kept)) + "); rebuilt from exactly the cold context inside each "
+                       "forecast (`refresh=\"context\"`) they are the cold forecasts (" + ", ".join(map(say, control))
+                       + "). The state's cost: its deeper layers attend over keys that already summarise "
+                       "W patches further back (`init_tokens` = context layers x W patches), a context longer "
+                       "than any the model was trained on, and its statistics are frozen between refreshes.")
         elif fresh and all(pol[p]["verdict"] in close for p in fresh):
             out.append(head + "fresh statistics close the gap (" + ", ".join(map(say, fresh)) + ") that the "
                        "runtime's default leaves (" + ", ".join(say(p) for p in kept if p not in fresh)
