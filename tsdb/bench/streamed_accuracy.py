@@ -447,6 +447,12 @@ def write_report(results: dict, out: Path) -> Path:
     return path
 
 
+# why a forecast from the runtime's sliding state differs from the cold one
+RECEPTIVE_FIELD = ("the runtime's cache is built over `init_tokens` = context layers x W patches, and its deeper "
+                   "layers attend over keys that already summarise W patches further back, a context longer than "
+                   "any the model was trained on")
+
+
 def diagnosis(results: dict, spec: StreamedAccuracySpec) -> list[str]:
     """What the policies' verdicts say about the gap's cause, per dataset and model: the
     runtime's state (kept, with frozen or fresh statistics) against a re-initialisation from
@@ -471,19 +477,16 @@ def diagnosis(results: dict, spec: StreamedAccuracySpec) -> list[str]:
                        + ", ".join(map(say, kept)) + "), also with statistics refreshed up to the origin ("
                        + ", ".join(fresh) + "); re-initialised from exactly the cold context they match it ("
                        + ", ".join(map(say, control)) + "). Fresh statistics move the ratio only a little"
-                       + part + "; the rest is the state's receptive field: the runtime's cache is built over "
-                       "`init_tokens` = context layers x W patches, and its deeper layers attend over keys that "
-                       "already summarise W patches further back, a context longer than any the model was "
-                       "trained on (the runtime follows the library's sliding-window recompute exactly, "
-                       "tests/test_export.py, so this is the streaming design, not an export error).")
+                       + part + "; the rest is the state's receptive field: " + RECEPTIVE_FIELD + " (the runtime "
+                       "follows the library's sliding-window recompute exactly, tests/test_export.py, so this is "
+                       "the streaming design, not an export error).")
         elif control and all(pol[p]["verdict"] == "streamed worse" for p in kept) \
                 and all(pol[p]["verdict"] in close for p in control):
             out.append(head + "forecasts from the runtime's sliding state are worse than cold ("
                        + ", ".join(map(say, kept)) + "); rebuilt from exactly the cold context inside each "
                        "forecast (`refresh=\"context\"`) they are the cold forecasts (" + ", ".join(map(say, control))
-                       + "). The state's cost: its deeper layers attend over keys that already summarise "
-                       "W patches further back (`init_tokens` = context layers x W patches), a context longer "
-                       "than any the model was trained on, and its statistics are frozen between refreshes.")
+                       + "). The state's cost: " + RECEPTIVE_FIELD + ", and its statistics are frozen between "
+                       "refreshes.")
         elif fresh and all(pol[p]["verdict"] in close for p in fresh):
             out.append(head + "fresh statistics close the gap (" + ", ".join(map(say, fresh)) + ") that the "
                        "runtime's default leaves (" + ", ".join(say(p) for p in kept if p not in fresh)

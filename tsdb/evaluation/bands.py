@@ -47,20 +47,15 @@ def series_windows(values: list[np.ndarray], context_length: int, horizon: int,
 @torch.no_grad()
 def band_errors(model, context: np.ndarray, target: np.ndarray, sigmas=SIGMAS, seed: int = 0) -> dict:
     """Per block and sigma the normalised MSE of its denoiser, with ``E[y^2]`` (the error of
-    the context mean) as the reference; the same noise for every block."""
+    the context mean) as the reference; the same noise for every block. Each block encodes
+    the context once (``DiffusionForecaster.denoisers``, the sampler's D)."""
     features, y, observed, _, _ = model.prepare(torch.from_numpy(context), torch.from_numpy(target))
     eps = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed))
     n = observed.sum().clamp_min(1.0)
-    errors = []
-    for block in model.blocks:
-        row = []
-        for s in sigmas:
-            sigma = torch.full((len(y),), float(s))
-            d = model.precond.denoise(block, features, y + s * eps, sigma)
-            row.append(float((((d - y) ** 2) * observed).sum() / n))
-        errors.append(row)
-    return {"sigmas": list(sigmas), "errors": errors, "mean_square": float(((y ** 2) * observed).sum() / n),
-            "windows": len(y)}
+    mse = lambda d: float((((d - y) ** 2) * observed).sum() / n)  # noqa: E731  (missing values carry none)
+    errors = [[mse(denoise(y + s * eps, torch.full((len(y),), float(s)))) for s in sigmas]
+              for denoise in model.denoisers(model.encode(features))]
+    return {"sigmas": list(sigmas), "errors": errors, "mean_square": mse(torch.zeros_like(y)), "windows": len(y)}
 
 
 def owners(strategy, sigmas) -> list[int]:
