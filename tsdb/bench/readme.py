@@ -70,7 +70,8 @@ def render(reports: Path = ROOT / "reports") -> str:
                           f"neighbouring block), with one seed and no provenance records. Not comparable with "
                           f"the reports above; `{command}` regenerates it._"]
         blocks.append("\n".join(lines))
-    for extra in (_memory(reports), _streaming(reports), _streamed_accuracy(reports), _zero_shot(reports)):
+    for extra in (_forecast_defaults(reports), _memory(reports), _streaming(reports), _streamed_accuracy(reports),
+                  _zero_shot(reports)):
         if extra:
             blocks.append(extra)
     return "\n\n".join(blocks) if blocks else "_No benchmark has been run yet._"
@@ -93,6 +94,31 @@ def _streamed_accuracy(reports: Path) -> str:
             f"({'meets' if choice['meets_target'] else 'misses'} the {100 * (choice['target'] - 1):.0f}% target); "
             "the state-keeping policies miss it because the streamed state reaches further back than the "
             "training context (see the report).")
+
+
+def _forecast_defaults(reports: Path) -> str:
+    """The ``tsdb bench forecast-defaults`` table: ``tsdb forecast`` with its defaults against
+    seasonal naive and AutoETS on each dataset's held-out last window."""
+    path = reports / "forecast-defaults" / "results.json"
+    if not path.exists():
+        return ""
+    from tsdb.bench.forecast_defaults import target_met, verdict_text
+    res = json.loads(path.read_text())
+    rows = []
+    for key, r in res["datasets"].items():
+        sp = r["tsdb"]["spread"]["crps"]
+        rows.append(f"| {key} | {r['series']} | {r['horizon']} | {sp['mean']:.4f} ± {sp['std']:.4f} | "
+                    + " | ".join(f"{p['crps']:.4f}" for p in r["peers"].values()) + " | "
+                    + "; ".join(f"{n}: {verdict_text(r, p)}" for n, p in r["peers"].items())
+                    + f" | {'met' if target_met(r) else 'missed'} |")
+    peers = list(next(iter(res["datasets"].values()))["peers"])
+    return "\n".join([
+        f"**forecast-defaults** (command: `{res['command']}`; report: "
+        "[`reports/forecast-defaults/report.md`](reports/forecast-defaults/report.md)): `tsdb forecast` given "
+        "nothing but the horizon, on each dataset written as a long CSV without its last window, scored on that "
+        f"window; seeds {res['spec']['seeds']}; CRPS(tsdb) / CRPS(peer) with a paired bootstrap over series.", "",
+        "| dataset | series | horizon | tsdb CRPS | " + " | ".join(f"{p} CRPS" for p in peers)
+        + " | tsdb / peer | target |", "|---" * (len(peers) + 6) + "|", *rows])
 
 
 def _memory(reports: Path) -> str:

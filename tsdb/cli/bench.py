@@ -106,6 +106,15 @@ def _streamed_accuracy(args, command: str) -> None:
           f"chosen refresh policy {res['choice'].get('policy')}; report in {out / 'report.md'}")
 
 
+@program("forecast-defaults")
+def _forecast_defaults(args, command: str) -> None:
+    from tsdb.bench.forecast_defaults import ForecastDefaultsSpec, run_forecast_defaults
+    out = _out(args, "reports/forecast-defaults")
+    spec = ForecastDefaultsSpec.from_yaml(args.config) if args.config else None
+    run_forecast_defaults(out, spec, root=args.data_root, threads=args.threads, command=command)
+    _printed(out)
+
+
 def run_tiered(args, command: str) -> None:
     """A benchmark defined by its YAML (``--config``, or the packaged ``NAME-TIER.yaml``)."""
     from tsdb.bench.experiment import ExperimentSpec, run_experiment

@@ -118,6 +118,7 @@ def prepare(args) -> tuple[SeriesDataset, list | None, ExperimentConfig]:
         data, futures = split_known_future(data, args.horizon, model_horizon)
     if not args.run:
         cfg = quick_config(data, args.horizon, args.steps, len(names))
+        cfg = cfg.with_overrides(train=dict(seed=getattr(args, "seed", 0)))
         # the last --horizon points are held out for validation; before them, one training target
         validate_dataset(data, min_length=args.horizon + cfg.model.horizon + cfg.model.patch_length)
     return data, futures, cfg

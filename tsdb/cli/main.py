@@ -264,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--finetune-steps", type=nonnegative_int, default=0,
                    help="with --pretrained: fine-tune each block this many steps on the input first (0: zero-shot)")
     s.add_argument("--finetune-lr", type=float, default=3e-4)
+    s.add_argument("--seed", type=preflight.seed, default=0,
+                   help="seed of the quick model's training and of the forecast's samples (no --run)")
     s.add_argument("--covariates", default=None,
                    help="comma-separated known-future covariate columns; after each series' last observed "
                         "target the table holds >= --horizon rows with them given and the target empty")
