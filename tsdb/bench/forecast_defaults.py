@@ -23,10 +23,8 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +36,7 @@ from tsdb.bench.stats import paired_bootstrap, spread
 from tsdb.cli.autoconfig import PEER_HISTORY, validation_task
 from tsdb.config import ExperimentConfig, _Strict, packaged
 from tsdb.data.series import SeriesDataset
+from tsdb.evaluation.tasks import EvalTask
 
 CONFIG = packaged("configs", "bench", "forecast-defaults.yaml")
 PEERS = {"seasonal naive": "seasonal-naive", "AutoETS": "auto-ets"}
@@ -58,7 +57,7 @@ class ForecastDefaultsSpec(_Strict):
     datasets: dict[str, DefaultsDataset]
 
 
-def held_out(dataset: SeriesDataset, horizon: int) -> tuple[SeriesDataset, object]:
+def held_out(dataset: SeriesDataset, horizon: int) -> tuple[SeriesDataset, EvalTask]:
     """The histories given to ``tsdb forecast`` (each series without its last ``horizon``
     points, target only) and the task scoring the held-out window."""
     task = validation_task(dataset, horizon, PEER_HISTORY)
@@ -79,7 +78,7 @@ def long_frame(dataset: SeriesDataset) -> pl.DataFrame:
     return pl.concat(parts).with_columns(pl.col("target").fill_nan(None))
 
 
-def forecast_samples(csv: Path, task, item_ids: list[str]) -> np.ndarray:
+def forecast_samples(csv: Path, task: EvalTask, item_ids: list[str]) -> np.ndarray:
     """``forecast.csv``'s quantiles and mean as ``[N, 11, H]`` samples in the task's window
     order (:func:`tsdb.evaluation.peers.quantiles_as_samples`: gluonts reads the quantiles back
     exactly and the sample mean is the CSV's mean)."""
@@ -94,11 +93,6 @@ def forecast_samples(csv: Path, task, item_ids: list[str]) -> np.ndarray:
     q = np.stack([by_item[i].select(QUANTILE_COLUMNS).to_numpy().T for i in item_ids])
     mean = np.stack([by_item[i]["mean"].to_numpy() for i in item_ids])
     return quantiles_as_samples(q, mean)
-
-
-def _children_cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
 
 
 def run_forecast(csv: Path, horizon: int, out: Path, seed: int, spec: ForecastDefaultsSpec, threads: int | None,
@@ -117,14 +111,15 @@ def run_forecast(csv: Path, horizon: int, out: Path, seed: int, spec: ForecastDe
         log(f"  seed {seed}: reusing {out}")
         return json.loads(record_path.read_text())
     log(f"  seed {seed}: tsdb forecast -> {out}")
-    wall, cpu = time.perf_counter(), _children_cpu()
-    with open(out.with_suffix(".log"), "w") as f:
+    from tsdb.evaluation.peers import clock
+    timing: dict = {}
+    with clock(timing, "run"), open(out.with_suffix(".log"), "w") as f:   # CPU time includes the child's
         done = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "TQDM_DISABLE": "1"})
     if done.returncode:
         raise RuntimeError(f"tsdb forecast failed (exit {done.returncode}); see {out.with_suffix('.log')}")
     cfg = ExperimentConfig.from_yaml(out / "run" / "config.yaml")
-    record = {"command": " ".join(["tsdb", *argv[3:]]), "wall_seconds": time.perf_counter() - wall,
-              "cpu_seconds": _children_cpu() - cpu,
+    record = {"command": " ".join(["tsdb", *argv[3:]]), "wall_seconds": timing["run_seconds"],
+              "cpu_seconds": timing["cpu_seconds"],
               "chosen": {"context_length": cfg.model.context_length, "patch_length": cfg.model.patch_length,
                          "horizon": cfg.model.horizon, "d_model": cfg.model.d_model, "n_layers": cfg.model.n_layers,
                          "n_blocks": cfg.model.n_blocks, "steps_per_block": cfg.train.steps_per_block},
@@ -142,8 +137,7 @@ def run_dataset(key: str, entry: DefaultsDataset, spec: ForecastDefaultsSpec, wo
     folder.mkdir(parents=True, exist_ok=True)
     csv = folder / f"{key}.csv"
     frame = long_frame(history)
-    if not csv.exists() or not pl.read_csv(csv, try_parse_dates=True).equals(frame):
-        frame.write_csv(csv)
+    frame.write_csv(csv)   # same bytes each time, so tsdb forecast's input check lets a finished seed be reused
     log(f"{key}: {len(history)} series, {frame.height} rows -> {csv}; horizon {entry.horizon}")
     ids = [str(s.item_id) for s in history]
     seeds = {}
@@ -153,15 +147,14 @@ def run_dataset(key: str, entry: DefaultsDataset, spec: ForecastDefaultsSpec, wo
         seeds[str(seed)] = {**record, **{k: metrics[k] for k in ("crps", "mase", "mse", "mae", "coverage80")},
                             "crps_num": metrics["window_scores"]["crps_num"]}
     tsdb_num = np.mean([s["crps_num"] for s in seeds.values()], axis=0)
-    den = None
     peers = {}
     for name, kind in PEERS.items():
         log(f"  {name} (statsforecast)")
         r = statsforecast_peer(task, kind)
-        den = r["window_scores"]["abs_target"]
         peers[name] = {**{k: r[k] for k in ("crps", "mase", "mse", "mae", "coverage80", "train_seconds",
                                              "cpu_seconds", "budget")},
-                       "bootstrap": paired_bootstrap(tsdb_num, r["window_scores"]["crps_num"], den)}
+                       "bootstrap": paired_bootstrap(tsdb_num, r["window_scores"]["crps_num"],
+                                                     r["window_scores"]["abs_target"])}
     per_seed = list(seeds.values())
     return {"dataset": entry.dataset, "horizon": entry.horizon, "series": len(history), "rows": frame.height,
             "tsdb": {"seeds": {s: {k: v for k, v in r.items() if k != "crps_num"} for s, r in seeds.items()},

@@ -107,7 +107,7 @@ def _by_window(frame: pd.DataFrame, columns: list[str], num_windows: int, horizo
 
 
 @contextmanager
-def _clock(record: dict, key: str):
+def clock(record: dict, key: str):
     """Add the block's wall seconds to ``record[key + '_seconds']`` and its CPU seconds (this
     process and reaped children, e.g. statsforecast's workers) to ``record[key + '_cpu_seconds']``
     and ``record['cpu_seconds']`` (CPU seconds say more than wall time on a shared machine)."""
@@ -164,7 +164,7 @@ def statsforecast_peer(task: EvalTask, kind: str, season_lengths: list[int] | No
         raise ValueError(f"unknown statsforecast peer {kind!r}; known: {list(models)}")
     model = models[kind]()
     timing: dict = {}
-    with _clock(timing, "fit"):  # statsforecast's forecast() fits and predicts in one pass
+    with clock(timing, "fit"):  # statsforecast's forecast() fits and predicts in one pass
         inputs = window_inputs(task)
         frame = _long_frame(inputs)
         out = StatsForecast(models=[model], freq=1, n_jobs=n_jobs).forecast(
@@ -232,9 +232,9 @@ def neuralforecast_peer(task: EvalTask, kind: str, input_size: int, max_steps: i
                     default_root_dir=root, **opts)
         nf = NeuralForecast(models=[model], freq=1)
         train = [_observed(np.asarray(s.target, np.float64), task.name, s.item_id) for s in task.train]
-        with _clock(timing, "fit"):
+        with clock(timing, "fit"):
             nf.fit(df=_long_frame(train), val_size=0)
-        with _clock(timing, "predict"):
+        with clock(timing, "predict"):
             out = nf.predict(df=_long_frame(window_inputs(task)))
     columns = [f"{model.alias or type(model).__name__}{n}" for n in loss.output_names]
     values = _by_window(out, columns, task.num_windows, task.horizon)
@@ -360,9 +360,9 @@ def linear_peer(task: EvalTask, lookback: int, alphas: list[float] | None = None
     """Fit :class:`LinearPeer` on ``task.train`` and score it on the test windows."""
     timing: dict = {}
     peer = LinearPeer(lookback, task.horizon, alphas, val_fraction)
-    with _clock(timing, "fit"):
+    with clock(timing, "fit"):
         peer.fit([_observed(np.asarray(s.target, np.float64), task.name, s.item_id) for s in task.train])
-    with _clock(timing, "predict"):
+    with clock(timing, "predict"):
         quantiles, point = peer.predict(task.contexts(lookback))
     budget = {"model": "ridge on instance-normalised windows (NLinear style)", "lookback": lookback,
               "alpha": peer.alpha, "alphas_tried": peer.alphas, "val_fraction": val_fraction,
@@ -392,10 +392,10 @@ def deepar_peer(task: EvalTask, context_length: int, epochs: int = 100, num_batc
     if context < 1:
         raise ValueError(f"deepar peer: lookback {lookback} leaves no context after lags <= {max_lag}")
     timing: dict = {}
-    with _clock(timing, "fit"):
+    with clock(timing, "fit"):
         arm = fit_deepar(task, context, epochs=epochs, num_batches_per_epoch=num_batches_per_epoch, seed=seed,
                          batch_size=batch_size, max_lag=max_lag, **estimator_kwargs)
-    with _clock(timing, "predict"):
+    with clock(timing, "predict"):
         metrics = arm.evaluate(task, num_samples)
     net = arm.predictor.prediction_net
     params = int(sum(p.numel() for p in net.parameters()))
