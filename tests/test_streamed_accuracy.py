@@ -106,3 +106,39 @@ def test_context_refresh_forgets_everything_before_the_context(tiny_run):
     assert np.abs(bounded[0] - bounded[1]).max() < 1e-4
     sliding = forecasts_after_different_pasts(tiny_run / "onnx", "warmup", recent)
     assert np.abs(sliding[0] - sliding[1]).max() > 1e-2
+
+
+def _has_etth1() -> bool:
+    from tsdb.data.registry import data_dirs
+    return any((d / "ETTh1.csv").exists() for d in data_dirs())
+
+
+@pytest.mark.skipif(not _has_etth1(), reason="benchmark files absent")
+def test_bench_scores_each_strategy_at_its_seeds_and_reuses_scored_seeds(tmp_path):
+    """The whole bench on ETTh1 with tiny models: a strategy with its own seeds runs only those;
+    a second run reuses every seed's scores (nothing retrained or streamed) and reports the same."""
+    from tsdb.bench.streamed_accuracy import StreamedAccuracySpec, run_streamed_accuracy
+
+    spec = StreamedAccuracySpec.model_validate({
+        "num_samples": 4, "seeds": [0, 1], "strategy_seeds": {"depth": [1]}, "parity_series": 2,
+        "datasets": {"etth1": {"task": {"protocol": "etth1", "dataset": "etth1", "horizon": 16, "lookback": 64,
+                                        "stride": 1200}, "model": {"context_length": 64, "horizon": 16}}},
+        "base": {"model": {"patch_length": 8, "d_model": 16, "n_heads": 2, "n_layers": 2, "n_blocks": 2,
+                           "num_steps": 2, "core_layers": 1},
+                 "train": {"steps_per_block": 2, "batch_size": 8, "warmup_steps": 0}},
+        "strategies": {"depth": {"model": {"strategy": "depth"}}},
+        "policies": {"context": {"refresh": "context"}}})
+    lines = []
+    first = run_streamed_accuracy(tmp_path / "out", spec, work=tmp_path / "work", log=lines.append)
+    assert [sorted(r["seeds"]) for r in first["rows"]] == [["1"]]
+    assert all(r["policies"]["context"]["verdict"] == "equal (float rounding)" for r in first["rows"])
+    lines.clear()
+    again = run_streamed_accuracy(tmp_path / "out2", spec, work=tmp_path / "work", log=lines.append)
+    assert sum("scores reused" in line for line in lines) == 1
+    assert [r["policies"] for r in again["rows"]] == [r["policies"] for r in first["rows"]]
+    # into the first report's folder: its finished row is kept as it is, nothing is scored again
+    lines.clear()
+    kept = run_streamed_accuracy(tmp_path / "out", spec, work=tmp_path / "work", log=lines.append)
+    assert sum("row reused" in line for line in lines) == 1 and not any("scores reused" in x for x in lines)
+    assert kept["rows"][0]["reused"] and kept["rows"][0]["policies"] == first["rows"][0]["policies"]
+    assert "kept from an earlier run" in (tmp_path / "out" / "report.md").read_text()

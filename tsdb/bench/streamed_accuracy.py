@@ -86,11 +86,16 @@ class StreamedAccuracySpec(_Strict):
     # model seeds: seed s trains with train.seed = s and draws the forecasts' noise from
     # default_rng(s), the same noise for the streamed and the cold path
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    # a strategy's own seeds where it needs fewer than `seeds` (CPU time), e.g. {horizon: [0]}
+    strategy_seeds: dict[str, list[int]] = Field(default_factory=dict)
     parity_series: int = 32    # series in the re-initialised parity check
     datasets: dict[str, StreamTask]
     base: ExperimentConfig = ExperimentConfig()
     strategies: dict[str, dict[str, dict[str, Any]]]
     policies: dict[str, Policy]
+
+    def seeds_of(self, strategy: str) -> list[int]:
+        return self.strategy_seeds.get(strategy, self.seeds)
 
     def config(self, dataset: str, strategy: str, seed: int) -> ExperimentConfig:
         over = self.strategies[strategy]
@@ -274,6 +279,7 @@ def run_streamed_accuracy(out: str | Path = "reports/streamed-accuracy", spec: S
     out, work = Path(out), Path(work or f"runs/{spec.name}")
     out.mkdir(parents=True, exist_ok=True)
     started, cpu0 = time.perf_counter(), time.process_time()
+    previous = _finished_rows(out, spec)
     results = {"benchmark": "streamed-accuracy", "name": spec.name, "command": command, "machine": machine_info(),
                "spec": spec.model_dump(mode="json"), "rows": []}
     for ds_name, ds in spec.datasets.items():
@@ -282,13 +288,30 @@ def run_streamed_accuracy(out: str | Path = "reports/streamed-accuracy", spec: S
         log(f"[{spec.name}] {ds_name}: {len(stream.ids)} series, {len(stream.offsets)} origin(s), "
             f"{stream.values.shape[1]} values streamed, {stream.task.num_windows} windows")
         for st_name in spec.strategies:
+            if (ds_name, st_name) in previous:   # finished by an earlier run of the same settings
+                results["rows"].append({**previous[ds_name, st_name], "reused": True})
+                log(f"[{spec.name}] {ds_name} {st_name}: row reused from {out / 'results.json'}")
+                continue
             row = {"dataset": ds_name, "strategy": st_name, "windows": stream.task.num_windows, "seeds": {}}
             cold_m, streamed_m = [], {p: [] for p in spec.policies}
-            for seed in spec.seeds:
+            for seed in spec.seeds_of(st_name):
                 cfg = spec.config(ds_name, st_name, seed)
                 cfg.train.progress = progress
                 strategy = get_strategy(cfg.model)
                 run_dir = work / f"{ds_name}-{st_name}-s{seed}"
+                identity = {"config": cfg.model_dump(mode="json", exclude={"train": {"progress"}}),
+                            "stream": ds.model_dump(mode="json"), "num_samples": spec.num_samples,
+                            "parity_series": spec.parity_series,
+                            "policies": {k: v.model_dump(mode="json") for k, v in spec.policies.items()}}
+                scored = _cached_scores(run_dir, identity)
+                if scored:   # this seed was scored by an earlier run of the same settings
+                    row.update(arm=scored["arm"], params=scored["fig"]["params"])
+                    row["seeds"][str(seed)] = scored["fig"]
+                    cold_m.append(scored["cold"])
+                    for p_name in spec.policies:
+                        streamed_m[p_name].append(scored["streamed"][p_name])
+                    log(f"[{spec.name}] {ds_name} {st_name} seed {seed}: scores reused from {run_dir}")
+                    continue
                 model, summary = train_model(cfg, stream.task.train, run_dir / "run", strategy=strategy)
                 model.eval()
                 model_dir = run_dir / "onnx"
@@ -317,13 +340,16 @@ def run_streamed_accuracy(out: str | Path = "reports/streamed-accuracy", spec: S
                     log(f"[{spec.name}] {ds_name} {st_name} seed {seed} {p_name}: CRPS "
                         f"{streamed_m[p_name][-1]['crps']:.4f}, {cost['refreshes_per_series']:.0f} refreshes/series")
                 row["seeds"][str(seed)] = fig
+                (run_dir / SCORES).write_text(json.dumps({
+                    "identity": identity, "arm": row["arm"], "fig": fig, "cold": cold_m[-1],
+                    "streamed": {p: streamed_m[p][-1] for p in spec.policies}}))
                 results["partial"] = {"dataset": ds_name, "strategy": st_name, "seeds": row["seeds"]}
                 _save(results, spec, out, started, cpu0)
             row["cold"] = {k: spread([m[k] for m in cold_m]) for k in ("crps", "mase", "coverage80")}
             row["policies"] = {p: {**compare(stream, cold_m, streamed_m[p], seed=spec.seeds[0]),
                                    "refreshes_per_series": float(np.mean(
                                        [row["seeds"][str(s)]["policies"][p]["refreshes_per_series"]
-                                        for s in spec.seeds]))}
+                                        for s in spec.seeds_of(st_name)]))}
                                for p in spec.policies}
             results["rows"].append(row)
             results.pop("partial", None)
@@ -331,6 +357,42 @@ def run_streamed_accuracy(out: str | Path = "reports/streamed-accuracy", spec: S
     results["choice"] = choose_policy(results)
     _save(results, spec, out, started, cpu0)
     return results
+
+
+def row_settings(spec: StreamedAccuracySpec, dataset: str, strategy: str) -> dict:
+    """Everything one (dataset, strategy) row of the report depends on."""
+    return json.loads(json.dumps({
+        "dataset": spec.datasets[dataset].model_dump(mode="json"), "base": spec.base.model_dump(mode="json"),
+        "strategy": spec.strategies[strategy], "seeds": spec.seeds_of(strategy), "num_samples": spec.num_samples,
+        "parity_series": spec.parity_series, "policies": {k: v.model_dump(mode="json") for k, v in spec.policies.items()}}))
+
+
+def _finished_rows(out: Path, spec: StreamedAccuracySpec) -> dict:
+    """The rows of ``out/results.json`` whose settings are this spec's (a rerun that adds a
+    strategy keeps the rows already measured)."""
+    path = out / "results.json"
+    if not path.exists():
+        return {}
+    old = json.loads(path.read_text())
+    try:
+        old_spec = StreamedAccuracySpec.model_validate(old["spec"])
+    except Exception:  # noqa: BLE001  (an older schema: nothing to reuse)
+        return {}
+    return {(r["dataset"], r["strategy"]): r for r in old.get("rows", [])
+            if r["dataset"] in spec.datasets and r["strategy"] in spec.strategies
+            and r["strategy"] in old_spec.strategies and r["dataset"] in old_spec.datasets
+            and row_settings(old_spec, r["dataset"], r["strategy"]) == row_settings(spec, r["dataset"], r["strategy"])}
+
+
+SCORES = "scores.json"   # per seed's run folder: its scored paths, reused while the settings match
+
+
+def _cached_scores(run_dir: Path, identity: dict) -> dict | None:
+    path = run_dir / SCORES
+    if not path.exists():
+        return None
+    scored = json.loads(path.read_text())
+    return scored if scored.get("identity") == json.loads(json.dumps(identity)) else None
 
 
 def _blocks(stream: Stream) -> list[int]:
@@ -366,21 +428,28 @@ def _save(results: dict, spec: StreamedAccuracySpec, out: Path, started: float, 
 
 
 def _pm(f: dict, digits: int = 4) -> str:
+    if f.get("n") == 1:
+        return f"{f['mean']:.{digits}f} (1 seed)"
     return f"{f['mean']:.{digits}f} ± {f['std']:.{digits}f}"
 
 
 def write_report(results: dict, out: Path) -> Path:
     spec = StreamedAccuracySpec.model_validate(results["spec"])
     base, m = spec.base, results["machine"]
+    own = {st: v for st, v in spec.strategy_seeds.items() if st in spec.strategies}
     lines = [f"# {results['name']}: streamed against cold forecasts", "",
              f"Produced by: `{results['command']}` (config `tsdb/configs/bench/streamed_accuracy.yaml`). "
              f"Machine: {m['platform']}, torch {m['torch']}, {m['threads']} thread(s). Budget: "
              f"{results['wall_seconds'] / 60:.1f} min wall, {results['cpu_seconds'] / 60:.1f} CPU min of this "
-             "process (training, export, both paths and scoring).", "",
+             "process (training, export, both paths and scoring)"
+             + ("".join(f"; the {r['dataset']} {r['strategy']} row was kept from an earlier run of the same settings "
+                        "(its per-seed seconds are below)" for r in results["rows"] if r.get("reused"))) + ".", "",
              f"Models: d_model {base.model.d_model}, {base.model.n_layers} layers, B = {base.model.n_blocks}, "
              f"patch {base.model.patch_length}, {base.train.steps_per_block} steps per block (batch "
              f"{base.train.batch_size}), partial-patch windows {base.model.partial_patch_prob}, trained on each "
-             f"protocol's training split. **Seeds {spec.seeds} are model seeds**: seed s trains with "
+             f"protocol's training split. **Seeds {spec.seeds} are model seeds**"
+             + (" (" + "; ".join(f"{st}: seeds {v}" for st, v in own.items()) + " only, for CPU time)" if own else "")
+             + ": seed s trains with "
              "`train.seed = s` and draws the forecasts' standard-normal noise from `default_rng(s)`; within a "
              "seed the streamed and the cold path get the same noise (depth and looped; horizon's runtime takes "
              f"its noise in another layout, so its paths draw independently). {spec.num_samples} samples per "
@@ -438,7 +507,8 @@ def write_report(results: dict, out: Path) -> Path:
                 + ", ".join(f"{p} {f['update_seconds'] + f['forecast_seconds']:.0f} s" for p, f in v["policies"].items())
                 for r in results["rows"] for s, v in r["seeds"].items()]
     if per_seed:
-        lines += ["", "Wall seconds per seed (a run reused from `runs/` reports the seconds it was trained in): "
+        lines += ["", "Wall seconds per seed (a run or its scores reused from `runs/` report the seconds they "
+                  "took when made): "
                   + "; ".join(per_seed) + "."]
     lines += ["", "Figures are written by `tsdb.bench.streamed_accuracy` from `results.json` in this folder "
               "(`tsdb report reports/streamed-accuracy` re-renders them)."]
