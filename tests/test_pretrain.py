@@ -220,6 +220,30 @@ def test_zero_shot_scores_against_seasonal_naive(run, tmp_path):
     assert memory_table(run, ["depth", "e2e"])["e2e_over_largest_block"] > 1
 
 
+@pytest.mark.skipif(not _has("exchange_rate.txt.gz"), reason="benchmark files absent")
+def test_a_twin_report_sets_its_arm_beside_the_other_arms_report(run, tmp_path):
+    """The e2e twin trained in another run of the same config: its report reads the depth
+    report's memory and zero-shot, and refuses a report of another config."""
+    from tsdb.pretrain.zeroshot import evaluate_pretrained_run
+
+    kw = dict(protocols=["exchange_rate"], num_samples=4, log=lambda *_: None)
+    depth = evaluate_pretrained_run(run, arms=["depth"], report_dir=tmp_path / "depth", **kw)
+    twin = evaluate_pretrained_run(run, arms=["e2e"], report_dir=tmp_path / "e2e", against=tmp_path / "depth", **kw)
+    saved = json.loads((tmp_path / "e2e" / "results.json").read_text())
+    e2e_bytes = json.loads((run / "e2e" / "training.json").read_text())["train_state_bytes"]
+    block_bytes = json.loads((run / "depth" / "training.json").read_text())["train_state_bytes"]
+    assert saved["memory"]["e2e_over_largest_block"] == pytest.approx(e2e_bytes / block_bytes)
+    assert saved["against"]["summaries"]["depth"] == depth["arms"]["depth"]["summary"]
+    assert twin["arms"].keys() == {"e2e"}
+    report = (tmp_path / "e2e" / "report.md").read_text()
+    assert f"| depth | {depth['arms']['depth']['summary']['crps_ratio_geomean']:.3f} |" in report
+    other = json.loads((tmp_path / "depth" / "results.json").read_text())
+    other["config"]["model"]["d_model"] += 8
+    (tmp_path / "depth" / "results.json").write_text(json.dumps(other))
+    with pytest.raises(TsdbError, match="model.d_model"):
+        evaluate_pretrained_run(run, arms=["e2e"], report_dir=tmp_path / "e2e", against=tmp_path / "depth", **kw)
+
+
 @pytest.mark.skipif(not _has("ETTh1.csv"), reason="benchmark files absent")
 def test_finetune_bench_chooses_lr_on_validation_and_scores_every_arm(run, tmp_path):
     from tsdb.pretrain.finetune_bench import FinetuneBenchConfig, run_finetune_bench
@@ -236,7 +260,21 @@ def test_finetune_bench_chooses_lr_on_validation_and_scores_every_arm(run, tmp_p
     assert cells["convert-anchor"]["lr"] == best and cells["convert-anchor"]["seeds"] == [0, 1]
     assert cells["zero-shot"]["lr"] is None and len(cells["scratch"]["crps"]) == 2
     assert cells["scratch"]["crps_vs_scratch"] == pytest.approx(1.0)
+    # the bootstrap's point ratio, from per-window scores averaged over seeds, is the ratio of the
+    # seed-mean CRPS that gluonts' totals give
+    paired = results["against_scratch"]["etth1_96"]["convert-anchor"]
+    assert paired["ratio"] == pytest.approx(cells["convert-anchor"]["crps_vs_scratch"], rel=1e-6)
+    assert paired["ratio_ci"][0] <= paired["ratio"] <= paired["ratio_ci"][1] and paired["windows"] > 1
     assert (tmp_path / "report" / "report.md").read_text().count("| convert-anchor |") == 1
     # cached: a second call trains nothing and returns the same figures
     again = run_finetune_bench(cfg, tmp_path / "bench", log=lambda *_: None)
     assert again["test"] == results["test"]
+    # the same models named one by one (as a shipped checkpoint folder would be): the same jobs
+    named = cfg.model_copy(update={"pretrained_run": None, "depth_model": str(run / "depth"),
+                                   "e2e_model": str(run / "e2e")})
+    assert run_finetune_bench(named, tmp_path / "bench", log=lambda *_: None)["test"] == results["test"]
+    # a cached job made with another recipe is refused, naming what changed
+    with pytest.raises(TsdbError, match=r"steps: 1 -> 2"):
+        run_finetune_bench(cfg.model_copy(update={"steps": 2}), tmp_path / "bench", log=lambda *_: None)
+    with pytest.raises(TsdbError, match="set e2e_model or pretrained_run"):
+        named.model_copy(update={"e2e_model": None}).model_dir("e2e")

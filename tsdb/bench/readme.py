@@ -71,7 +71,7 @@ def render(reports: Path = ROOT / "reports") -> str:
                           f"the reports above; `{command}` regenerates it._"]
         blocks.append("\n".join(lines))
     for extra in (_forecast_defaults(reports), _memory(reports), _streaming(reports), _streamed_accuracy(reports),
-                  _zero_shot(reports)):
+                  _zero_shot(reports), _finetune(reports)):
         if extra:
             blocks.append(extra)
     return "\n\n".join(blocks) if blocks else "_No benchmark has been run yet._"
@@ -83,6 +83,9 @@ def _streamed_accuracy(reports: Path) -> str:
     if not path.exists():
         return ""
     res = json.loads(path.read_text())
+    if "choice" not in res:   # written while the bench runs; the choice comes at the end
+        return (f"**streamed-accuracy**: partial results only ([`reports/streamed-accuracy/report.md`]"
+                f"(reports/streamed-accuracy/report.md)); `{res['command']}` finishes them.")
     choice = res["choice"]
     rows = ", ".join(f"{r['dataset']} {r['strategy']} ({r['windows']} windows, seeds {', '.join(r['seeds'])})"
                      for r in res["rows"])
@@ -208,6 +211,33 @@ def _zero_shot(reports: Path) -> str:
         "**zero-shot** (pretrained on the local corpus only; CRPS / seasonal naive's with its intervals; "
         "geometric mean over M4 Hourly, ETTh1-96 and exchange rate, the GIFT-Eval summary)", "",
         "| model | " + " | ".join(protocols) + " | geometric mean |", "|---" * (len(protocols) + 2) + "|", *rows])
+
+
+def _finetune(reports: Path) -> str:
+    """The ``tsdb finetune-bench`` table: each start against blocks trained from scratch at the same steps."""
+    path = reports / "pretrain-finetune" / "results.json"
+    if not path.exists():
+        return ""
+    res = json.loads(path.read_text())
+    c = res["config"]
+    arms = [a for a in c["arms"] if a != "scratch"]
+    rows = []
+    for dataset, cells in res["test"].items():
+        paired = res.get("against_scratch", {}).get(dataset, {})
+        row = [dataset, f"{cells['scratch']['crps_mean']:.4f} ± {cells['scratch']['crps_std']:.4f}"]
+        for arm in arms:
+            p = paired.get(arm)
+            row.append("n/a" if arm not in cells else f"{cells[arm]['crps_mean']:.4f} ("
+                       + (f"{p['ratio']:.3f} [{p['ratio_ci'][0]:.3f}, {p['ratio_ci'][1]:.3f}]"
+                          + {"a": ", lower", "b": ", higher", "tie": ", tie"}[p["verdict"]] if p else "") + ")")
+        rows.append("| " + " | ".join(row) + " |")
+    return "\n".join([
+        f"**fine-tuning** (command: `{res['command']}`; report: "
+        "[`reports/pretrain-finetune/report.md`](reports/pretrain-finetune/report.md)): depth blocks trained "
+        f"{c['steps']} steps each from scratch or from the pretrained checkpoints, learning rates chosen on validation "
+        f"windows, seeds {c['seeds']}; CRPS mean, and in brackets CRPS / scratch with a 95% paired bootstrap over "
+        "test windows", "",
+        "| dataset | scratch | " + " | ".join(arms) + " |", "|---" * (len(arms) + 2) + "|", *rows])
 
 
 if __name__ == "__main__":

@@ -26,7 +26,8 @@ def cmd_pretrain_eval(args) -> None:
 
     results = evaluate_pretrained_run(args.run, arms=args.arm, report_dir=args.report, protocols=args.protocols,
                                       num_samples=args.num_samples, etth1_stride=args.etth1_stride,
-                                      root=args.data_root, command=" ".join(["tsdb", *sys.argv[1:]]))
+                                      root=args.data_root, command=" ".join(["tsdb", *sys.argv[1:]]),
+                                      against=args.against)
     for arm, r in results["arms"].items():
         print(f"{arm}: geometric mean CRPS / seasonal naive {r['summary']['crps_ratio_geomean']:.3f} over "
               f"{', '.join(r['summary']['datasets'])}")
@@ -77,6 +78,9 @@ def add_subcommands(sub, data_flags) -> None:
     s.add_argument("--num-samples", type=int, default=None)
     s.add_argument("--etth1-stride", type=int, default=None)
     s.add_argument("--data-root", default=None)
+    s.add_argument("--against", default=None,
+                   help="with --report: another report of the same config (e.g. the depth arm's) to set this "
+                        "run's memory and zero-shot beside")
     s.set_defaults(func=cmd_pretrain_eval)
 
     s = sub.add_parser("finetune", help="fine-tune a pretrained model on a dataset, one block at a time")

@@ -19,6 +19,7 @@ split, lr, seed) caches its metrics in ``OUT/jobs/``; jobs run in ``workers`` pr
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -32,6 +33,8 @@ from pydantic import Field
 
 from tsdb.config import _Strict
 from tsdb.errors import TsdbError
+from tsdb.pretrain import WEIGHTS_FILE
+from tsdb.provenance import differences
 
 ARMS = ("scratch", "finetune", "finetune-anchor", "convert", "convert-anchor")
 REFERENCES = ("zero-shot", "zero-shot-e2e")
@@ -40,7 +43,11 @@ LR_FROM = {"finetune-anchor": "finetune", "convert": "finetune", "convert-anchor
 
 
 class FinetuneBenchConfig(_Strict):
-    pretrained_run: str                      # a `tsdb pretrain` run directory with depth/ and e2e/
+    pretrained_run: str | None = None        # a `tsdb pretrain` run directory with depth/ and e2e/
+    # or the pretrained models themselves (a run's arm folder or a shipped checkpoint folder);
+    # each overrides `pretrained_run/<arm>`
+    depth_model: str | None = None
+    e2e_model: str | None = None
     datasets: list[str] = ["m4_hourly", "etth1_96"]
     arms: list[str] = list(ARMS)
     seeds: list[int] = [0, 1, 2]
@@ -51,6 +58,16 @@ class FinetuneBenchConfig(_Strict):
     etth1_stride: int = Field(49, ge=1)
     workers: int = Field(2, ge=1)
 
+    def model_dir(self, arm: str) -> Path:
+        """The pretrained ``depth`` or ``e2e`` model this bench starts from."""
+        explicit = getattr(self, f"{arm}_model")
+        if explicit:
+            return Path(explicit)
+        if self.pretrained_run is None:
+            raise TsdbError(f"finetune-bench: set {arm}_model or pretrained_run in the config "
+                            f"(the pretrained {arm} model is needed by the arms {', '.join(self.arms)})")
+        return Path(self.pretrained_run) / arm
+
 
 def _tasks(dataset: str, context_length: int, stride: int, root=None):
     """``(validation task, test task)`` of a protocol."""
@@ -60,6 +77,7 @@ def _tasks(dataset: str, context_length: int, stride: int, root=None):
     from tsdb.pretrain.zeroshot import protocol_task
 
     test = protocol_task(dataset, context_length, stride, root)
+    test.window_scores = True   # per-window CRPS for the paired bootstrap against scratch
     if dataset == "m4_hourly":
         full = load_dataset("m4_hourly", root)
         train = SeriesDataset(full.name, [s.slice(0, len(s) - 48) for s in full], full.freq, full.season_length,
@@ -87,35 +105,55 @@ def run_job(cfg: FinetuneBenchConfig, out: Path, job: dict) -> dict:
     torch.set_num_threads(1)
     folder = out / "jobs" / job_name(job)
     done = folder / "metrics.json"
+    identity = job_identity(cfg, job)
     if done.exists():
-        return json.loads(done.read_text())
-    run = Path(cfg.pretrained_run)
-    depth_cfg, _, _ = load_model(run / "depth")
+        cached = json.loads(done.read_text())
+        changed = differences(cached.get("identity"), identity)
+        if changed:
+            raise TsdbError(f"finetune-bench: {folder} was made otherwise ({'; '.join(changed[:3])}); "
+                            f"delete {folder} or choose a new --out")
+        return cached
+    depth_cfg, _, _ = load_model(cfg.model_dir("depth"))
     val, test = _tasks(job["dataset"], depth_cfg.model.context_length, cfg.etth1_stride)
     task = val if job["split"] == "val" else test
     started, cpu = time.perf_counter(), time.process_time()
     arm = job["arm"]
     anchor = cfg.anchor_weight if arm.endswith("-anchor") else 0.0
     if arm in REFERENCES:
-        model_dir = run / ("e2e" if arm == "zero-shot-e2e" else "depth")
+        model_dir = cfg.model_dir("e2e" if arm == "zero-shot-e2e" else "depth")
     elif arm == "scratch":
         model_dir = folder / "run"
         ft_cfg = finetune_config(depth_cfg, task.train, cfg.steps, job["lr"], job["seed"], progress=False)
         train_model(ft_cfg, task.train, model_dir, strategy=get_strategy(ft_cfg.model))
     else:
         model_dir = folder / "run"
-        source, blocks = (run / "e2e", depth_cfg.model.n_blocks) if arm.startswith("convert") else (run / "depth", None)
+        source, blocks = ((cfg.model_dir("e2e"), depth_cfg.model.n_blocks) if arm.startswith("convert")
+                          else (cfg.model_dir("depth"), None))
         finetune(source, task.train, model_dir, steps=cfg.steps, lr=job["lr"], seed=job["seed"], anchor_weight=anchor,
                  num_blocks=blocks, progress=False)
     train_cpu = time.process_time() - cpu
     _, strategy, model = load_model(model_dir)
     metrics = evaluate_predictor(task, zero_shot_predictor(strategy, model, task.horizon, seed=job["seed"]),
                                  depth_cfg.model.context_length, cfg.num_samples)
-    metrics.update(job=job, train_cpu_seconds=train_cpu, wall_seconds=time.perf_counter() - started,
+    metrics.update(job=job, identity=identity, train_cpu_seconds=train_cpu, wall_seconds=time.perf_counter() - started,
                    cpu_seconds=time.process_time() - cpu)
     folder.mkdir(parents=True, exist_ok=True)
     done.write_text(json.dumps(metrics, indent=2))
     return metrics
+
+
+def job_identity(cfg: FinetuneBenchConfig, job: dict) -> dict:
+    """What a cached job's figures depend on beyond its name: the recipe and the sha256 of the
+    weights it starts from (a retrained pretrained model at the same path is a new start)."""
+    arm = job["arm"]
+    starts = ["depth"] + (["e2e"] if arm.startswith("convert") or arm == "zero-shot-e2e" else [])
+    weights = {}
+    for name in starts:
+        folder = cfg.model_dir(name)
+        path = folder / "model.pt" if (folder / "model.pt").exists() else folder / WEIGHTS_FILE
+        weights[f"{name}_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
+    return {"steps": cfg.steps, "anchor_weight": cfg.anchor_weight, "num_samples": cfg.num_samples,
+            "etth1_stride": cfg.etth1_stride, **weights}
 
 
 def job_name(job: dict) -> str:
@@ -125,7 +163,11 @@ def job_name(job: dict) -> str:
 
 def _run_all(cfg: FinetuneBenchConfig, out: Path, jobs: list[dict], log) -> list[dict]:
     if cfg.workers == 1:
-        return [run_job(cfg, out, j) for j in jobs]
+        results = []
+        for job in jobs:
+            results.append(run_job(cfg, out, job))
+            log(f"[finetune-bench] {job_name(job)}: CRPS {results[-1]['crps']:.4f}")
+        return results
     ctx = get_context("spawn")   # fresh interpreters: no torch thread pools inherited across fork
     env = {"OMP_NUM_THREADS": "1", "TSDB_NUM_THREADS": "1"}
     os.environ.update(env)
@@ -167,7 +209,8 @@ def run_finetune_bench(cfg: FinetuneBenchConfig, out: str | Path, report_dir: st
     test = _run_all(cfg, out, test_jobs, log)
     results = {"config": cfg.model_dump(mode="json"), "chosen_lr": chosen,
                "validation": [dict(job=j, crps=m["crps"], mase=m["mase"]) for j, m in zip(val_jobs, val)],
-               "test": summarize(test_jobs, test), "load_average": os.getloadavg()[0],
+               "test": summarize(test_jobs, test), "against_scratch": against_scratch(cfg, test_jobs, test),
+               "load_average": os.getloadavg()[0],
                "command": command or f"tsdb finetune-bench --config {out / 'config.yaml'} --out {out}"}
     for folder in [out] + ([Path(report_dir)] if report_dir else []):
         folder.mkdir(parents=True, exist_ok=True)
@@ -175,6 +218,31 @@ def run_finetune_bench(cfg: FinetuneBenchConfig, out: str | Path, report_dir: st
         (folder / "results.json").write_text(json.dumps(results, indent=2))
         (folder / "report.md").write_text(render(results))
     return results
+
+
+def against_scratch(cfg: FinetuneBenchConfig, jobs: list[dict], metrics: list[dict]) -> dict:
+    """Per dataset, every other arm against ``scratch``: each arm's per-window CRPS averaged over
+    its seeds, then a paired bootstrap over test windows (windows of one series that overlap
+    resampled together)."""
+    from tsdb.bench.stats import bootstrap_blocks, paired_bootstrap
+    from tsdb.training.loop import load_model
+
+    context = load_model(cfg.model_dir("depth"))[0].model.context_length
+    out = {}
+    for dataset in cfg.datasets:
+        scores: dict[str, list[dict]] = {}
+        for j, m in zip(jobs, metrics):
+            if j["dataset"] == dataset and "window_scores" in m:
+                scores.setdefault(j["arm"], []).append(m["window_scores"])
+        if "scratch" not in scores:
+            continue
+        task = _tasks(dataset, context, cfg.etth1_stride)[1]
+        blocks = bootstrap_blocks([e["item_id"] for e in task.test_data.input], task.horizon,
+                                  task.info.get("stride"))
+        crps = {a: np.mean([w["crps_num"] for w in ws], axis=0) for a, ws in scores.items()}
+        den = scores["scratch"][0]["abs_target"]
+        out[dataset] = {a: paired_bootstrap(c, crps["scratch"], den, blocks) for a, c in crps.items() if a != "scratch"}
+    return out
 
 
 def summarize(jobs: list[dict], metrics: list[dict]) -> dict:
@@ -203,20 +271,29 @@ def render(results: dict) -> str:
     c = results["config"]
     lines = ["# Fine-tuning from the pretrained model, conversion and the anchor loss", "",
              f"Produced by: `{results['command']}` (`config.yaml` beside this report).", "",
-             f"Pretrained run: `{c['pretrained_run']}`. Every trained arm: {c['steps']} steps per block, learning "
+             f"Pretrained models: depth `{c.get('depth_model') or str(c['pretrained_run']) + '/depth'}`, e2e "
+             f"`{c.get('e2e_model') or str(c['pretrained_run']) + '/e2e'}`. Every trained arm: {c['steps']} steps per block, learning "
              f"rate chosen from {c['lrs']} on the validation windows with seed {c['seeds'][0]} (chosen: "
              + ", ".join(f"{k} {v:g}" for k, v in results["chosen_lr"].items())
              + "; the anchor and conversion arms take the fine-tuning arm's). "
              f"Test: seeds {c['seeds']}, {c['num_samples']} samples, ETTh1 every {c['etth1_stride']}th window. "
              f"Anchor: weight {c['anchor_weight']} times the block's loss at sigma_min. "
              "Mean +- std over seeds; CRPS = mean weighted quantile loss over q = 0.1..0.9.", ""]
+    lines += ["CRPS / scratch [95% CI]: each arm's per-window CRPS averaged over its seeds against scratch's, "
+              "a paired bootstrap over test windows; **lower** / **higher** where the interval of the difference "
+              "excludes 0, else a tie.", ""]
     for dataset, arms in results["test"].items():
-        lines += [f"## {dataset}", "", "| arm | lr | CRPS mean +- std | CRPS / scratch | MASE mean +- std | per seed CRPS | train CPU s |",
-                  "|---|---|---|---|---|---|---|"]
+        paired = results.get("against_scratch", {}).get(dataset, {})
+        lines += [f"## {dataset}", "", "| arm | lr | CRPS mean +- std | CRPS / scratch [95% CI] | MASE mean +- std | "
+                  "per seed CRPS | train CPU s |", "|---|---|---|---|---|---|---|"]
         for arm, cell in arms.items():
+            p = paired.get(arm)
+            vs = (f"{p['ratio']:.3f} [{p['ratio_ci'][0]:.3f}, {p['ratio_ci'][1]:.3f}] "
+                  + {"a": "**lower**", "b": "**higher**", "tie": "tie"}[p["verdict"]]) if p else \
+                f"{cell.get('crps_vs_scratch', float('nan')):.3f}"
             lines.append(f"| {arm} | {'-' if cell['lr'] is None else format(cell['lr'], 'g')} | "
-                         f"{cell['crps_mean']:.4f} +- {cell['crps_std']:.4f} | "
-                         f"{cell.get('crps_vs_scratch', float('nan')):.3f} | {cell['mase_mean']:.3f} +- {cell['mase_std']:.3f} | "
+                         f"{cell['crps_mean']:.4f} +- {cell['crps_std']:.4f} | {vs} | "
+                         f"{cell['mase_mean']:.3f} +- {cell['mase_std']:.3f} | "
                          + ", ".join(f"{x:.4f}" for x in cell["crps"])
                          + f" | {np.mean(cell['train_cpu_seconds']):.0f} |")
         lines.append("")

@@ -8,6 +8,8 @@ import json
 import shutil
 from pathlib import Path
 
+from tsdb.errors import TsdbError
+from tsdb.pretrain.config import PretrainConfig
 from tsdb.pretrain.train import LOG_FILE, load_pretrain_config, packaged_tier, usage
 
 MEMORY_PARTS = ("param_bytes", "grad_bytes", "optimizer_bytes", "saved_activation_bytes", "train_state_bytes")
@@ -32,16 +34,48 @@ def memory_table(run_dir: Path, arms: list[str]) -> dict:
     return out
 
 
-def write_pretrain_report(run_dir: Path, results: dict, report_dir: Path, command: str | None = None) -> Path:
-    """``results.json``, ``report.md`` and ``model/`` (the first arm's checkpoint) in ``report_dir``."""
+# what may differ between two runs of one pretraining config whose reports are compared: which
+# arms a run trains and how an arm's steps are spread over processes (the optimisation is the same)
+_RUN_ONLY = {"arms": True, "arm_train": True, "train": {"progress"}}
+
+
+def against_report(report: Path, cfg) -> dict:
+    """Memory and zero-shot summaries of another arm's report of the same pretraining config
+    (e.g. the depth arm, when this run trained only its e2e twin), refused if the configs differ."""
+    from tsdb.provenance import differences
+
+    path = Path(report) / "results.json"
+    if not path.exists():
+        raise TsdbError(f"{report} holds no pretraining report (results.json); run `tsdb pretrain-eval --report` first")
+    other = json.loads(path.read_text())
+    changed = differences(PretrainConfig.model_validate(other["config"]).model_dump(exclude=_RUN_ONLY),
+                          cfg.model_dump(exclude=_RUN_ONLY))
+    if changed:
+        raise TsdbError(f"{report} was pretrained with another config ({'; '.join(changed[:3])}); compare runs of one "
+                        "config only")
+    return {"report": str(report), "memory": {a: m for a, m in other["memory"].items() if isinstance(m, dict)},
+            "summaries": {a: r["summary"] for a, r in other["arms"].items()}}
+
+
+def write_pretrain_report(run_dir: Path, results: dict, report_dir: Path, command: str | None = None,
+                          against: Path | None = None) -> Path:
+    """``results.json``, ``report.md`` and ``model/`` (the first arm's checkpoint) in ``report_dir``;
+    with ``against``, memory and zero-shot beside that report's other arms."""
     from tsdb.pretrain.checkpoint import save_pretrained
     from tsdb.training.loop import load_model
 
     cfg = load_pretrain_config(run_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
     arms = list(results["arms"])
-    results = dict(results, config=cfg.model_dump(mode="json"), usage=usage(run_dir),
-                   memory=memory_table(run_dir, cfg.arms), tier=packaged_tier(cfg), invocations=invocations(run_dir))
+    memory = memory_table(run_dir, cfg.arms)
+    results = dict(results, config=cfg.model_dump(mode="json"), usage=usage(run_dir), memory=memory,
+                   tier=packaged_tier(cfg), invocations=invocations(run_dir), command=command)
+    if against is not None:
+        results["against"] = against_report(against, cfg)
+        both = {**results["against"]["memory"], **{a: m for a, m in memory.items() if isinstance(m, dict)}}
+        if "e2e" in both and "depth" in both:
+            memory["e2e_over_largest_block"] = (both["e2e"]["largest_unit_train_state_bytes"]
+                                                / both["depth"]["largest_unit_train_state_bytes"])
     arm_cfg, _, model = load_model(run_dir / arms[0])
     ckpt = save_pretrained(arm_cfg, model, report_dir / "model", info={"arm": arms[0], "run": str(run_dir)})
     results["checkpoint"] = json.loads((ckpt / "checkpoint.json").read_text())
@@ -99,6 +133,12 @@ def render(results: dict, cfg, command: str | None = None) -> str:
             lines.append(f"| {arm} | {name} | {u.get('params', 'n/a'):,} | {_mib(u.get('param_bytes'))} | "
                          f"{_mib(u.get('grad_bytes'))} | {_mib(u.get('optimizer_bytes'))} | "
                          f"{_mib(u.get('saved_activation_bytes'))} | {_mib(u.get('train_state_bytes'))} |")
+    a = results.get("against")
+    if a:
+        lines += ["", f"The same config's other arm(s), from `{a['report']}`:", "",
+                  "| arm | units | params | largest unit's train state MiB |", "|---|---|---|---|"]
+        lines += [f"| {arm} | {len(m['units'])} | {m['params']:,} | {_mib(m['largest_unit_train_state_bytes'])} |"
+                  for arm, m in a["memory"].items()]
     if "e2e_over_largest_block" in mem:
         lines += ["", f"End-to-end training state / largest block's: **{mem['e2e_over_largest_block']:.2f}x**."]
     s = results["settings"]
@@ -120,6 +160,13 @@ def render(results: dict, cfg, command: str | None = None) -> str:
                   f"(target <= 0.85), MASE ratio {sm['mase_ratio_geomean']:.3f}; over all protocols: CRPS ratio "
                   f"{sm['all_protocols_crps_ratio_geomean']:.3f}, MASE ratio {sm['all_protocols_mase_ratio_geomean']:.3f}. "
                   f"CRPS below seasonal naive on every protocol: **{'yes' if sm['below_seasonal_naive_everywhere'] else 'no'}**.", ""]
+    if a:
+        lines += [f"Zero-shot of the other arm(s) in `{a['report']}` (same protocols and seasonal naive):", "",
+                  "| arm | geometric mean CRPS ratio (" + ", ".join(next(iter(a["summaries"].values()))["datasets"])
+                  + ") | over all protocols | below seasonal naive everywhere |", "|---|---|---|---|"]
+        lines += [f"| {arm} | {sm['crps_ratio_geomean']:.3f} | {sm['all_protocols_crps_ratio_geomean']:.3f} | "
+                  f"{'yes' if sm['below_seasonal_naive_everywhere'] else 'no'} |" for arm, sm in a["summaries"].items()]
+        lines.append("")
     c = results["checkpoint"]
     lines += ["## Checkpoint", "",
               f"`model/` holds the `{c['arm']}` arm: `{c['weights']}` ({c['bytes'] / 2**20:.2f} MiB, {c['params']:,} "

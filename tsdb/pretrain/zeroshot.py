@@ -124,11 +124,12 @@ def evaluate_zero_shot(strategy, model, cfg_model, out_dir: Path, protocols: lis
 def evaluate_pretrained_run(run_dir: str | Path, arms: list[str] | None = None, report_dir: str | Path | None = None,
                             protocols: list[str] | None = None, num_samples: int | None = None,
                             etth1_stride: int | None = None, root: str | None = None, log=print,
-                            command: str | None = None) -> dict:
+                            command: str | None = None, against: str | Path | None = None) -> dict:
     """``tsdb pretrain-eval``: every arm of a pretraining run on the zero-shot protocols.
 
     Writes ``RUN/zeroshot/results.json``; with ``report_dir`` also ``results.json``,
-    ``report.md`` and the first arm's checkpoint (``model/``) there.
+    ``report.md`` and the first arm's checkpoint (``model/``) there; ``against`` names another
+    report of the same config (its other arms) to set memory and zero-shot beside.
     """
     from tsdb.pretrain.checkpoint import as_shipped
     from tsdb.pretrain.train import load_pretrain_config
@@ -162,5 +163,6 @@ def evaluate_pretrained_run(run_dir: str | Path, arms: list[str] | None = None, 
     results["path"] = str(path)
     if report_dir is not None:
         from tsdb.pretrain.report import write_pretrain_report
-        results["path"] = str(write_pretrain_report(run_dir, results, Path(report_dir), command))
+        results["path"] = str(write_pretrain_report(run_dir, results, Path(report_dir), command,
+                                                    None if against is None else Path(against)))
     return results
