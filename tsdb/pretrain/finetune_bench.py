@@ -267,6 +267,13 @@ def summarize(jobs: list[dict], metrics: list[dict]) -> dict:
     return out
 
 
+def _pm(cell: dict, key: str, digits: int) -> str:
+    """Mean +- std over seeds; a one-seed reference has no spread to show."""
+    if len(cell[key]) == 1:
+        return f"{cell[f'{key}_mean']:.{digits}f} (1 seed)"
+    return f"{cell[f'{key}_mean']:.{digits}f} +- {cell[f'{key}_std']:.{digits}f}"
+
+
 def render(results: dict) -> str:
     c = results["config"]
     lines = ["# Fine-tuning from the pretrained model, conversion and the anchor loss", "",
@@ -292,8 +299,7 @@ def render(results: dict) -> str:
                   + {"a": "**lower**", "b": "**higher**", "tie": "tie"}[p["verdict"]]) if p else \
                 f"{cell.get('crps_vs_scratch', float('nan')):.3f}"
             lines.append(f"| {arm} | {'-' if cell['lr'] is None else format(cell['lr'], 'g')} | "
-                         f"{cell['crps_mean']:.4f} +- {cell['crps_std']:.4f} | {vs} | "
-                         f"{cell['mase_mean']:.3f} +- {cell['mase_std']:.3f} | "
+                         f"{_pm(cell, 'crps', 4)} | {vs} | {_pm(cell, 'mase', 3)} | "
                          + ", ".join(f"{x:.4f}" for x in cell["crps"])
                          + f" | {np.mean(cell['train_cpu_seconds']):.0f} |")
         lines.append("")
