@@ -300,9 +300,7 @@ def run_streamed_accuracy(out: str | Path = "reports/streamed-accuracy", spec: S
                 strategy = get_strategy(cfg.model)
                 run_dir = work / f"{ds_name}-{st_name}-s{seed}"
                 identity = {"config": cfg.model_dump(mode="json", exclude={"train": {"progress"}}),
-                            "stream": ds.model_dump(mode="json"), "num_samples": spec.num_samples,
-                            "parity_series": spec.parity_series,
-                            "policies": {k: v.model_dump(mode="json") for k, v in spec.policies.items()}}
+                            **{k: v for k, v in row_settings(spec, ds_name, st_name).items() if k != "seeds"}}
                 scored = _cached_scores(run_dir, identity)
                 if scored:   # this seed was scored by an earlier run of the same settings
                     row.update(arm=scored["arm"], params=scored["fig"]["params"])
@@ -392,7 +390,7 @@ def _cached_scores(run_dir: Path, identity: dict) -> dict | None:
     if not path.exists():
         return None
     scored = json.loads(path.read_text())
-    return scored if scored.get("identity") == json.loads(json.dumps(identity)) else None
+    return scored if scored.get("identity") == json.loads(json.dumps(identity)) else None   # as stored
 
 
 def _blocks(stream: Stream) -> list[int]:
