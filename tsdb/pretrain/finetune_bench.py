@@ -68,6 +68,12 @@ class FinetuneBenchConfig(_Strict):
                             f"(the pretrained {arm} model is needed by the arms {', '.join(self.arms)})")
         return Path(self.pretrained_run) / arm
 
+    def depth_config(self):
+        """The pretrained depth model's config (its shape is every trained arm's), read without
+        loading its weights."""
+        from tsdb.config import ExperimentConfig
+        return ExperimentConfig.from_yaml(self.model_dir("depth") / "config.yaml")
+
 
 def _tasks(dataset: str, context_length: int, stride: int, root=None):
     """``(validation task, test task)`` of a protocol."""
@@ -113,7 +119,7 @@ def run_job(cfg: FinetuneBenchConfig, out: Path, job: dict) -> dict:
             raise TsdbError(f"finetune-bench: {folder} was made otherwise ({'; '.join(changed[:3])}); "
                             f"delete {folder} or choose a new --out")
         return cached
-    depth_cfg, _, _ = load_model(cfg.model_dir("depth"))
+    depth_cfg = cfg.depth_config()
     val, test = _tasks(job["dataset"], depth_cfg.model.context_length, cfg.etth1_stride)
     task = val if job["split"] == "val" else test
     started, cpu = time.perf_counter(), time.process_time()
@@ -162,22 +168,20 @@ def job_name(job: dict) -> str:
 
 
 def _run_all(cfg: FinetuneBenchConfig, out: Path, jobs: list[dict], log) -> list[dict]:
-    if cfg.workers == 1:
+    def logged(metrics) -> list[dict]:   # each job's figure as it arrives, in job order
         results = []
-        for job in jobs:
-            results.append(run_job(cfg, out, job))
-            log(f"[finetune-bench] {job_name(job)}: CRPS {results[-1]['crps']:.4f}")
+        for job, m in zip(jobs, metrics):
+            results.append(m)
+            log(f"[finetune-bench] {job_name(job)}: CRPS {m['crps']:.4f}")
         return results
+
+    if cfg.workers == 1:
+        return logged(run_job(cfg, out, j) for j in jobs)
     ctx = get_context("spawn")   # fresh interpreters: no torch thread pools inherited across fork
-    env = {"OMP_NUM_THREADS": "1", "TSDB_NUM_THREADS": "1"}
-    os.environ.update(env)
+    os.environ.update({"OMP_NUM_THREADS": "1", "TSDB_NUM_THREADS": "1"})
     with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=ctx) as pool:
         futures = [pool.submit(run_job, cfg, out, j) for j in jobs]
-        results = []
-        for job, f in zip(jobs, futures):
-            results.append(f.result())
-            log(f"[finetune-bench] {job_name(job)}: CRPS {results[-1]['crps']:.4f}")
-        return results
+        return logged(f.result() for f in futures)
 
 
 def run_finetune_bench(cfg: FinetuneBenchConfig, out: str | Path, report_dir: str | Path | None = None,
@@ -225,9 +229,8 @@ def against_scratch(cfg: FinetuneBenchConfig, jobs: list[dict], metrics: list[di
     its seeds, then a paired bootstrap over test windows (windows of one series that overlap
     resampled together)."""
     from tsdb.bench.stats import bootstrap_blocks, paired_bootstrap
-    from tsdb.training.loop import load_model
 
-    context = load_model(cfg.model_dir("depth"))[0].model.context_length
+    context = cfg.depth_config().model.context_length
     out = {}
     for dataset in cfg.datasets:
         scores: dict[str, list[dict]] = {}
