@@ -10,6 +10,8 @@ import json
 import sys
 from pathlib import Path
 
+import yaml
+
 from tsdb.bench.stats import crps_ratio, mean_std_text, ratio_text
 
 ROOT = Path(__file__).resolve().parents[2]  # the source checkout (README.md, reports/)
@@ -54,9 +56,10 @@ def render(reports: Path = ROOT / "reports") -> str:
         cols = ["crps", "mase"] + (["mse", "mae"] if res["task"].get("protocol") == "etth1" else [])
         e2e = arms.get("e2e", {})
         command = res.get("command") or f"tsdb bench {path.parent.name}"
+        rel = path.parent.relative_to(reports.parent)
         seeded = any(f.get("seeds") for f in arms.values())
         lines = [f"**{res['name']}** ({res['task']['num_windows']} test windows; command: `{command}`; "
-                 f"report: [`{path.parent.relative_to(ROOT)}/report.md`]({path.parent.relative_to(ROOT)}/report.md)"
+                 f"report: [`{rel}/report.md`]({rel}/report.md)"
                  + ("; mean ± std over seeds, CRPS / e2e with the range of per-seed ratios" if seeded else
                     "; one seed") + ")", "",
                  "| arm | seeds | " + " | ".join(c.upper() for c in cols)
@@ -64,6 +67,10 @@ def render(reports: Path = ROOT / "reports") -> str:
                  "|---" * (len(cols) + 5) + "|"]
         lines += [_row(n, f, e2e, cols) for n, f in arms.items()]
         lines += _verdicts(res)
+        unrun = _unrun_arms(path.parent / "spec.yaml", arms)
+        if unrun:
+            lines += ["", f"_Arms of the spec not run yet: {', '.join(unrun)}; the spec's command without `--arms` "
+                          f"runs them and reuses the arms above._"]
         if res.get("schema", 1) < 2:
             lines += ["", f"_Stale: written by an older tsdb (results.json schema 1): before blocks were routed by "
                           f"step index (its Heun arms sent some corrector evaluations at band edges to the "
@@ -75,6 +82,15 @@ def render(reports: Path = ROOT / "reports") -> str:
         if extra:
             blocks.append(extra)
     return "\n\n".join(blocks) if blocks else "_No benchmark has been run yet._"
+
+
+def _unrun_arms(spec_path: Path, arms: dict) -> list[str]:
+    """Arms that ``spec.yaml`` lists but results.json lacks (a run restricted by ``--arms``)."""
+    if not spec_path.exists():
+        return []
+    spec = yaml.safe_load(spec_path.read_text())
+    listed = [*(spec.get("baselines") or []), *(spec.get("peers") or {}), *(spec.get("arms") or {})]
+    return [n for n in listed if n not in arms]
 
 
 def _streamed_accuracy(reports: Path) -> str:
@@ -140,7 +156,7 @@ def _memory(reports: Path) -> str:
             + " | ".join(fmt(r[c.replace(" / ", "/")]) for c in cols) + f" | {fmt(r['ckpt_time'])} "
             + ("" if not r["ckpt_time_range"] else "({:.2f}-{:.2f}) |".format(*r["ckpt_time_range"]))
             for r in ratio_rows(res)]
-    rel = path.parent.relative_to(ROOT)
+    rel = path.parent.relative_to(reports.parent)
     why = ("" if first["device"].startswith("cuda")
            else ": other jobs on the shared machine stretch wall time, not CPU time")
     return "\n".join([
@@ -164,7 +180,7 @@ def _streaming(reports: Path) -> str:
         row = [r for r in res["rows"] if not r["extra"]][-1]
         m, su = res["model"], res["summary"]
         ok = res["checks"]
-        rows.append(f"| [{m['arm']}]({path.parent.relative_to(ROOT)}/report.md) | `{res['command']}` | "
+        rows.append(f"| [{m['arm']}]({path.parent.relative_to(reports.parent)}/report.md) | `{res['command']}` | "
                     f"{m['params'] / 1e3:.0f}k | {row['history']} | {row['ort_streaming_ms']:.1f} | "
                     f"{row['torch_streaming_ms']:.1f} | {row['torch_recompute_ms']:.1f} | "
                     f"{su['flat_ratio_ort']:.2f}x | {su['speedup_ort_vs_recompute']:.2f}x"
@@ -203,7 +219,8 @@ def _zero_shot(reports: Path) -> str:
         for arm, r in arms.items():
             protocols = protocols or list(r["protocols"])
             cells = [f"{r['protocols'][p]['crps_ratio']:.3f}" if p in r["protocols"] else "n/a" for p in protocols]
-            rows.append(f"| [{path.parent.name}]({path.parent.relative_to(ROOT)}/report.md) {arm} | " + " | ".join(cells)
+            rel = path.parent.relative_to(reports.parent)
+            rows.append(f"| [{path.parent.name}]({rel}/report.md) {arm} | " + " | ".join(cells)
                         + f" | {r['summary']['crps_ratio_geomean']:.3f} |")
     if not rows:
         return ""
