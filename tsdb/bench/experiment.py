@@ -141,6 +141,14 @@ class ExperimentSpec(_Strict):
         self.arm_config(name)
         return self._matched[name][1]
 
+    def names(self) -> list[str]:
+        """Every arm of the spec in run order: baselines, peers, our arms."""
+        return [*self.baselines, *self.peers, *self.arms]
+
+    def unrun(self, results: dict) -> list[str]:
+        """Arms of the spec that ``results`` lacks (a run restricted by ``--arms``)."""
+        return [n for n in self.names() if n not in results["arms"]]
+
     def arm_seeds(self, name: str) -> list[int | None]:
         """The seeds arm ``name`` runs with; ``[None]``: once (a deterministic peer or baseline)."""
         if name in self.arms:
@@ -401,7 +409,7 @@ def run_experiment(spec: ExperimentSpec, out: str | Path, root: str | None = Non
                "windows": {"abs_target": None,
                            "block": bootstrap_blocks(items, task.horizon, task.info.get("stride", spec.task.stride))},
                "arms": {}}
-    for name in [*spec.baselines, *spec.peers, *spec.arms]:
+    for name in spec.names():
         runs = {}
         seeds = spec.arm_seeds(name)
         legacy = out / "arms" / name / "metrics.json"
@@ -563,7 +571,7 @@ def write_report(spec: ExperimentSpec, results: dict, out: Path) -> Path:
              "includes heap the process kept from earlier arms, so compare arms by the exact bytes."]
     if spec.selection:
         lines += ["", f"Settings: {spec.selection}"]
-    missing = [n for n in (*spec.baselines, *spec.peers, *spec.arms) if n not in arms]
+    missing = spec.unrun(results)
     if missing:
         lines += ["", f"Arms of the spec not in this run (not selected by `--arms`): {', '.join(missing)}."]
     if seeded:

@@ -10,8 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-import yaml
-
+from tsdb.bench.experiment import ExperimentSpec
 from tsdb.bench.stats import crps_ratio, mean_std_text, ratio_text
 
 ROOT = Path(__file__).resolve().parents[2]  # the source checkout (README.md, reports/)
@@ -67,7 +66,8 @@ def render(reports: Path = ROOT / "reports") -> str:
                  "|---" * (len(cols) + 5) + "|"]
         lines += [_row(n, f, e2e, cols) for n, f in arms.items()]
         lines += _verdicts(res)
-        unrun = _unrun_arms(path.parent / "spec.yaml", arms)
+        spec = path.parent / "spec.yaml"
+        unrun = ExperimentSpec.from_yaml(spec).unrun(res) if spec.exists() else []
         if unrun:
             lines += ["", f"_Arms of the spec not run yet: {', '.join(unrun)}; the spec's command without `--arms` "
                           f"runs them and reuses the arms above._"]
@@ -82,15 +82,6 @@ def render(reports: Path = ROOT / "reports") -> str:
         if extra:
             blocks.append(extra)
     return "\n\n".join(blocks) if blocks else "_No benchmark has been run yet._"
-
-
-def _unrun_arms(spec_path: Path, arms: dict) -> list[str]:
-    """Arms that ``spec.yaml`` lists but results.json lacks (a run restricted by ``--arms``)."""
-    if not spec_path.exists():
-        return []
-    spec = yaml.safe_load(spec_path.read_text())
-    listed = [*(spec.get("baselines") or []), *(spec.get("peers") or {}), *(spec.get("arms") or {})]
-    return [n for n in listed if n not in arms]
 
 
 def _streamed_accuracy(reports: Path) -> str:
