@@ -14,7 +14,6 @@ def test_readme_results_are_rendered_from_the_reports():
     assert "tsdb bench streaming --strategy horizon" in section
 
 
-
 def test_readme_names_the_arms_a_restricted_run_left_out(tmp_path):
     """A run restricted by `--arms` (the committed M4 ablation cut to two arms) is shown with the
     arms of its spec it did not run."""

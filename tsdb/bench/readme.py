@@ -17,6 +17,11 @@ ROOT = Path(__file__).resolve().parents[2]  # the source checkout (README.md, re
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 
+def _folder(results_json: Path, reports: Path) -> Path:
+    """A report's folder as the README links it (relative to the folder that holds ``reports``)."""
+    return results_json.parent.relative_to(reports.parent)
+
+
 def _row(name: str, f: dict, e2e: dict, cols: list[str]) -> str:
     cells = [name, str(len(f["seeds"])) if f.get("seeds") else "1"]
     for c in cols:
@@ -55,7 +60,7 @@ def render(reports: Path = ROOT / "reports") -> str:
         cols = ["crps", "mase"] + (["mse", "mae"] if res["task"].get("protocol") == "etth1" else [])
         e2e = arms.get("e2e", {})
         command = res.get("command") or f"tsdb bench {path.parent.name}"
-        rel = path.parent.relative_to(reports.parent)
+        rel = _folder(path, reports)
         seeded = any(f.get("seeds") for f in arms.values())
         lines = [f"**{res['name']}** ({res['task']['num_windows']} test windows; command: `{command}`; "
                  f"report: [`{rel}/report.md`]({rel}/report.md)"
@@ -71,11 +76,6 @@ def render(reports: Path = ROOT / "reports") -> str:
         if unrun:
             lines += ["", f"_Arms of the spec not run yet: {', '.join(unrun)}; the spec's command without `--arms` "
                           f"runs them and reuses the arms above._"]
-        if res.get("schema", 1) < 2:
-            lines += ["", f"_Stale: written by an older tsdb (results.json schema 1): before blocks were routed by "
-                          f"step index (its Heun arms sent some corrector evaluations at band edges to the "
-                          f"neighbouring block), with one seed and no provenance records. Not comparable with "
-                          f"the reports above; `{command}` regenerates it._"]
         blocks.append("\n".join(lines))
     for extra in (_forecast_defaults(reports), _memory(reports), _streaming(reports), _streamed_accuracy(reports),
                   _zero_shot(reports), _finetune(reports)):
@@ -147,7 +147,7 @@ def _memory(reports: Path) -> str:
             + " | ".join(fmt(r[c.replace(" / ", "/")]) for c in cols) + f" | {fmt(r['ckpt_time'])} "
             + ("" if not r["ckpt_time_range"] else "({:.2f}-{:.2f}) |".format(*r["ckpt_time_range"]))
             for r in ratio_rows(res)]
-    rel = path.parent.relative_to(reports.parent)
+    rel = _folder(path, reports)
     why = ("" if first["device"].startswith("cuda")
            else ": other jobs on the shared machine stretch wall time, not CPU time")
     return "\n".join([
@@ -171,7 +171,7 @@ def _streaming(reports: Path) -> str:
         row = [r for r in res["rows"] if not r["extra"]][-1]
         m, su = res["model"], res["summary"]
         ok = res["checks"]
-        rows.append(f"| [{m['arm']}]({path.parent.relative_to(reports.parent)}/report.md) | `{res['command']}` | "
+        rows.append(f"| [{m['arm']}]({_folder(path, reports)}/report.md) | `{res['command']}` | "
                     f"{m['params'] / 1e3:.0f}k | {row['history']} | {row['ort_streaming_ms']:.1f} | "
                     f"{row['torch_streaming_ms']:.1f} | {row['torch_recompute_ms']:.1f} | "
                     f"{su['flat_ratio_ort']:.2f}x | {su['speedup_ort_vs_recompute']:.2f}x"
@@ -210,8 +210,7 @@ def _zero_shot(reports: Path) -> str:
         for arm, r in arms.items():
             protocols = protocols or list(r["protocols"])
             cells = [f"{r['protocols'][p]['crps_ratio']:.3f}" if p in r["protocols"] else "n/a" for p in protocols]
-            rel = path.parent.relative_to(reports.parent)
-            rows.append(f"| [{path.parent.name}]({rel}/report.md) {arm} | " + " | ".join(cells)
+            rows.append(f"| [{path.parent.name}]({_folder(path, reports)}/report.md) {arm} | " + " | ".join(cells)
                         + f" | {r['summary']['crps_ratio_geomean']:.3f} |")
     if not rows:
         return ""
