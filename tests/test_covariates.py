@@ -331,17 +331,24 @@ def test_bench_covariates_tiny_budget(tmp_path):
     out = tmp_path / "covariates"
     assert cli_main(["bench", "covariates", "--config", str(config), "--out", str(out), "--no-progress"]) == 0
     results = json.loads((out / "results.json").read_text())
-    assert set(results["arms"]) == {"seasonal-naive", *(f"depth-b4{t}-seed{s}" for s in range(3)
-                                                        for t in ("", "-temperature"))}
     arms = results["arms"]
-    assert arms["depth-b4-temperature-seed1"]["num_covariates"] == 1 and "num_covariates" not in arms["depth-b4-seed1"]
-    assert arms["depth-b4-seed0"]["crps"] != arms["depth-b4-seed1"]["crps"]  # the seeds differ
+    assert set(arms) == {"seasonal-naive", "depth-b4", "depth-b4-temperature"}
+    assert arms["depth-b4-temperature"]["num_covariates"] == 1 and "num_covariates" not in arms["depth-b4"]
+    assert arms["depth-b4"]["seeds"] == [0, 1, 2]
+    per_seed = arms["depth-b4"]["per_seed"]
+    assert per_seed["0"]["crps"] != per_seed["1"]["crps"]  # the seeds differ
     cov = results["covariates"]
-    assert cov["seeds"]["2"]["ratio"] == pytest.approx(arms["depth-b4-temperature-seed2"]["crps"]
-                                                       / arms["depth-b4-seed2"]["crps"])
+    assert cov["seeds"]["2"]["ratio"] == pytest.approx(arms["depth-b4-temperature"]["per_seed"]["2"]["crps"]
+                                                       / per_seed["2"]["crps"])
     assert cov["ratio_of_mean_crps"] == pytest.approx(cov["mean_crps_with"] / cov["mean_crps_without"])
+    boot = cov["bootstrap"]   # the seed-averaged window scores, recomputed here from the arms' entries
+    w = results["windows"]["abs_target"]
+    assert boot["ratio"] == pytest.approx(sum(arms["depth-b4-temperature"]["window_scores"]["crps_num"])
+                                          / sum(arms["depth-b4"]["window_scores"]["crps_num"]))
+    assert boot["windows"] == len(w) == 2
+    assert [c["role"] for c in results["comparisons"]].count("with vs without the covariate") == 1
     report = (out / "report.md").read_text()
-    assert "oracle" in report.lower() and "depth-b4-temperature-seed0" in report and "ratio of means" in report
+    assert "oracle" in report.lower() and "ratio of means" in report and "Paired bootstrap over the 2 test windows" in report
 
 
 def test_tsdb_stream_carries_covariates(tmp_path):

@@ -12,6 +12,8 @@ def test_readme_results_are_rendered_from_the_reports():
     section = text.split(START, 1)[1].split(END, 1)[0].strip()
     assert section == render().strip(), "run `python -m tsdb.bench.readme` after changing reports/"
     assert "tsdb bench streaming --strategy horizon" in section
+    # a benchmark's headline comparison (the covariates bench: with vs without) is shown too
+    assert "depth-b4-temperature vs depth-b4: CRPS ratio" in section
 
 
 def test_readme_names_the_arms_a_restricted_run_left_out(tmp_path):
