@@ -202,12 +202,13 @@ def update(readme: Path = ROOT / "README.md") -> None:
 
 def _zero_shot(reports: Path) -> str:
     """One row per arm of each committed ``tsdb pretrain-eval`` report: zero-shot CRPS / seasonal naive."""
-    rows, protocols = [], None
+    rows, protocols, seeds = [], None, set()
     for path in sorted(reports.glob("*/results.json")):
         res = json.loads(path.read_text())
         arms = res.get("arms", {})
         if not arms or "summary" not in next(iter(arms.values())):
             continue
+        seeds.add(res["config"]["train"]["seed"])
         for arm, r in arms.items():
             protocols = protocols or list(r["protocols"])
             cells = [f"{r['protocols'][p]['crps_ratio']:.3f}" if p in r["protocols"] else "n/a" for p in protocols]
@@ -217,7 +218,9 @@ def _zero_shot(reports: Path) -> str:
         return ""
     return "\n".join([
         "**zero-shot** (pretrained on the local corpus only; CRPS / seasonal naive's with its intervals; "
-        "geometric mean over M4 Hourly, ETTh1-96 and exchange rate, the GIFT-Eval summary)", "",
+        "geometric mean over M4 Hourly, ETTh1-96 and exchange rate, the GIFT-Eval summary; one pretraining "
+        f"run per model, seed {', '.join(map(str, sorted(seeds)))}: no seed spread yet, so no difference "
+        "between the two models is claimed)", "",
         "| model | " + " | ".join(protocols) + " | geometric mean |", "|---" * (len(protocols) + 2) + "|", *rows])
 
 
