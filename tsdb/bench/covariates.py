@@ -18,8 +18,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tsdb.bench.experiment import ExperimentSpec, run_experiment
-from tsdb.bench.stats import mean_std_text, paired_bootstrap
+from tsdb.bench.experiment import ExperimentSpec, compare, run_experiment
+from tsdb.bench.stats import mean_std_text
 from tsdb.config import packaged
 
 CONFIG = packaged("configs", "bench", "covariates.yaml")
@@ -49,7 +49,7 @@ def covariates_spec(config: str | Path | None = None, steps: int | None = None, 
     return ExperimentSpec.model_validate(data)
 
 
-def covariate_effect(results: dict) -> dict | None:
+def covariate_effect(results: dict, resamples: int) -> dict | None:
     """``WITH`` against ``WITHOUT``: per-seed CRPS and their ratio, the ratio of the seed
     means, and a paired bootstrap over the test windows of the seed-averaged scores."""
     arms = results["arms"]
@@ -59,13 +59,11 @@ def covariate_effect(results: dict) -> dict | None:
     per_seed = {s: {"crps_without": b["per_seed"][s]["crps"], "crps_with": f["crps"],
                     "ratio": f["crps"] / b["per_seed"][s]["crps"]}
                 for s, f in a.get("per_seed", {}).items() if s in b.get("per_seed", {})}
-    windows = results["windows"]
-    boot = paired_bootstrap(a["window_scores"]["crps_num"], b["window_scores"]["crps_num"], windows["abs_target"],
-                            windows.get("block"))
+    boot = compare(results, WITH, WITHOUT, "with vs without the covariate", resamples)
     return {"covariate": "Temperature", "future_values": "observed (oracle forecast)", "seeds": per_seed,
             "mean_crps_without": b["crps"], "mean_crps_with": a["crps"], "mean_mase_without": b["mase"],
             "mean_mase_with": a["mase"], "ratio_of_mean_crps": a["crps"] / b["crps"],
-            "ratios": [r["ratio"] for r in per_seed.values()], "bootstrap": {"a": WITH, "b": WITHOUT, **boot}}
+            "ratios": [r["ratio"] for r in per_seed.values()], "bootstrap": boot}
 
 
 def run_covariates_bench(out: str | Path = "reports/covariates", spec: ExperimentSpec | None = None,
@@ -78,12 +76,10 @@ def run_covariates_bench(out: str | Path = "reports/covariates", spec: Experimen
     spec.base.train.progress = progress
     out = Path(out)
     results = run_experiment(spec, out, root=root, only=only, log=log, command=command or "tsdb bench covariates")
-    effect = covariate_effect(results)
+    effect = covariate_effect(results, spec.bootstrap_resamples)
     if effect is not None:
         results["covariates"] = effect
-        results["comparisons"] = [c for c in results.get("comparisons", []) if c["a"] != WITH or c["b"] != WITHOUT]
-        results["comparisons"].append({**effect["bootstrap"], "role": "with vs without the covariate",
-                                       "headline": True})
+        results["comparisons"].append({**effect["bootstrap"], "headline": True})
         (out / "results.json").write_text(json.dumps(results, indent=2))
     write_covariates_report(spec, results, out)
     return results

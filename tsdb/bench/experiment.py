@@ -506,12 +506,16 @@ def comparisons(results: dict, resamples: int = RESAMPLES) -> list[dict]:
         pairs += [(best, r, "best tsdb arm vs e2e") for r in refs]
         if refs:
             pairs += [(n, refs[0], "tsdb arm vs e2e") for n in candidates if n != best]
-    out = []
-    for a, b, role in pairs:
-        boot = paired_bootstrap(arms[a]["window_scores"]["crps_num"], arms[b]["window_scores"]["crps_num"],
-                                windows["abs_target"], windows.get("block"), resamples=resamples)
-        out.append({"a": a, "b": b, "role": role, **boot})
-    return out
+    return [compare(results, a, b, role, resamples) for a, b, role in pairs]
+
+
+def compare(results: dict, a: str, b: str, role: str, resamples: int = RESAMPLES) -> dict:
+    """Paired bootstrap of arm ``a``'s CRPS against arm ``b``'s over the test windows (their
+    seed-averaged window scores), labelled ``role``."""
+    windows, arms = results["windows"], results["arms"]
+    boot = paired_bootstrap(arms[a]["window_scores"]["crps_num"], arms[b]["window_scores"]["crps_num"],
+                            windows["abs_target"], windows.get("block"), resamples=resamples)
+    return {"a": a, "b": b, "role": role, **boot}
 
 
 def machine_info() -> dict:
