@@ -10,11 +10,13 @@ import pytest
 
 from tsdb.bench.experiment import (
     ExperimentSpec,
+    TaskSpec,
     aggregate,
     comparisons,
     function_evaluations,
     match_parameters,
     parameter_count,
+    with_new_defaults,
     write_report,
 )
 from tsdb.bench.stats import bootstrap_blocks, paired_bootstrap, spread
@@ -159,3 +161,25 @@ def test_report_renders_the_committed_single_seed_results(tmp_path):
     report = (tmp_path / "report.md").read_text()
     crps = results["arms"]["depth-b3"]["crps"]
     assert f"| depth-b3 | 1 | {crps:.4f} | n/a |" in report and "Paired bootstrap" not in report
+
+
+def test_a_record_older_than_a_field_is_reused_only_at_the_fields_default():
+    """Records written before ``task.split`` and ``model.linear_head`` existed lack them; they
+    match a config that keeps those fields at their defaults, and nothing else."""
+    from tsdb.provenance import mismatch, record
+    task = TaskSpec(protocol="m4-hourly", dataset="m4_hourly").model_dump()
+    model = ExperimentConfig().model.model_dump()
+    train = ExperimentConfig().train.model_dump(exclude={"progress"})
+    current = record({"kind": "tsdb", "model": model, "train": train}, {"task": task, "train_sha256": "ab"})
+    old_model = {k: v for k, v in model.items() if k != "linear_head"}
+    old = record({"kind": "tsdb", "model": old_model, "train": train},
+                 {"task": {k: v for k, v in task.items() if k != "split"}, "train_sha256": "ab"})
+    assert mismatch(old, current) != {}                    # as stored, the hashes differ
+    assert mismatch(with_new_defaults(old), current) == {}
+    with_head = record({"kind": "tsdb", "model": {**model, "linear_head": True}, "train": train},
+                       {"task": task, "train_sha256": "ab"})
+    assert mismatch(with_new_defaults(old), with_head) == {"config": "model.linear_head: false -> true"}
+    on_val = record(current["config"], {"task": {**task, "split": "val"}, "train_sha256": "ab"})
+    assert mismatch(with_new_defaults(old), on_val) == {"data": "task.split: test -> val"}
+    other_data = record(current["config"], {"task": task, "train_sha256": "cd"})
+    assert mismatch(with_new_defaults(old), other_data) == {"data": "train_sha256: ab -> cd"}

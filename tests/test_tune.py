@@ -67,6 +67,14 @@ def test_tune_scores_on_validation_chooses_the_best_and_reuses_trials(tmp_path):
     ratio = results["chosen"]["crps"] / results["peers"]["seasonal-naive"]["crps"]
     assert f"| seasonal-naive | {results['peers']['seasonal-naive']['crps']:.4f} |" in report
     assert f"| {ratio:.3f} |" in report and "2 seed(s) per trial" in report
+    # every trial against the reference (the first variant): a paired bootstrap over the validation
+    # windows of the seed-averaged scores, whose point ratio is the ratio of the trials' mean CRPS
+    assert results["reference"] == "base" and "vs_reference" not in results["trials"]["base"]
+    for name in ("euler", "search-0"):
+        v = results["trials"][name]["vs_reference"]
+        assert abs(v["ratio"] - results["trials"][name]["crps"] / results["trials"]["base"]["crps"]) < 1e-6
+        assert v["windows"] == 1 and v["ratio_ci"][0] <= v["ratio"] <= v["ratio_ci"][1]
+    assert "CRPS / base [95% CI]" in report and f"| {v['ratio']:.3f} [" in report
 
     # the command: a second run reuses every trained model and scored trial
     stamps = {p: p.stat().st_mtime_ns for p in runs.rglob("*.json")}

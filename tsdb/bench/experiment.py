@@ -41,11 +41,11 @@ from tsdb.evaluation.baselines import fit_deepar, seasonal_naive
 from tsdb.evaluation.peers import PeerSpec, run_peer
 from tsdb.bench.stats import (RESAMPLES, bootstrap_blocks, crps_ratio, mean_std_text, min_max_text, paired_bootstrap,
                               ratio_text, spread)
-from tsdb.config import ExperimentConfig, _Strict
+from tsdb.config import ExperimentConfig, ModelConfig, TrainConfig, _Strict
 from tsdb.data.registry import describe, load_dataset
 from tsdb.errors import TsdbError
 from tsdb.evaluation.tasks import EvalTask, etth1_task, evaluate_predictor, m4_hourly_task, rolling_protocol_task
-from tsdb.provenance import dataset_sha256, mismatch, record
+from tsdb.provenance import dataset_sha256, digest, mismatch, record
 from tsdb.training.memory import peak_rss_bytes, reset_peak_rss
 from tsdb.strategies import get_strategy
 from tsdb.training.loop import train_model
@@ -373,13 +373,36 @@ def arm_dir(out: Path, name: str, seed: int | None) -> Path:
     return out / "arms" / name / ("" if seed is None else f"seed-{seed}")
 
 
+def with_new_defaults(stored: dict | None) -> dict | None:
+    """A stored record with the fields it lacks (of the task, model and train specs) set to
+    their defaults, rehashed.
+
+    A record written before a field existed (``task.split``, ``model.linear_head``) was made
+    with the behaviour that the field's default keeps (a new field never changes what its
+    default does), so only a value the record did store can make a mismatch."""
+    if not isinstance(stored, dict) or "data_sha256" not in stored or "config_sha256" not in stored:
+        return stored
+    out = dict(stored)
+    for part, key, fields in (("data", "task", TaskSpec.model_fields), ("config", "model", ModelConfig.model_fields),
+                              ("config", "train", TrainConfig.model_fields)):
+        section = (out.get(part) or {}).get(key)
+        if not isinstance(section, dict):
+            continue
+        absent = {k: f.default for k, f in fields.items()
+                  if k not in section and not f.is_required() and k != "progress"}
+        if absent:
+            out[part] = {**out[part], key: {**section, **absent}}
+            out[f"{part}_sha256"] = digest(out[part])
+    return out
+
+
 def _reusable(path: Path, prov: dict, out: Path) -> dict | None:
     """The stored figures at ``path`` if they were made from ``prov``'s config and data; a
     mismatch stops the run with one line naming what differs."""
     if not path.exists():
         return None
     stored = json.loads(path.read_text())
-    diff = mismatch(stored.get("provenance"), prov)
+    diff = mismatch(with_new_defaults(stored.get("provenance")), prov)
     if diff:
         words = {"config": "made with another config", "data": "made on other data",
                  "record": "without a provenance record"}

@@ -6,7 +6,10 @@ of every training series; ETTh1: the validation border; rolling protocols: the w
 before the test windows; see ``tsdb.evaluation.tasks``), so the test windows are never read.
 Every trial is the arm's config with overrides, trained on the validation task's training
 part and scored there (CRPS, MASE, MSE, MAE) for each seed; the objective is the mean
-validation CRPS over the seeds.
+validation CRPS over the seeds. Each trial is also compared with the spec's first variant
+(the reference, normally the bench's settings) by a paired bootstrap over the validation
+windows of their seed-averaged CRPS, so the report says whether a trial's difference from
+the settings the bench runs is outside the noise.
 
 Trials come from two sources, in this order:
 
@@ -37,6 +40,7 @@ import yaml
 from pydantic import ValidationError
 
 from tsdb.bench.experiment import ExperimentSpec, build_task, run_baseline, torch_predictor
+from tsdb.bench.stats import bootstrap_blocks, paired_bootstrap
 from tsdb.bench.tune_spec import TuneSpec, merge, nest
 from tsdb.config import ExperimentConfig
 from tsdb.errors import TsdbError
@@ -71,6 +75,10 @@ class Tuner:
         task_spec = self.bench.task.model_copy(update={**spec.task, "split": "val"})
         self.task_spec = task_spec
         self.task: EvalTask = build_task(task_spec, root)
+        self.task.window_scores = True
+        items = [entry.get("item_id") for entry in self.task.test_data.input]
+        self.blocks = bootstrap_blocks(items, self.task.horizon, self.task.info.get("stride", task_spec.stride))
+        self.abs_target: list[float] | None = None
         self.trials: dict[str, dict] = {}
 
     def config(self, overrides: dict) -> ExperimentConfig:
@@ -89,6 +97,12 @@ class Tuner:
             record[f"{f}_sd"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
         for f in ("train_cpu_seconds", "eval_cpu_seconds", "train_wall_seconds", "eval_wall_seconds"):
             record[f] = float(np.mean([s[f] for s in seeds.values()]))
+        # per-window CRPS numerators averaged over seeds: what the bootstrap against the reference resamples
+        record["window_crps_num"] = np.round(np.mean([s["window_scores"]["crps_num"] for s in seeds.values()],
+                                                     axis=0), 9).tolist()
+        self.abs_target = next(iter(seeds.values()))["window_scores"]["abs_target"]
+        seeds = {k: {f: v for f, v in s.items() if f != "window_scores"} for k, s in seeds.items()}
+        record["seeds"] = seeds
         self.trials[name] = record
         self.log(f"[tune {self.spec.name}] {name}: val CRPS {record['crps']:.4f} (sd {record['crps_sd']:.4f}) "
                  f"MASE {record['mase']:.3f} MSE {record['mse']:.4f}  train {record['train_cpu_seconds']:.0f} "
@@ -103,7 +117,9 @@ class Tuner:
         run_dir = self.runs / "train" / _key(train_cfg.model_dump())
         eval_path = run_dir / f"val-{_key({**cfg.model_dump(), 'samples': self.spec.num_samples})}.json"
         if eval_path.exists():
-            return json.loads(eval_path.read_text())
+            cached = json.loads(eval_path.read_text())
+            if "window_scores" in cached:   # (evaluations of older tsdb versions lack them: rescored)
+                return cached
         cpu, wall = _cpu(), time.perf_counter()
         timing_path = run_dir / "train_seconds.json"
         if (run_dir / "model.pt").exists() and timing_path.exists():
@@ -120,7 +136,8 @@ class Tuner:
                                      cfg.model.context_length, self.spec.num_samples,
                                      num_covariates=cfg.model.num_covariates)
         out = {**{f: metrics[f] for f in FIGURES}, "num_windows": metrics["num_windows"], **timing,
-               "eval_cpu_seconds": _cpu() - cpu, "eval_wall_seconds": time.perf_counter() - wall}
+               "eval_cpu_seconds": _cpu() - cpu, "eval_wall_seconds": time.perf_counter() - wall,
+               "window_scores": {k: metrics["window_scores"][k] for k in ("crps_num", "abs_target")}}
         eval_path.write_text(json.dumps(out, indent=2))
         return out
 
@@ -187,11 +204,17 @@ def run_tune(spec: TuneSpec, out: str | Path, runs: str | Path, root: str | None
     if not tuner.trials:
         raise TsdbError(f"no trial ran (variants: {sorted(spec.variants)}; --only {only})")
     chosen = min(tuner.trials.values(), key=lambda t: t["crps"])
+    reference = next(iter(tuner.trials))
+    for t in tuner.trials.values():
+        if t["name"] != reference:
+            t["vs_reference"] = paired_bootstrap(t["window_crps_num"], tuner.trials[reference]["window_crps_num"],
+                                                 tuner.abs_target, tuner.blocks)
     results = {
         "name": spec.name, "command": command or f"tsdb tune --config {spec.name}", "spec": spec.model_dump(),
         "task": {**tuner.task_spec.model_dump(), "num_windows": tuner.task.num_windows,
                  "info": tuner.task.info},
-        "trials": tuner.trials, "peers": peers,
+        "trials": tuner.trials, "peers": peers, "reference": reference,
+        "windows": {"abs_target": tuner.abs_target, "block": tuner.blocks},
         "chosen": {"name": chosen["name"], "overrides": merge(spec.overrides, chosen["overrides"]),
                    "crps": chosen["crps"], "mase": chosen["mase"], "mse": chosen["mse"]},
         "cpu_seconds": _cpu() - started_cpu, "wall_seconds": time.perf_counter() - started,
@@ -233,10 +256,20 @@ def _budget(config: dict) -> str:
             f"{m['sampler']} K={m['num_steps']}")
 
 
+def _versus(trial: dict, name: str) -> str:
+    """``ratio [lo, hi], verdict`` of a trial against the reference trial."""
+    v = trial.get("vs_reference")
+    if v is None:
+        return "reference"
+    word = {"a": f"{name} lower", "b": "reference lower", "tie": "tie"}[v["verdict"]]
+    return f"{v['ratio']:.3f} [{v['ratio_ci'][0]:.3f}, {v['ratio_ci'][1]:.3f}], {word}"
+
+
 def write_tune_report(results: dict, out: Path) -> Path:
     spec = results["spec"]
     task = results["task"]
     seeds = spec["seeds"]
+    ref = results["reference"]
     lines = [f"# tune-{results['name']}", "", f"Produced by: `{results['command']}`", "",
              f"Arm `{spec['arm']}` of `{spec['bench']}`, scored on the **validation** split of "
              f"`{task['protocol']}` / `{task['dataset']}` ({task['num_windows']} windows; the test windows are "
@@ -247,13 +280,17 @@ def write_tune_report(results: dict, out: Path) -> Path:
              "Budget per seed: training steps per block x blocks, batch size, context length, sampler and "
              "its steps K; CPU seconds per seed (trials that differ only in inference share a trained model "
              "and its training seconds).", "",
-             "| trial | overrides | budget | val CRPS | sd | per seed | val MASE | val MSE | train CPU s | eval CPU s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"CRPS / {ref}: the trial's seed-averaged validation CRPS over that of `{ref}` (the reference: the "
+             "spec's first variant), with a 95% paired bootstrap interval over the validation windows and its "
+             "verdict (an interval containing 1 is a tie).", "",
+             f"| trial | overrides | budget | val CRPS | sd | per seed | CRPS / {ref} [95% CI] | val MASE | val MSE "
+             "| train CPU s | eval CPU s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, t in results["trials"].items():
         per_seed = " / ".join(f"{s['crps']:.4f}" for s in t["seeds"].values())
         lines.append(f"| {name} | {_compact(t['overrides'])} | {_budget(t['config'])} | {_fmt(t['crps'])} | "
-                     f"{_fmt(t['crps_sd'])} | {per_seed} | {_fmt(t['mase'], 3)} | {_fmt(t['mse'], 4)} | "
-                     f"{t['train_cpu_seconds']:.0f} | {t['eval_cpu_seconds']:.0f} |")
+                     f"{_fmt(t['crps_sd'])} | {per_seed} | {_versus(t, name)} | {_fmt(t['mase'], 3)} | "
+                     f"{_fmt(t['mse'], 4)} | {t['train_cpu_seconds']:.0f} | {t['eval_cpu_seconds']:.0f} |")
     if results["peers"]:
         best = results["chosen"]["crps"]
         lines += ["", "Peers on the same validation windows (the benchmark's settings), and the chosen trial's "
@@ -268,7 +305,7 @@ def write_tune_report(results: dict, out: Path) -> Path:
                   "established (a claimed difference needs at least 3 seeds)."]
     lines += ["", f"Chosen: **{c['name']}** (val CRPS {_fmt(c['crps'])}, MASE {_fmt(c['mase'], 3)}, "
               f"MSE {_fmt(c['mse'], 4)}), overrides of the arm: {_compact(c['overrides'])} "
-              "(`chosen.yaml`).", "",
+              f"(`chosen.yaml`); against `{ref}`: {_versus(results['trials'][c['name']], c['name'])}.", "",
               f"All trials: {_trials_cpu_seconds(results['trials']) / 60:.1f} CPU min (each trained model counted "
               f"once); this invocation: {results['cpu_seconds'] / 60:.1f} CPU min, {results['wall_seconds'] / 60:.1f} "
               "min wall (trials reused from earlier invocations cost ~0 here)."]
