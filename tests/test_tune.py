@@ -1,4 +1,4 @@
-"""`tsdb tune`: trials scored on the validation split, chosen by mean validation CRPS, cached."""
+"""`tsdb tune`: trials scored on the validation split, chosen by mean validation CRPS (or MASE), cached."""
 
 from __future__ import annotations
 
@@ -82,3 +82,15 @@ def test_tune_scores_on_validation_chooses_the_best_and_reuses_trials(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in runs.rglob("*.json")} == stamps
     again = json.loads((out / "results.json").read_text())
     assert {n: t["crps"] for n, t in again["trials"].items()} == {n: t["crps"] for n, t in results["trials"].items()}
+
+    # objective mase: the same trained and scored trials, chosen and compared by validation MASE
+    # (no search: it would start from the best variant by MASE, another trial)
+    path.write_text(yaml.safe_dump({**spec, "objective": "mase", "search": {"trials": 0}}))
+    by_mase = run_tune(TuneSpec.from_yaml(path), out, runs, log=lambda *_: None)
+    assert {p: p.stat().st_mtime_ns for p in runs.rglob("*.json")} == stamps   # nothing retrained or rescored
+    assert by_mase["objective"] == "mase"
+    assert by_mase["chosen"]["name"] == min(by_mase["trials"].values(), key=lambda t: t["mase"])["name"]
+    v = by_mase["trials"]["euler"]["vs_reference"]
+    assert abs(v["ratio"] - by_mase["trials"]["euler"]["mase"] / by_mase["trials"]["base"]["mase"]) < 1e-6
+    report = (out / "report.md").read_text()
+    assert "MASE / base [95% CI]" in report and "Chosen by validation MASE" in report

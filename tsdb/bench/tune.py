@@ -5,11 +5,12 @@ The benchmark's task is rebuilt on its **validation** split (M4 Hourly: the last
 of every training series; ETTh1: the validation border; rolling protocols: the window
 before the test windows; see ``tsdb.evaluation.tasks``), so the test windows are never read.
 Every trial is the arm's config with overrides, trained on the validation task's training
-part and scored there (CRPS, MASE, MSE, MAE) for each seed; the objective is the mean
-validation CRPS over the seeds. Each trial is also compared with the spec's first variant
-(the reference, normally the bench's settings) by a paired bootstrap over the validation
-windows of their seed-averaged CRPS, so the report says whether a trial's difference from
-the settings the bench runs is outside the noise.
+part and scored there (CRPS, MASE, MSE, MAE) for each seed; the objective (the spec's
+``objective``) is the mean validation CRPS, or the mean validation MASE, over the seeds.
+Each trial is also compared with the spec's first variant (the reference, normally the
+bench's settings) by a paired bootstrap over the validation windows of their seed-averaged
+objective, so the report says whether a trial's difference from the settings the bench
+runs is outside the noise.
 
 Trials come from two sources, in this order:
 
@@ -97,9 +98,10 @@ class Tuner:
             record[f"{f}_sd"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
         for f in ("train_cpu_seconds", "eval_cpu_seconds", "train_wall_seconds", "eval_wall_seconds"):
             record[f] = float(np.mean([s[f] for s in seeds.values()]))
-        # per-window CRPS numerators averaged over seeds: what the bootstrap against the reference resamples
-        record["window_crps_num"] = np.round(np.mean([s["window_scores"]["crps_num"] for s in seeds.values()],
-                                                     axis=0), 9).tolist()
+        # per-window CRPS numerators and MASE averaged over seeds: what the bootstrap against the reference resamples
+        for key in ("crps_num", "mase"):
+            record[f"window_{key}"] = np.round(np.mean([s["window_scores"][key] for s in seeds.values()],
+                                                       axis=0), 9).tolist()
         self.abs_target = next(iter(seeds.values()))["window_scores"]["abs_target"]
         seeds = {k: {f: v for f, v in s.items() if f != "window_scores"} for k, s in seeds.items()}
         record["seeds"] = seeds
@@ -118,7 +120,7 @@ class Tuner:
         eval_path = run_dir / f"val-{_key({**cfg.model_dump(), 'samples': self.spec.num_samples})}.json"
         if eval_path.exists():
             cached = json.loads(eval_path.read_text())
-            if "window_scores" in cached:   # (evaluations of older tsdb versions lack them: rescored)
+            if "mase" in cached.get("window_scores", {}):   # (older tsdb versions lack them: rescored)
                 return cached
         cpu, wall = _cpu(), time.perf_counter()
         timing_path = run_dir / "train_seconds.json"
@@ -137,9 +139,16 @@ class Tuner:
                                      num_covariates=cfg.model.num_covariates)
         out = {**{f: metrics[f] for f in FIGURES}, "num_windows": metrics["num_windows"], **timing,
                "eval_cpu_seconds": _cpu() - cpu, "eval_wall_seconds": time.perf_counter() - wall,
-               "window_scores": {k: metrics["window_scores"][k] for k in ("crps_num", "abs_target")}}
+               "window_scores": {k: metrics["window_scores"][k] for k in ("crps_num", "abs_target", "mase")}}
         eval_path.write_text(json.dumps(out, indent=2))
         return out
+
+    def versus(self, a: dict, b: dict) -> dict:
+        """Paired bootstrap of trial ``a``'s objective against ``b``'s over the validation windows
+        (MASE: the mean of per-window MASE, so every window weighs 1)."""
+        if self.spec.objective == "crps":
+            return paired_bootstrap(a["window_crps_num"], b["window_crps_num"], self.abs_target, self.blocks)
+        return paired_bootstrap(a["window_mase"], b["window_mase"], np.ones(len(a["window_mase"])), self.blocks)
 
     def peer(self, name: str) -> dict:
         path = self.runs / "peers" / f"{name}.json"
@@ -181,7 +190,7 @@ class Tuner:
             except (TsdbError, ValidationError) as e:   # e.g. a context not a multiple of the patch
                 self.log(f"[tune {self.spec.name}] search-{trial.number}: skipped ({str(e).splitlines()[0]})")
                 raise optuna.TrialPruned() from None
-            return self.trial(f"search-{trial.number}", overrides)["crps"]
+            return self.trial(f"search-{trial.number}", overrides)[self.spec.objective]
 
         study.optimize(objective, n_trials=self.spec.search.trials)
 
@@ -199,21 +208,20 @@ def run_tune(spec: TuneSpec, out: str | Path, runs: str | Path, root: str | None
             continue
         tuner.trial(name, overrides)
     if spec.search.trials and not only:
-        best = min(tuner.trials.values(), key=lambda t: t["crps"]) if tuner.trials else {"overrides": {}}
+        best = min(tuner.trials.values(), key=lambda t: t[spec.objective]) if tuner.trials else {"overrides": {}}
         tuner.search(best["overrides"])
     if not tuner.trials:
         raise TsdbError(f"no trial ran (variants: {sorted(spec.variants)}; --only {only})")
-    chosen = min(tuner.trials.values(), key=lambda t: t["crps"])
+    chosen = min(tuner.trials.values(), key=lambda t: t[spec.objective])
     reference = next(iter(tuner.trials))
     for t in tuner.trials.values():
         if t["name"] != reference:
-            t["vs_reference"] = paired_bootstrap(t["window_crps_num"], tuner.trials[reference]["window_crps_num"],
-                                                 tuner.abs_target, tuner.blocks)
+            t["vs_reference"] = tuner.versus(t, tuner.trials[reference])
     results = {
         "name": spec.name, "command": command or f"tsdb tune --config {spec.name}", "spec": spec.model_dump(),
         "task": {**tuner.task_spec.model_dump(), "num_windows": tuner.task.num_windows,
                  "info": tuner.task.info},
-        "trials": tuner.trials, "peers": peers, "reference": reference,
+        "trials": tuner.trials, "peers": peers, "reference": reference, "objective": spec.objective,
         "windows": {"abs_target": tuner.abs_target, "block": tuner.blocks},
         "chosen": {"name": chosen["name"], "overrides": merge(spec.overrides, chosen["overrides"]),
                    "crps": chosen["crps"], "mase": chosen["mase"], "mse": chosen["mse"]},
@@ -270,6 +278,8 @@ def write_tune_report(results: dict, out: Path) -> Path:
     task = results["task"]
     seeds = spec["seeds"]
     ref = results["reference"]
+    objective = results.get("objective", "crps")
+    metric = objective.upper()
     lines = [f"# tune-{results['name']}", "", f"Produced by: `{results['command']}`", "",
              f"Arm `{spec['arm']}` of `{spec['bench']}`, scored on the **validation** split of "
              f"`{task['protocol']}` / `{task['dataset']}` ({task['num_windows']} windows; the test windows are "
@@ -280,10 +290,11 @@ def write_tune_report(results: dict, out: Path) -> Path:
              "Budget per seed: training steps per block x blocks, batch size, context length, sampler and "
              "its steps K; CPU seconds per seed (trials that differ only in inference share a trained model "
              "and its training seconds).", "",
-             f"CRPS / {ref}: the trial's seed-averaged validation CRPS over that of `{ref}` (the reference: the "
-             "spec's first variant), with a 95% paired bootstrap interval over the validation windows and its "
-             "verdict (an interval containing 1 is a tie).", "",
-             f"| trial | overrides | budget | val CRPS | sd | per seed | CRPS / {ref} [95% CI] | val MASE | val MSE "
+             f"Objective: the lowest mean validation {metric} over the seeds chooses. {metric} / {ref}: the "
+             f"trial's seed-averaged validation {metric} over that of `{ref}` (the reference: the spec's first "
+             "variant), with a 95% paired bootstrap interval over the validation windows and its verdict (an "
+             "interval containing 1 is a tie).", "",
+             f"| trial | overrides | budget | val CRPS | sd | per seed | {metric} / {ref} [95% CI] | val MASE | val MSE "
              "| train CPU s | eval CPU s |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, t in results["trials"].items():
@@ -303,7 +314,7 @@ def write_tune_report(results: dict, out: Path) -> Path:
     if len(seeds) < 3:
         lines += ["", f"{len(seeds)} seed(s) per trial: differences between trials smaller than their spread are not "
                   "established (a claimed difference needs at least 3 seeds)."]
-    lines += ["", f"Chosen: **{c['name']}** (val CRPS {_fmt(c['crps'])}, MASE {_fmt(c['mase'], 3)}, "
+    lines += ["", f"Chosen by validation {metric}: **{c['name']}** (val CRPS {_fmt(c['crps'])}, MASE {_fmt(c['mase'], 3)}, "
               f"MSE {_fmt(c['mse'], 4)}), overrides of the arm: {_compact(c['overrides'])} "
               f"(`chosen.yaml`); against `{ref}`: {_versus(results['trials'][c['name']], c['name'])}.", "",
               f"All trials: {_trials_cpu_seconds(results['trials']) / 60:.1f} CPU min (each trained model counted "

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -54,6 +54,9 @@ class TuneSpec(_Strict):
     variants: dict[str, dict[str, dict[str, Any]]] = Field(default_factory=lambda: {"base": {}})
     search: SearchSpec = SearchSpec()
     peers: list[str] = Field(default_factory=list)  # bench baselines/peers scored on validation too
+    # what the choice minimises: "crps" (a scale-weighted mean: on M4 Hourly a few large series
+    # decide it) or "mase" (the mean of per-window MASE: every series counts alike)
+    objective: Literal["crps", "mase"] = "crps"
 
 
 def merge(*overrides: dict) -> dict:
