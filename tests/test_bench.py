@@ -12,6 +12,7 @@ from tsdb.bench.experiment import (
     ExperimentSpec,
     TaskSpec,
     aggregate,
+    comparison_lines,
     comparisons,
     function_evaluations,
     match_parameters,
@@ -98,6 +99,9 @@ def test_e2e_params_arm_matches_depth_within_three_percent():
     with pytest.raises(ValueError, match="match_params"):
         ExperimentSpec.model_validate({"name": "x", "task": {"protocol": "m4-hourly", "dataset": "m4_hourly"},
                                        "arms": {"a": {}}, "match_params": {"a": "b"}})
+    with pytest.raises(ValueError, match="chosen must name one of our arms"):
+        ExperimentSpec.model_validate({"name": "x", "task": {"protocol": "m4-hourly", "dataset": "m4_hourly"},
+                                       "arms": {"a": {}}, "chosen": "b"})
 
 
 @pytest.mark.parametrize("strategy, sampler, steps, nfe, layers_per_call", [
@@ -145,6 +149,26 @@ def test_aggregate_and_comparisons_of_seeded_arms():
     assert sum(d["window_scores"]["crps_num"]) / sum(den) == pytest.approx(d["crps"], rel=0.02)
     comps = comparisons({"arms": arms, "windows": {"abs_target": den, "block": list(range(40))}}, resamples=500)
     assert [(c["a"], c["b"], c["verdict"]) for c in comps] == [("depth-b4", "mstl", "b"), ("depth-b4", "e2e", "a")]
+
+    # an arm chosen on validation windows, not the lowest on test: against the best peer in CRPS,
+    # and in MASE against the peer of lowest MASE (not the one of lowest CRPS)
+    chosen = {s: {**run("depth", 0.035, s), "kind": "tsdb"} for s in (0, 1, 2)}
+    for s, r in chosen.items():
+        r["window_scores"]["mase"] = (0.8 + 0.1 * rng.uniform(size=40)).tolist()
+        r["mase"] = float(np.mean(r["window_scores"]["mase"]))
+    theta = run("peer", 0.05, 0)
+    theta["window_scores"]["mase"], theta["mase"] = [0.9] * 40, 0.9
+    arms = {**arms, "depth-b2": aggregate(chosen), "theta": aggregate({None: theta})}
+    results = {"arms": arms, "windows": {"abs_target": den, "block": list(range(40))}}
+    comps = comparisons(results, resamples=500, chosen="depth-b2")
+    extra = [(c["a"], c["b"], c["metric"], c["verdict"]) for c in comps if c["role"].startswith("validation")]
+    assert extra == [("depth-b2", "mstl", "crps", "b"), ("depth-b2", "theta", "mase", "a")]
+    mase = comps[-1]
+    assert mase["crps_a"] == pytest.approx(np.mean(arms["depth-b2"]["window_scores"]["mase"])) and mase["crps_b"] == 0.9
+    again = comparisons(results, resamples=500, chosen="depth-b4")   # chosen = best: no CRPS repeat
+    assert [c["metric"] for c in again if c["role"].startswith("validation")] == ["mase"]
+    lines = comparison_lines(comps)
+    assert lines.index("| comparison | a | b | MASE a | MASE b | a - b [CI] | a / b [CI] | verdict |") == len(lines) - 3
 
 
 def test_report_renders_the_committed_single_seed_results(tmp_path):

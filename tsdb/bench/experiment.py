@@ -104,6 +104,9 @@ class ExperimentSpec(_Strict):
     # how the base settings were chosen (printed in the report: a reader must know whether the
     # test windows took part)
     selection: str | None = None
+    # the arm whose settings a validation-only command (``tsdb tune``) chose: the report
+    # bootstraps it against the best peer in CRPS and in MASE, whichever arm scores lowest
+    chosen: str | None = None
     bootstrap_resamples: int = Field(RESAMPLES, ge=100)
     # extra inference-time evaluations: {arm: [K, ...]} -> figures "crps_k" per K
     steps_sweep: dict[str, list[int]] = Field(default_factory=dict)
@@ -123,6 +126,8 @@ class ExperimentSpec(_Strict):
         bad = {a: r for a, r in self.match_params.items() if a not in self.arms or r not in self.arms or a == r}
         if bad:
             raise ValueError(f"match_params must map one of our arms to another: {bad}")
+        if self.chosen is not None and self.chosen not in self.arms:
+            raise ValueError(f"chosen must name one of our arms ({sorted(self.arms)}), got {self.chosen!r}")
         return self
 
     def arm_config(self, name: str, seed: int | None = None) -> ExperimentConfig:
@@ -469,7 +474,7 @@ def run_experiment(spec: ExperimentSpec, out: str | Path, root: str | None = Non
             if results["windows"]["abs_target"] is None:
                 results["windows"]["abs_target"] = next(iter(runs.values()))["window_scores"]["abs_target"]
             results["arms"][name] = aggregate(runs)
-    results["comparisons"] = comparisons(results, spec.bootstrap_resamples)
+    results["comparisons"] = comparisons(results, spec.bootstrap_resamples, spec.chosen)
     results["command"] = command or _default_command(spec)
     results["wall_seconds"] = time.perf_counter() - started  # this invocation (reused arms cost ~0)
     (out / "results.json").write_text(json.dumps(results, indent=2))
@@ -509,10 +514,12 @@ def _is_ours(f: dict) -> bool:
     return f.get("kind", "tsdb" if "train_state_bytes" in f else "peer") == "tsdb"
 
 
-def comparisons(results: dict, resamples: int = RESAMPLES) -> list[dict]:
+def comparisons(results: dict, resamples: int = RESAMPLES, chosen: str | None = None) -> list[dict]:
     """Paired bootstraps of CRPS: tsdb's best arm (lowest mean CRPS, e2e arms aside) against
     the best peer or baseline and against every e2e arm, then every other tsdb arm against
-    the first e2e arm. Needs the per-window scores of schema 2."""
+    the first e2e arm; then the ``chosen`` arm (picked on validation windows) against the best
+    peer in CRPS and against the peer of lowest MASE in MASE. Needs the per-window scores of
+    schema 2."""
     windows = results.get("windows") or {}
     arms = {n: f for n, f in results["arms"].items() if f.get("window_scores")}
     if windows.get("abs_target") is None or not arms:
@@ -529,16 +536,26 @@ def comparisons(results: dict, resamples: int = RESAMPLES) -> list[dict]:
         pairs += [(best, r, "best tsdb arm vs e2e") for r in refs]
         if refs:
             pairs += [(n, refs[0], "tsdb arm vs e2e") for n in candidates if n != best]
-    return [compare(results, a, b, role, resamples) for a, b, role in pairs]
+    out = [compare(results, a, b, role, resamples) for a, b, role in pairs]
+    if chosen in candidates and others:
+        if chosen != best:
+            out.append(compare(results, chosen, min(others, key=lambda n: arms[n]["crps"]),
+                               "validation-chosen arm vs best peer", resamples))
+        out.append(compare(results, chosen, min(others, key=lambda n: arms[n]["mase"]),
+                           "validation-chosen arm vs best peer", resamples, metric="mase"))
+    return out
 
 
-def compare(results: dict, a: str, b: str, role: str, resamples: int = RESAMPLES) -> dict:
-    """Paired bootstrap of arm ``a``'s CRPS against arm ``b``'s over the test windows (their
-    seed-averaged window scores), labelled ``role``."""
+def compare(results: dict, a: str, b: str, role: str, resamples: int = RESAMPLES, metric: str = "crps") -> dict:
+    """Paired bootstrap of arm ``a``'s CRPS (``metric="mase"``: mean per-window MASE, every
+    window weighing 1) against arm ``b``'s over the test windows (their seed-averaged window
+    scores), labelled ``role``; the figures keep the keys ``crps_a``/``crps_b``."""
     windows, arms = results["windows"], results["arms"]
-    boot = paired_bootstrap(arms[a]["window_scores"]["crps_num"], arms[b]["window_scores"]["crps_num"],
-                            windows["abs_target"], windows.get("block"), resamples=resamples)
-    return {"a": a, "b": b, "role": role, **boot}
+    key = {"crps": "crps_num", "mase": "mase"}[metric]
+    weights = windows["abs_target"] if metric == "crps" else np.ones(len(windows["abs_target"]))
+    boot = paired_bootstrap(arms[a]["window_scores"][key], arms[b]["window_scores"][key],
+                            weights, windows.get("block"), resamples=resamples)
+    return {"a": a, "b": b, "role": role, "metric": metric, **boot}
 
 
 def machine_info() -> dict:
@@ -568,7 +585,12 @@ def comparison_lines(comps: list[dict]) -> list[str]:
              f"{c0['level']:.0%} percentile intervals). A difference whose interval contains 0 is a tie.", "",
              "| comparison | a | b | CRPS a | CRPS b | a - b [CI] | a / b [CI] | verdict |",
              "|---|---|---|---|---|---|---|---|"]
+    by_mase = [c for c in comps if c.get("metric") == "mase"]
     for c in comps:
+        if by_mase and c is by_mase[0]:   # the same table, by the mean per-window MASE
+            lines += ["", "The same for the mean per-window MASE (every window weighs 1):", "",
+                      "| comparison | a | b | MASE a | MASE b | a - b [CI] | a / b [CI] | verdict |",
+                      "|---|---|---|---|---|---|---|---|"]
         word = {"a": f"{c['a']} lower", "b": f"{c['b']} lower", "tie": "tie"}[c["verdict"]]
         lines.append(f"| {c['role']} | {c['a']} | {c['b']} | {c['crps_a']:.4f} | {c['crps_b']:.4f} | "
                      f"{c['diff']:+.4f} [{c['diff_ci'][0]:+.4f}, {c['diff_ci'][1]:+.4f}] | "
@@ -638,7 +660,7 @@ def write_report(spec: ExperimentSpec, results: dict, out: Path) -> Path:
                   f"({(f['params'] / m['reference_params'] - 1) * 100:+.1f}%)."]
     comps = results.get("comparisons")
     if comps is None:
-        comps = comparisons(results, spec.bootstrap_resamples)
+        comps = comparisons(results, spec.bootstrap_resamples, spec.chosen)
     lines += comparison_lines(comps)
     budgets = {n: f for n, f in arms.items() if "budget" in f}
     if budgets:

@@ -36,14 +36,14 @@ def _row(name: str, f: dict, e2e: dict, cols: list[str]) -> str:
 
 
 def _verdicts(res: dict) -> list[str]:
-    """The paired-bootstrap verdicts of the best tsdb arm and of a benchmark's headline
-    comparison (results.json schema 2)."""
+    """The paired-bootstrap verdicts of the best tsdb arm, of the validation-chosen arm and of
+    a benchmark's headline comparison (results.json schema 2)."""
     out = []
     for c in res.get("comparisons") or []:
-        if not (c["role"].startswith("best") or c.get("headline")):
+        if not (c["role"].startswith(("best", "validation-chosen")) or c.get("headline")):
             continue
         verdict = "tie" if c["verdict"] == "tie" else f"{c[c['verdict']]} lower"
-        out.append(f"{c['a']} vs {c['b']}: CRPS ratio {c['ratio']:.3f} "
+        out.append(f"{c['a']} vs {c['b']}: {c.get('metric', 'crps').upper()} ratio {c['ratio']:.3f} "
                    f"[{c['ratio_ci'][0]:.3f}, {c['ratio_ci'][1]:.3f}], {verdict}")
     if not out:
         return []
