@@ -105,7 +105,7 @@ class ExperimentSpec(_Strict):
     # test windows took part)
     selection: str | None = None
     # the arm whose settings a validation-only command (``tsdb tune``) chose: the report
-    # bootstraps it against the best peer in CRPS and in MASE, whichever arm scores lowest
+    # bootstraps it against the best peer in CRPS and in MASE, whether or not it scores lowest on test
     chosen: str | None = None
     bootstrap_resamples: int = Field(RESAMPLES, ge=100)
     # extra inference-time evaluations: {arm: [K, ...]} -> figures "crps_k" per K
