@@ -39,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 import tsdb.evaluation.plots as plots
 from tsdb.evaluation.baselines import fit_deepar, seasonal_naive
 from tsdb.evaluation.peers import PeerSpec, run_peer
-from tsdb.bench.stats import (RESAMPLES, bootstrap_blocks, crps_ratio, mean_std_text, min_max_text, paired_bootstrap,
+from tsdb.bench.stats import (RESAMPLES, bootstrap_blocks, crps_ratio, mean_std_text, metric_bootstrap, min_max_text,
                               ratio_text, spread)
 from tsdb.config import ExperimentConfig, ModelConfig, TrainConfig, _Strict
 from tsdb.data.registry import describe, load_dataset
@@ -552,9 +552,8 @@ def compare(results: dict, a: str, b: str, role: str, resamples: int = RESAMPLES
     scores), labelled ``role``; the figures keep the keys ``crps_a``/``crps_b``."""
     windows, arms = results["windows"], results["arms"]
     key = {"crps": "crps_num", "mase": "mase"}[metric]
-    weights = windows["abs_target"] if metric == "crps" else np.ones(len(windows["abs_target"]))
-    boot = paired_bootstrap(arms[a]["window_scores"][key], arms[b]["window_scores"][key],
-                            weights, windows.get("block"), resamples=resamples)
+    boot = metric_bootstrap(metric, arms[a]["window_scores"][key], arms[b]["window_scores"][key],
+                            windows["abs_target"], windows.get("block"), resamples)
     return {"a": a, "b": b, "role": role, "metric": metric, **boot}
 
 
@@ -576,25 +575,32 @@ def _seeds_text(f: dict) -> str:
 
 
 def comparison_lines(comps: list[dict]) -> list[str]:
-    """The paired-bootstrap table of a report."""
+    """The paired-bootstrap tables of a report: CRPS, then (when there are any) MASE."""
     if not comps:
         return []
+
+    def table(metric: str) -> list[str]:
+        rows = []
+        for c in comps:
+            if c.get("metric", "crps") != metric:
+                continue
+            word = {"a": f"{c['a']} lower", "b": f"{c['b']} lower", "tie": "tie"}[c["verdict"]]
+            rows.append(f"| {c['role']} | {c['a']} | {c['b']} | {c['crps_a']:.4f} | {c['crps_b']:.4f} | "
+                        f"{c['diff']:+.4f} [{c['diff_ci'][0]:+.4f}, {c['diff_ci'][1]:+.4f}] | "
+                        f"{c['ratio']:.3f} [{c['ratio_ci'][0]:.3f}, {c['ratio_ci'][1]:.3f}] | {word} |")
+        name = metric.upper()
+        head = [f"| comparison | a | b | {name} a | {name} b | a - b [CI] | a / b [CI] | verdict |",
+                "|---|---|---|---|---|---|---|---|"]
+        return head + rows if rows else []
+
     c0 = comps[0]
     lines = ["", f"Paired bootstrap of CRPS over the test windows ({c0['resamples']} resamples of {c0['blocks']} "
              f"blocks of windows, tsdb arms' scores averaged over their seeds per window first; "
              f"{c0['level']:.0%} percentile intervals). A difference whose interval contains 0 is a tie.", "",
-             "| comparison | a | b | CRPS a | CRPS b | a - b [CI] | a / b [CI] | verdict |",
-             "|---|---|---|---|---|---|---|---|"]
-    by_mase = [c for c in comps if c.get("metric") == "mase"]
-    for c in comps:
-        if by_mase and c is by_mase[0]:   # the same table, by the mean per-window MASE
-            lines += ["", "The same for the mean per-window MASE (every window weighs 1):", "",
-                      "| comparison | a | b | MASE a | MASE b | a - b [CI] | a / b [CI] | verdict |",
-                      "|---|---|---|---|---|---|---|---|"]
-        word = {"a": f"{c['a']} lower", "b": f"{c['b']} lower", "tie": "tie"}[c["verdict"]]
-        lines.append(f"| {c['role']} | {c['a']} | {c['b']} | {c['crps_a']:.4f} | {c['crps_b']:.4f} | "
-                     f"{c['diff']:+.4f} [{c['diff_ci'][0]:+.4f}, {c['diff_ci'][1]:+.4f}] | "
-                     f"{c['ratio']:.3f} [{c['ratio_ci'][0]:.3f}, {c['ratio_ci'][1]:.3f}] | {word} |")
+             *table("crps")]
+    mase = table("mase")
+    if mase:
+        lines += ["", "The same for the mean per-window MASE (every window weighs 1):", "", *mase]
     return lines
 
 

@@ -85,6 +85,15 @@ def paired_bootstrap(num_a: Sequence[float], num_b: Sequence[float], den: Sequen
     return out
 
 
+def metric_bootstrap(metric: str, a: Sequence[float], b: Sequence[float], abs_target: Sequence[float],
+                     blocks: Sequence[int] | None = None, resamples: int = RESAMPLES) -> dict:
+    """:func:`paired_bootstrap` of a seed-averaged figure from per-window scores: ``crps``
+    (numerators over the windows' summed ``abs_target``) or ``mase`` (the mean of per-window
+    MASE: every window weighs 1)."""
+    den = abs_target if metric == "crps" else np.ones(len(abs_target))
+    return paired_bootstrap(a, b, den, blocks, resamples=resamples)
+
+
 def verdict(diff_ci: Sequence[float]) -> str:
     """``"a"`` (a's CRPS lower), ``"b"`` or ``"tie"`` (the interval contains 0)."""
     lo, hi = diff_ci

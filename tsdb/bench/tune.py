@@ -41,7 +41,7 @@ import yaml
 from pydantic import ValidationError
 
 from tsdb.bench.experiment import ExperimentSpec, build_task, run_baseline, torch_predictor
-from tsdb.bench.stats import bootstrap_blocks, paired_bootstrap
+from tsdb.bench.stats import bootstrap_blocks, metric_bootstrap
 from tsdb.bench.tune_spec import TuneSpec, merge, nest
 from tsdb.config import ExperimentConfig
 from tsdb.errors import TsdbError
@@ -146,9 +146,8 @@ class Tuner:
     def versus(self, a: dict, b: dict) -> dict:
         """Paired bootstrap of trial ``a``'s objective against ``b``'s over the validation windows
         (MASE: the mean of per-window MASE, so every window weighs 1)."""
-        if self.spec.objective == "crps":
-            return paired_bootstrap(a["window_crps_num"], b["window_crps_num"], self.abs_target, self.blocks)
-        return paired_bootstrap(a["window_mase"], b["window_mase"], np.ones(len(a["window_mase"])), self.blocks)
+        key = {"crps": "window_crps_num", "mase": "window_mase"}[self.spec.objective]
+        return metric_bootstrap(self.spec.objective, a[key], b[key], self.abs_target, self.blocks)
 
     def peer(self, name: str) -> dict:
         path = self.runs / "peers" / f"{name}.json"
