@@ -577,3 +577,12 @@ def test_streaming_bench_smoke(tmp_path):
     assert res["summary"]["parity_ort_vs_torch"] < TOL and res["summary"]["parity_stream_vs_recompute"] < TOL
     assert {p.name for p in tmp_path.iterdir()} == {"results.json", "report.md", "latency.png"}
     assert "ORT streaming" in (tmp_path / "report.md").read_text()
+
+
+def test_a_model_with_a_location_window_is_refused_with_the_way_out(tmp_path):
+    from tsdb.strategies.depth.export import export_model
+
+    strategy, model = randomized_model("depth", context_length=32, horizon=16, patch_length=8, location_window=8)
+    with pytest.raises(TsdbError, match="location_window = 8 cannot be exported yet.*forecast it with torch"):
+        export_model(model, strategy, tmp_path)
+    assert not any(tmp_path.iterdir())

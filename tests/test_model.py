@@ -107,6 +107,18 @@ def test_forecast_is_reproducible_with_given_noise_and_chunking():
     assert a.shape == (5, 3, 16)
 
 
+def test_location_window_is_the_recent_mean_and_leaves_the_scale():
+    x = torch.tensor([[1.0, 2.0, 3.0, 10.0, float("nan"), 20.0],
+                      [4.0, 5.0, 6.0, float("nan"), float("nan"), float("nan")]])
+    loc, scale = instance_stats(x)
+    recent_loc, recent_scale = instance_stats(x, location_window=3)
+    assert recent_loc[:, 0].tolist() == pytest.approx([15.0, 5.0])   # series 2: its last 3 are all missing
+    torch.testing.assert_close(recent_scale, scale)
+    assert instance_stats(x, location_window=6)[0][:, 0].tolist() == pytest.approx(loc[:, 0].tolist())
+    with pytest.raises(ValueError, match="location_window 40 must be at most context_length 32"):
+        ModelConfig.model_validate(CFG.model_dump() | {"location_window": 40})
+
+
 def test_training_windows_short_series_and_partial_patches():
     rng = np.random.default_rng(0)
     s = Series("a", np.arange(60, dtype=np.float32), pd.Period("2024-01-01", "h"), "h")
@@ -120,6 +132,23 @@ def test_training_windows_short_series_and_partial_patches():
         assert 1 <= pad < 8
         last = ctx[~np.isnan(ctx)][-1]
         assert tgt[0] == last + 1  # the target starts right after the last observed value
+
+
+def test_scale_weighting_draws_large_series_in_proportion_to_their_scale():
+    """Two series with equal window counts, one 9x larger: with ``scale_weighting = w`` the
+    large one is drawn 9**w times as often (0: by window counts alone)."""
+    start = pd.Period("2024-01-01", "h")
+    small = Series("small", 1.0 + np.sin(np.arange(200, dtype=np.float32)), start, "h")
+    large = Series("large", 9.0 * (1.0 + np.sin(np.arange(200, dtype=np.float32))), start, "h")
+    data = SeriesDataset("d", [small, large], "h")
+
+    def share_of_large(w: float, n: int = 4000) -> float:
+        windows = TrainingWindows(data, context_length=32, horizon=16, scale_weighting=w)
+        return float(np.mean([windows.window_at(i)[1].max() > 2.5 for i in range(n)]))
+
+    assert share_of_large(0.0) == pytest.approx(0.5, abs=0.03)
+    assert share_of_large(1.0) == pytest.approx(0.9, abs=0.02)
+    assert share_of_large(0.5) == pytest.approx(0.75, abs=0.03)
 
 
 def test_linear_head_is_affine_in_the_normalized_context_and_absent_by_default():

@@ -117,10 +117,11 @@ def test_real_data_etth1():
     assert torch.isfinite(raw).all()
 
 
-@pytest.mark.parametrize("strategy", ["depth", "looped"])
-def test_short_history_equals_the_library_sampler(strategy):
-    """With at most context_length values, init + forecast is exactly the strategy's own forecast."""
-    strat, model = tiny(strategy)
+@pytest.mark.parametrize("strategy,location_window", [("depth", 0), ("looped", 0), ("depth", 6)])
+def test_short_history_equals_the_library_sampler(strategy, location_window):
+    """With at most context_length values, init + forecast is exactly the strategy's own forecast
+    (with a location window too: the stream's frozen location is the training one)."""
+    strat, model = tiny(strategy, location_window=location_window)
     schedule = strat.schedule(4)
     noise = torch.randn(2, 5, H)
     for n in (22, 24, 32):

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import yaml
 
-from tsdb.bench.tune import run_tune, training_config
+from tsdb.bench.tune import _key, run_tune, training_config
 from tsdb.bench.tune_spec import TuneSpec, merge, nest
 from tsdb.cli.main import main
 from tsdb.config import ExperimentConfig
@@ -31,6 +31,16 @@ def test_overrides_nest_and_merge():
         "model": {"a": 1, "b": 3}, "train": {"c": 4}}
     cfg = ExperimentConfig().with_overrides(model={"num_steps": 16, "sampler": "euler"})
     assert training_config(cfg).model == training_config(ExperimentConfig()).model
+
+
+def test_cache_keys_of_runs_made_before_scale_weighting_existed_are_kept():
+    """A run cached before ``train.scale_weighting`` existed (its dump lacks the field) is found
+    again at the field's default, and only there."""
+    dump = training_config(ExperimentConfig()).model_dump()
+    before = {**dump, "train": {k: v for k, v in dump["train"].items() if k != "scale_weighting"}}
+    assert _key(dump) == _key(before)
+    weighted = training_config(ExperimentConfig().with_overrides(train={"scale_weighting": 1.0})).model_dump()
+    assert _key(weighted) != _key(before)
 
 
 def test_tune_scores_on_validation_chooses_the_best_and_reuses_trials(tmp_path):

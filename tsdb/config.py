@@ -103,6 +103,10 @@ class ModelConfig(_Strict):
     # block, tsdb.nn.denoiser.LinearHead): the linear forecasters' inductive bias for the
     # highest-noise block, which at sigma_max is a pure point predictor
     linear_head: bool = False
+    # the normalization's location: the mean of the last location_window observed context
+    # values (0: of the whole context); a series whose level moves is forecast from its recent
+    # level rather than pulled back to its context's average. Not streamed or exported yet.
+    location_window: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _check_shapes(self) -> "ModelConfig":
@@ -114,6 +118,9 @@ class ModelConfig(_Strict):
                              f"{self.patch_length}")
         if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
             raise ValueError("d_model / n_heads must be an even integer (RoPE pairs)")
+        if self.location_window > self.context_length:
+            raise ValueError(f"location_window {self.location_window} must be at most context_length "
+                             f"{self.context_length}")
         if self.sigma_min >= self.sigma_max:
             raise ValueError("sigma_min must be below sigma_max")
         return self
@@ -129,6 +136,11 @@ class TrainConfig(_Strict):
     lr: float = Field(1e-3, gt=0.0)
     weight_decay: float = 0.01
     warmup_steps: int = Field(100, ge=0)
+    # series are drawn in proportion to their window count times (mean |value|) ** scale_weighting:
+    # 0 weighs every window alike (what MASE rewards); 1 matches a scale-weighted metric such as
+    # M4's CRPS (quantile losses summed over series, over the summed |target|), which a few
+    # large series decide
+    scale_weighting: float = Field(0.0, ge=0.0)
     grad_clip: float = 1.0
     schedule: Literal["sequential", "interleaved"] = "sequential"
     seed: int = 0

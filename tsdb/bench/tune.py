@@ -43,7 +43,7 @@ from pydantic import ValidationError
 from tsdb.bench.experiment import ExperimentSpec, build_task, run_baseline, torch_predictor
 from tsdb.bench.stats import bootstrap_blocks, metric_bootstrap
 from tsdb.bench.tune_spec import TuneSpec, merge, nest
-from tsdb.config import ExperimentConfig
+from tsdb.config import ExperimentConfig, ModelConfig, TrainConfig
 from tsdb.errors import TsdbError
 from tsdb.evaluation.peers import run_peer
 from tsdb.evaluation.tasks import EvalTask, evaluate_predictor
@@ -54,7 +54,21 @@ INFERENCE_FIELDS = ("num_steps", "sampler", "num_samples")
 FIGURES = ("crps", "mase", "mse", "mae", "coverage80")
 
 
+# config fields added after trials were first cached: at their defaults they change nothing
+# (a new field never changes what its default does), so they stay out of the cache keys and
+# the runs cached before them are found again
+NEWER_FIELDS = {"train": ("scale_weighting",), "model": ("location_window",)}
+SECTIONS = {"train": TrainConfig, "model": ModelConfig}
+
+
 def _key(data: dict) -> str:
+    """The cache key of a dumped config (sections ``model``, ``train``, ... plus extras)."""
+    def lean(section: str, values):
+        newer = NEWER_FIELDS.get(section, ())
+        if not isinstance(values, dict) or not newer:
+            return values
+        return {f: v for f, v in values.items() if f not in newer or v != SECTIONS[section].model_fields[f].default}
+    data = {section: lean(section, values) for section, values in data.items()}
     return hashlib.sha1(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

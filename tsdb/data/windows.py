@@ -50,6 +50,13 @@ def diffusion_draws(rng: np.random.Generator, horizon: int) -> np.ndarray:
     return np.concatenate([rng.random(1), rng.standard_normal(horizon)]).astype(np.float32)
 
 
+def series_scales(targets: list[np.ndarray]) -> np.ndarray:
+    """Mean |value| of every series (NaN ignored), floored at a millionth of the largest so
+    that a series of zeros keeps a small share."""
+    scales = np.array([np.nanmean(np.abs(t)) if np.isfinite(t).any() else 0.0 for t in targets])
+    return np.maximum(scales, 1e-6 * max(scales.max(), 1e-12))
+
+
 class PositionedStream(IterableDataset):
     """A seeded window stream that data-parallel processes share and a resumed run restarts
     at a position (what ``tsdb.training.resume.ResumableWindows`` asks of its windows).
@@ -97,8 +104,10 @@ class TrainingWindows(PositionedStream):
     workers split it by batch without changing it.
 
     Series are drawn with probability proportional to their number of admissible window
-    ends; a window needs at least ``min_context`` observed context points, and contexts
-    reaching before the series start are left-padded with NaN (masked in the model).
+    ends, times their scale (mean |value|) to the power ``scale_weighting`` (0: every window
+    alike; 1: as a scale-weighted metric weighs them); a window needs at least ``min_context``
+    observed context points, and contexts reaching before the series start are left-padded
+    with NaN (masked in the model).
 
     With probability ``partial_patch_prob`` the context ends inside its last patch: the last
     ``pad`` slots (1 <= pad < patch_length) are NaN and the target starts right after the
@@ -114,7 +123,7 @@ class TrainingWindows(PositionedStream):
     def __init__(self, dataset: SeriesDataset, context_length: int, horizon: int,
                  seed: int = 0, min_context: int | None = None, patch_length: int = 1,
                  partial_patch_prob: float = 0.0, rank: int = 0, world_size: int = 1,
-                 covariates: int = 0, draw_sets: int = 1):
+                 covariates: int = 0, draw_sets: int = 1, scale_weighting: float = 0.0):
         self.rank, self.world_size = rank, world_size
         self.draw_sets = draw_sets
         self.num_covariates = covariates
@@ -134,6 +143,8 @@ class TrainingWindows(PositionedStream):
             raise DataError(f"dataset '{dataset.name}': no series has {self.min_context + horizon} points "
                             f"(min context {self.min_context} + horizon {horizon}); use a shorter horizon or "
                             f"context")
+        if scale_weighting:
+            counts *= series_scales(self.targets) ** scale_weighting
         self.weights = counts / counts.sum()
 
     def window_at(self, index: int) -> tuple[np.ndarray, ...]:

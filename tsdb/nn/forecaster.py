@@ -17,7 +17,7 @@ SCALE_FLOOR = 1e-6     # relative: a std at most this share of |loc| counts as c
 SCALE_TINY = 1e-30     # absolute: below it float32 arithmetic loses the values
 
 
-def instance_stats(values: Tensor) -> tuple[Tensor, Tensor]:
+def instance_stats(values: Tensor, location_window: int = 0) -> tuple[Tensor, Tensor]:
     """NaN-aware mean and std over the last axis, ``[batch, 1]`` each, in ``values``' dtype.
 
     Summed in float64, so a context of huge values (1e30) does not overflow the variance.
@@ -25,6 +25,11 @@ def instance_stats(values: Tensor) -> tuple[Tensor, Tensor]:
     series of values around 1e-7 is scaled by its own std; a constant context gets
     ``min(|loc|, 1)`` (1 when it is all zero or missing), so it normalizes to zero and its
     intervals stay on its own scale.
+
+    ``location_window = k > 0``: the location is the mean of the last ``k`` observed values
+    instead (the whole context's where those are all missing); the scale is unchanged. A
+    model's output 0 then means "the recent level", not the context's average, which is
+    what a series whose level moves needs (the NLinear idea).
     """
     observed = ~torch.isnan(values)
     x = values.double()
@@ -34,6 +39,11 @@ def instance_stats(values: Tensor) -> tuple[Tensor, Tensor]:
     scale = var.sqrt()
     constant = torch.where(loc.abs() > SCALE_TINY, loc.abs().clamp_max(1.0), torch.ones_like(loc))
     scale = torch.where((scale > SCALE_FLOOR * loc.abs()) & (scale > SCALE_TINY), scale, constant)
+    if location_window:
+        seen = observed[..., -location_window:]
+        recent = torch.where(seen, x[..., -location_window:], torch.zeros_like(x[..., -location_window:]))
+        k = seen.sum(-1, keepdim=True)
+        loc = torch.where(k > 0, recent.sum(-1, keepdim=True) / k.clamp_min(1), loc)
     return loc.to(values.dtype), scale.to(values.dtype)
 
 
@@ -88,12 +98,14 @@ def with_covariates(features: Tensor, covariates: Tensor) -> CovariateFeatures:
 class DiffusionForecaster(nn.Module):
     """B ``BlockDenoiser``s; block i (0 = input side) owns the i-th highest noise band.
 
-    ``edges`` are the ascending, un-widened band edges used to route a sigma to its block.
+    ``edges`` are the ascending, un-widened band edges used to route a sigma to its block;
+    ``location_window``: see :func:`instance_stats` (0: the context's mean).
     """
 
     def __init__(self, blocks: list[BlockDenoiser], edges: Tensor,
-                 noise: NoiseDistribution, precond: Preconditioning):
+                 noise: NoiseDistribution, precond: Preconditioning, location_window: int = 0):
         super().__init__()
+        self.location_window = location_window
         if len(edges) != len(blocks) + 1:
             raise ValueError(f"{len(blocks)} blocks need {len(blocks) + 1} band edges, got {len(edges)}")
         self.blocks = nn.ModuleList(blocks)
@@ -122,7 +134,7 @@ class DiffusionForecaster(nn.Module):
         ``[b, n_cov, C + H]`` (a model with ``num_covariates > 0`` needs them), ``features``
         is a ``CovariateFeatures``; without, the context features ``[b, C, 2]``.
         """
-        loc, scale = instance_stats(context)
+        loc, scale = instance_stats(context, self.location_window)
         features = context_features(context, loc, scale)
         if covariates is not None:
             check_covariates(covariates, context, self.num_covariates, self.horizon)

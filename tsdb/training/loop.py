@@ -227,7 +227,8 @@ def train_model(cfg: ExperimentConfig, dataset: SeriesDataset | None, run_dir: s
         windows = TrainingWindows(dataset, cfg.model.context_length, cfg.model.horizon, seed=cfg.train.seed,
                                   patch_length=cfg.model.patch_length,
                                   partial_patch_prob=cfg.model.partial_patch_prob,
-                                  covariates=cfg.model.num_covariates, draw_sets=strategy.draw_sets)
+                                  covariates=cfg.model.num_covariates, draw_sets=strategy.draw_sets,
+                                  scale_weighting=cfg.train.scale_weighting)
     with graceful_signals():     # SIGTERM/SIGINT: stop at a step boundary with a checkpoint
         if cfg.train.schedule == "interleaved" and len(units) > 1:
             summary = _train_interleaved(units, windows, cfg.train, run_dir)

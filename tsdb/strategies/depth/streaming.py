@@ -226,7 +226,7 @@ def _init_equal(model: DiffusionForecaster, history: Tensor, cov: Tensor | None 
     b, t = history.shape
     p = model.blocks[0].shape.patch_length
     w, r = window_tokens(model), init_tokens(model)
-    loc, scale = instance_stats(align_history(history, p, w, w))   # the last C values, as in training
+    loc, scale = instance_stats(align_history(history, p, w, w), model.location_window)  # as in training
     values = align_history(history, p, w, r)
     n = values.shape[1] // p
     cov_state = {}
@@ -404,7 +404,7 @@ def recompute_forecast(model: DiffusionForecaster, history: Tensor, noise: Tenso
         values = align_history(full, p, w, 1 << 40)
     n = values.shape[1] // p
     if loc is None or scale is None:
-        loc, scale = instance_stats(values[:, -w * p:])
+        loc, scale = instance_stats(values[:, -w * p:], model.location_window)
     if pending:
         tail = history.new_full((history.shape[0], p), float("nan"))
         tail[:, :pending] = history[:, -pending:]

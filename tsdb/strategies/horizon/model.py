@@ -64,6 +64,7 @@ class HorizonForecaster(nn.Module):
     num_covariates = DiffusionForecaster.num_covariates
     prepare = DiffusionForecaster.prepare
     encode = DiffusionForecaster.encode
+    location_window = 0   # centred on the context mean (HorizonStrategy refuses a location window)
 
     def __init__(self, blocks: list[BlockDenoiser], noise: NoiseDistribution, precond: Preconditioning):
         super().__init__()
