@@ -17,6 +17,12 @@ SCALE_FLOOR = 1e-6     # relative: a std at most this share of |loc| counts as c
 SCALE_TINY = 1e-30     # absolute: below it float32 arithmetic loses the values
 
 
+def _observed_mean(x: Tensor, observed: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean of the observed entries over the last axis (0 where none is) and their count."""
+    n = observed.sum(-1, keepdim=True)
+    return torch.where(observed, x, torch.zeros_like(x)).sum(-1, keepdim=True) / n.clamp_min(1), n
+
+
 def instance_stats(values: Tensor, location_window: int = 0) -> tuple[Tensor, Tensor]:
     """NaN-aware mean and std over the last axis, ``[batch, 1]`` each, in ``values``' dtype.
 
@@ -33,17 +39,14 @@ def instance_stats(values: Tensor, location_window: int = 0) -> tuple[Tensor, Te
     """
     observed = ~torch.isnan(values)
     x = values.double()
-    n = observed.sum(-1, keepdim=True).clamp_min(1)
-    loc = torch.where(observed, x, torch.zeros_like(x)).sum(-1, keepdim=True) / n
-    var = torch.where(observed, (x - loc) ** 2, torch.zeros_like(x)).sum(-1, keepdim=True) / n
+    loc, _ = _observed_mean(x, observed)
+    var, _ = _observed_mean((x - loc) ** 2, observed)
     scale = var.sqrt()
     constant = torch.where(loc.abs() > SCALE_TINY, loc.abs().clamp_max(1.0), torch.ones_like(loc))
     scale = torch.where((scale > SCALE_FLOOR * loc.abs()) & (scale > SCALE_TINY), scale, constant)
     if location_window:
-        seen = observed[..., -location_window:]
-        recent = torch.where(seen, x[..., -location_window:], torch.zeros_like(x[..., -location_window:]))
-        k = seen.sum(-1, keepdim=True)
-        loc = torch.where(k > 0, recent.sum(-1, keepdim=True) / k.clamp_min(1), loc)
+        recent, seen = _observed_mean(x[..., -location_window:], observed[..., -location_window:])
+        loc = torch.where(seen > 0, recent, loc)
     return loc.to(values.dtype), scale.to(values.dtype)
 
 
