@@ -193,6 +193,7 @@ def test_forecast_settings_follow_the_data():
     lines = []
     long = choose_config(dataset(3, 2000, "h", 24), 48, log=lines.append).model
     assert (long.patch_length, long.horizon, long.context_length) == (16, 48, 336)   # 14 days of hours
+    assert long.location_window == 24    # centred on the last day
     assert choose_config(dataset(3, 2000, "h", 24), 48, log=lines.append).train.steps_per_block == 500
     assert choose_config(dataset(100, 2000, "h", 24), 48, log=lines.append).train.steps_per_block == 2000
     assert any("season length 24" in line for line in lines)
@@ -200,6 +201,8 @@ def test_forecast_settings_follow_the_data():
     assert (short.patch_length, short.context_length) == (8, 96)     # 150 - 2 x 24 points, in whole patches
     monthly = choose_config(dataset(5, 100, "M", 12), 18, log=lines.append).model
     assert (monthly.patch_length, monthly.horizon, monthly.context_length) == (6, 18, 60)
+    assert monthly.location_window == 12
+    assert choose_config(dataset(2, 400, "Y", 1), 4, log=lines.append).model.location_window == 0   # no season
     assert choose_config(dataset(2, 400, "D", 7), 10, log=lines.append).model.patch_length == 2
     prime = choose_config(dataset(2, 400, "D", 7), 11, log=lines.append).model
     assert (prime.patch_length, prime.horizon) == (3, 12)    # 3 or 2 do not divide 11: rounded up, not patch 1

@@ -579,10 +579,11 @@ def test_streaming_bench_smoke(tmp_path):
     assert "ORT streaming" in (tmp_path / "report.md").read_text()
 
 
-def test_a_model_with_a_location_window_is_refused_with_the_way_out(tmp_path):
+@pytest.mark.parametrize("field", ["location_window", "seasonal_prior"])
+def test_a_model_with_a_recent_anchor_is_refused_with_the_way_out(tmp_path, field):
     from tsdb.strategies.depth.export import export_model
 
-    strategy, model = randomized_model("depth", context_length=32, horizon=16, patch_length=8, location_window=8)
-    with pytest.raises(TsdbError, match="location_window = 8 cannot be exported yet.*forecast it with torch"):
+    strategy, model = randomized_model("depth", context_length=32, horizon=16, patch_length=8, **{field: 8})
+    with pytest.raises(TsdbError, match=f"{field} = 8 cannot be exported yet.*forecast it with torch"):
         export_model(model, strategy, tmp_path)
     assert not any(tmp_path.iterdir())

@@ -151,9 +151,10 @@ def test_bad_chunking_is_a_clear_error():
         get_strategy(ModelConfig(**TINY)).substeps(3)
 
 
-def test_horizon_strategy_refuses_a_location_window():
+@pytest.mark.parametrize("field", ["location_window", "seasonal_prior"])
+def test_horizon_strategy_refuses_a_recent_anchor(field):
     from tsdb.strategies import get_strategy
 
-    with pytest.raises(TsdbError, match="horizon strategy: model.location_window is not supported yet; set it to 0"):
+    with pytest.raises(TsdbError, match=f"horizon strategy: model.{field} is not supported yet; set it to 0"):
         get_strategy(ModelConfig(strategy="horizon", context_length=32, horizon=16, patch_length=4, n_blocks=2,
-                                 location_window=8))
+                                 **{field: 8}))

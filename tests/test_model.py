@@ -119,6 +119,31 @@ def test_location_window_is_the_recent_mean_and_leaves_the_scale():
         ModelConfig.model_validate(CFG.model_dump() | {"location_window": 40})
 
 
+def test_seasonal_prior_denoises_the_departure_from_last_season():
+    """Same weights and noise: a seasonal-prior model's samples are the plain model's moved by
+    (last season repeated - location); a target equal to last season normalizes to 0."""
+    from tsdb.nn.forecaster import seasonal_anchor
+
+    strategy = get_strategy(CFG)
+    plain = trained_like(strategy.build()).eval()
+    prior = get_strategy(ModelConfig.model_validate(CFG.model_dump() | {"seasonal_prior": 12})).build().eval()
+    prior.load_state_dict(plain.state_dict())
+    ctx = torch.randn(3, 32) * 5 + 50
+    ctx[1, -3] = float("nan")      # a missing value of last season: the location stands in
+    loc, _ = instance_stats(ctx)
+    anchor = seasonal_anchor(ctx, loc, 12, 16)
+    assert anchor[0].tolist() == pytest.approx(ctx[0, -12:].tolist() + ctx[0, -12:-8].tolist())
+    assert anchor[1, 9].item() == pytest.approx(loc[1, 0].item())
+    noise = torch.randn(3, 4, 16)
+    a = plain.sample(ctx, 4, strategy.schedule(4), noise=noise)
+    b = prior.sample(ctx, 4, strategy.schedule(4), noise=noise)
+    torch.testing.assert_close(b - a, (anchor - loc)[:, None, :].expand_as(a), atol=1e-3, rtol=1e-4)
+    _, y, observed, _, _ = prior.prepare(ctx, anchor)
+    assert y.abs().max().item() < 1e-5 and observed.all()
+    with pytest.raises(ValueError, match="seasonal_prior 40 must be at most context_length 32"):
+        ModelConfig.model_validate(CFG.model_dump() | {"seasonal_prior": 40})
+
+
 def test_training_windows_short_series_and_partial_patches():
     rng = np.random.default_rng(0)
     s = Series("a", np.arange(60, dtype=np.float32), pd.Period("2024-01-01", "h"), "h")

@@ -209,3 +209,9 @@ def test_streamed_steps_go_to_the_block_of_the_schedule(p_mean):
         calls.clear()
         st.forecast(model, state, torch.randn(1, 2, H), strat.schedule(k), sampler="heun")
         assert calls == expected_calls(4, k, "heun")
+
+
+def test_a_seasonal_prior_model_is_refused_with_the_way_out():
+    _, model = tiny("depth", seasonal_prior=8)
+    with pytest.raises(TsdbError, match="seasonal_prior = 8 cannot be streamed yet.*DiffusionForecaster.sample"):
+        st.init_state(model, torch.randn(2, 40))

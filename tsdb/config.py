@@ -107,6 +107,11 @@ class ModelConfig(_Strict):
     # values (0: of the whole context); a series whose level moves is forecast from its recent
     # level rather than pulled back to its context's average. Not streamed or exported yet.
     location_window: int = Field(0, ge=0)
+    # denoise around a seasonal-naive prior (CARD/TMDM's point-forecast prior, the simplest
+    # one): the target is normalized relative to the last seasonal_prior observed context
+    # values repeated over the horizon, so an output of 0 means "as last season". 0: off.
+    # Not streamed or exported yet.
+    seasonal_prior: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _check_shapes(self) -> "ModelConfig":
@@ -118,9 +123,10 @@ class ModelConfig(_Strict):
                              f"{self.patch_length}")
         if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
             raise ValueError("d_model / n_heads must be an even integer (RoPE pairs)")
-        if self.location_window > self.context_length:
-            raise ValueError(f"location_window {self.location_window} must be at most context_length "
-                             f"{self.context_length}")
+        for field in ("location_window", "seasonal_prior"):
+            if getattr(self, field) > self.context_length:
+                raise ValueError(f"{field} {getattr(self, field)} must be at most context_length "
+                                 f"{self.context_length}")
         if self.sigma_min >= self.sigma_max:
             raise ValueError("sigma_min must be below sigma_max")
         return self

@@ -122,7 +122,8 @@ def run_forecast(csv: Path, horizon: int, out: Path, seed: int, spec: ForecastDe
               "cpu_seconds": timing["cpu_seconds"],
               "chosen": {"context_length": cfg.model.context_length, "patch_length": cfg.model.patch_length,
                          "horizon": cfg.model.horizon, "d_model": cfg.model.d_model, "n_layers": cfg.model.n_layers,
-                         "n_blocks": cfg.model.n_blocks, "steps_per_block": cfg.train.steps_per_block},
+                         "n_blocks": cfg.model.n_blocks, "steps_per_block": cfg.train.steps_per_block,
+                         "location_window": cfg.model.location_window},
               "validation": json.loads((out / "validation.json").read_text())["models"]}
     record_path.write_text(json.dumps(record, indent=2))
     return record
@@ -221,7 +222,9 @@ def write_report(results: dict, out: Path) -> Path:
         lines += [f"## {key}: {r['dataset']}, {r['series']} series, horizon {r['horizon']}", "",
                   f"Chosen by `tsdb forecast`: context {chosen['context_length']}, patch {chosen['patch_length']}, "
                   f"d_model {chosen['d_model']}, {chosen['n_layers']} layers in {chosen['n_blocks']} blocks, "
-                  f"{chosen['steps_per_block']} steps per block. CPU per run "
+                  f"{chosen['steps_per_block']} steps per block, windows centred on "
+                  + (f"their last {chosen['location_window']} points' mean" if chosen.get("location_window")
+                     else "their mean") + ". CPU per run "
                   f"{sp['cpu_seconds']['mean'] / 60:.1f} min (training, validation table, forecast).", "",
                   "| model | CRPS | MASE | MSE | coverage 80% | budget |", "|---|---|---|---|---|---|",
                   f"| tsdb forecast (defaults) | {sp['crps']['mean']:.4f} ± {sp['crps']['std']:.4f} | "

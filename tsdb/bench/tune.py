@@ -57,7 +57,7 @@ FIGURES = ("crps", "mase", "mse", "mae", "coverage80")
 # config fields added after trials were first cached: at their defaults they change nothing
 # (a new field never changes what its default does), so they stay out of the cache keys and
 # the runs cached before them are found again
-NEWER_FIELDS = {"train": ("scale_weighting",), "model": ("location_window",)}
+NEWER_FIELDS = {"train": ("scale_weighting",), "model": ("location_window", "seasonal_prior")}
 SECTIONS = {"train": TrainConfig, "model": ModelConfig}
 
 

@@ -78,6 +78,14 @@ def choose_steps(profile: DataProfile) -> int:
     return int(min(3000, max(500, round(profile.total_points / 100, -2))))
 
 
+def choose_location_window(profile: DataProfile, context: int) -> int:
+    """Centre each window on its last season's mean (``model.location_window``) when the data
+    has a season shorter than the context: validation CRPS 0.865 [0.827, 0.926] of the context
+    mean's on M4 Hourly and 0.987 [0.977, 0.999] on ETTh1 (``reports/tune-*-location``); a level
+    that moves is then forecast from where it is, not pulled back to the context's average."""
+    return profile.season_length if 1 < profile.season_length < context else 0
+
+
 def choose_config(dataset: SeriesDataset, horizon: int, steps: int | None = None, num_covariates: int = 0,
                   log: Callable[[str], None] = print) -> ExperimentConfig:
     """The depth-split model for ``dataset`` at ``horizon`` (``steps``: override the steps)."""
@@ -86,13 +94,16 @@ def choose_config(dataset: SeriesDataset, horizon: int, steps: int | None = None
     model_horizon = -(-horizon // patch) * patch
     context = choose_context(profile, patch)
     steps = steps or choose_steps(profile)
+    location = choose_location_window(profile, context)
     log(f"data: {profile.num_series} series, {profile.shortest}..{profile.median} (median) points, "
         f"{profile.total_points} in all, season length {profile.season_length}")
     log(f"patch {patch} ({model_horizon // patch} future tokens for horizon {horizon}); context {context} "
         f"points ({context // patch} tokens); {steps} steps per block")
+    log("windows centred on " + (f"their last season's mean ({location} points)" if location else "their mean"))
     return ExperimentConfig().with_overrides(
         model=dict(context_length=context, horizon=model_horizon, patch_length=patch, d_model=64, n_heads=4,
-                   n_layers=8, n_blocks=4, num_steps=8, num_covariates=num_covariates),
+                   n_layers=8, n_blocks=4, num_steps=8, num_covariates=num_covariates,
+                   location_window=location),
         train=dict(steps_per_block=steps, warmup_steps=min(100, steps // 5)))
 
 
@@ -174,5 +185,5 @@ def write_table(table: dict, windows: int, horizon: int, out: Path, log: Callabl
         log(line)
 
 
-__all__ = ["DataProfile", "choose_config", "choose_context", "choose_patch", "choose_steps",
+__all__ = ["DataProfile", "choose_config", "choose_context", "choose_location_window", "choose_patch", "choose_steps",
            "train_and_validate", "validation_task"]

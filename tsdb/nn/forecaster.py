@@ -50,6 +50,14 @@ def instance_stats(values: Tensor, location_window: int = 0) -> tuple[Tensor, Te
     return loc.to(values.dtype), scale.to(values.dtype)
 
 
+def seasonal_anchor(context: Tensor, loc: Tensor, period: int, horizon: int) -> Tensor:
+    """``[batch, horizon]``: the last ``period`` context values repeated over the horizon (the
+    seasonal-naive forecast), ``loc`` ``[batch, 1]`` where one of them is missing."""
+    last = context[..., -period:]
+    last = torch.where(torch.isnan(last), loc.expand_as(last), last)
+    return last.repeat(1, -(-horizon // period))[..., :horizon]
+
+
 def context_features(values: Tensor, loc: Tensor, scale: Tensor) -> Tensor:
     """``[batch, C]`` raw values (NaN = missing) -> ``[batch, C, 2]`` (normalized value, observed)."""
     observed = ~torch.isnan(values)
@@ -102,13 +110,16 @@ class DiffusionForecaster(nn.Module):
     """B ``BlockDenoiser``s; block i (0 = input side) owns the i-th highest noise band.
 
     ``edges`` are the ascending, un-widened band edges used to route a sigma to its block;
-    ``location_window``: see :func:`instance_stats` (0: the context's mean).
+    ``location_window``: see :func:`instance_stats` (0: the context's mean);
+    ``seasonal_prior`` = s > 0: targets are denoised relative to the last s context values
+    repeated (:func:`seasonal_anchor`), so the blocks model the departure from seasonal naive.
     """
 
-    def __init__(self, blocks: list[BlockDenoiser], edges: Tensor,
-                 noise: NoiseDistribution, precond: Preconditioning, location_window: int = 0):
+    def __init__(self, blocks: list[BlockDenoiser], edges: Tensor, noise: NoiseDistribution,
+                 precond: Preconditioning, location_window: int = 0, seasonal_prior: int = 0):
         super().__init__()
         self.location_window = location_window
+        self.seasonal_prior = seasonal_prior
         if len(edges) != len(blocks) + 1:
             raise ValueError(f"{len(blocks)} blocks need {len(blocks) + 1} band edges, got {len(edges)}")
         self.blocks = nn.ModuleList(blocks)
@@ -132,8 +143,10 @@ class DiffusionForecaster(nn.Module):
                 covariates: Tensor | None = None):
         """Normalize a raw batch with context statistics (``draws`` pass through untouched).
 
-        Returns ``(features, target_normalized, target_observed, loc, scale)``; NaN targets
-        become 0 with observed mask 0 so they carry no loss. With ``covariates``
+        Returns ``(features, target_normalized, target_observed, anchor, scale)``: the target
+        is ``(target - anchor) / scale``, ``anchor`` being the location ``[b, 1]`` or, with a
+        seasonal prior, the seasonal-naive forecast ``[b, H]``. NaN targets become 0 with
+        observed mask 0 so they carry no loss. With ``covariates``
         ``[b, n_cov, C + H]`` (a model with ``num_covariates > 0`` needs them), ``features``
         is a ``CovariateFeatures``; without, the context features ``[b, C, 2]``.
         """
@@ -142,11 +155,12 @@ class DiffusionForecaster(nn.Module):
         if covariates is not None:
             check_covariates(covariates, context, self.num_covariates, self.horizon)
             features = with_covariates(features, covariates)
+        anchor = seasonal_anchor(context, loc, self.seasonal_prior, self.horizon) if self.seasonal_prior else loc
         if target is None:
-            return features, None, None, loc, scale
+            return features, None, None, anchor, scale
         observed = ~torch.isnan(target)
-        y = torch.where(observed, (target - loc) / scale, torch.zeros_like(target))
-        return features, y, observed.to(target.dtype), loc, scale
+        y = torch.where(observed, (target - anchor) / scale, torch.zeros_like(target))
+        return features, y, observed.to(target.dtype), anchor, scale
 
     def encode(self, features: Tensor) -> list[ContextEncoding]:
         return [block.encode_context(features) for block in self.blocks]
@@ -179,7 +193,7 @@ class DiffusionForecaster(nn.Module):
         if noise is None:
             noise = torch.randn(n, num_samples, self.horizon, generator=generator,
                                 device=context.device, dtype=context.dtype)
-        features, _, _, loc, scale = self.prepare(context, covariates=covariates)
+        features, _, _, anchor, scale = self.prepare(context, covariates=covariates)
         sigmas = schedule.sigmas.to(context.device)
         out = torch.empty_like(noise)
         per_chunk = max(1, max_batch // num_samples)
@@ -188,4 +202,4 @@ class DiffusionForecaster(nn.Module):
             # [series, samples, H]: the samples of a series share its context encoding
             x = noise[sl] * sigmas[0]
             out[sl] = SAMPLERS[sampler](self.denoisers(self.encode(features[sl])), x, sigmas, schedule.blocks)
-        return out * scale[:, :, None] + loc[:, :, None]
+        return out * scale[:, :, None] + anchor[:, None, :]

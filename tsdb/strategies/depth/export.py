@@ -44,9 +44,10 @@ def export_model(model: DiffusionForecaster, strategy, out_dir: str | Path, samp
     """
     if not isinstance(model, DiffusionForecaster):
         raise TsdbError(f"this export needs a DiffusionForecaster; got {type(model).__name__}")
-    if model.location_window:
-        raise TsdbError(f"a model with model.location_window = {model.location_window} cannot be exported yet "
-                        "(the streaming runtime normalizes by the context mean); forecast it with torch")
+    for field in ("location_window", "seasonal_prior"):
+        if getattr(model, field):
+            raise TsdbError(f"a model with model.{field} = {getattr(model, field)} cannot be exported yet "
+                            "(the streaming runtime normalizes by the context mean); forecast it with torch")
     sampler = sampler or strategy.sampler
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

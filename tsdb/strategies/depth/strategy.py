@@ -44,7 +44,8 @@ class DepthStrategy(Strategy):
     def build(self) -> DiffusionForecaster:
         shape = denoiser_shape(self.cfg, self.cfg.n_layers // self.num_blocks)
         blocks = [BlockDenoiser(shape) for _ in range(self.num_blocks)]
-        return DiffusionForecaster(blocks, self.edges(), self.noise, self.precond, self.cfg.location_window)
+        return DiffusionForecaster(blocks, self.edges(), self.noise, self.precond, self.cfg.location_window,
+                                   self.cfg.seasonal_prior)
 
     def units(self, model: DiffusionForecaster) -> list[TrainUnit]:
         bands = block_bands(model.edges, self.cfg.gamma, self.noise)

@@ -113,6 +113,9 @@ class StreamingState(BatchedState):
 def _check_model(model: DiffusionForecaster) -> None:
     if not isinstance(model, DiffusionForecaster):
         raise TsdbError(f"this streaming state machine needs a DiffusionForecaster; got {type(model).__name__}")
+    if model.seasonal_prior:
+        raise TsdbError(f"a model with model.seasonal_prior = {model.seasonal_prior} cannot be streamed yet (the "
+                        "state keeps no seasonal-naive anchor); forecast it with DiffusionForecaster.sample")
 
 
 # ---------------------------------------------------------------------------------------

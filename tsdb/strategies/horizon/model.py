@@ -64,7 +64,8 @@ class HorizonForecaster(nn.Module):
     num_covariates = DiffusionForecaster.num_covariates
     prepare = DiffusionForecaster.prepare
     encode = DiffusionForecaster.encode
-    location_window = 0   # centred on the context mean (HorizonStrategy refuses a location window)
+    location_window = 0   # centred on the context mean (HorizonStrategy refuses a location window
+    seasonal_prior = 0    # and a seasonal prior)
 
     def __init__(self, blocks: list[BlockDenoiser], noise: NoiseDistribution, precond: Preconditioning):
         super().__init__()

@@ -50,8 +50,9 @@ class HorizonStrategy(Strategy):
         if h % b or (h // b) % p:
             raise TsdbError(f"horizon strategy: horizon {h} must split into n_blocks={b} chunks whose length "
                             f"is a multiple of patch_length {p}; use a horizon that is a multiple of {b * p}")
-        if cfg.location_window:
-            raise TsdbError("horizon strategy: model.location_window is not supported yet; set it to 0")
+        for field in ("location_window", "seasonal_prior"):
+            if getattr(cfg, field):
+                raise TsdbError(f"horizon strategy: model.{field} is not supported yet; set it to 0")
         if cfg.n_layers % b:
             raise TsdbError(f"horizon strategy: n_layers {cfg.n_layers} must be divisible by n_blocks {b}")
         if cfg.context_length < h:

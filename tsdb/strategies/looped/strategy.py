@@ -93,7 +93,8 @@ class LoopedStrategy(DepthStrategy):
 
     def build(self) -> DiffusionForecaster:
         core = LoopedDenoiser(denoiser_shape(self.cfg, self.core_layers), self.cfg.n_layers - self.core_layers)
-        return DiffusionForecaster([core], self.edges(), self.noise, self.precond, self.cfg.location_window)
+        return DiffusionForecaster([core], self.edges(), self.noise, self.precond, self.cfg.location_window,
+                                   self.cfg.seasonal_prior)
 
     def forecast(self, model, context, num_samples, num_steps=None, noise=None, generator=None, covariates=None):
         """K Euler steps = K applications of the core."""
