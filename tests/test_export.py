@@ -579,11 +579,32 @@ def test_streaming_bench_smoke(tmp_path):
     assert "ORT streaming" in (tmp_path / "report.md").read_text()
 
 
-@pytest.mark.parametrize("field", ["location_window", "seasonal_prior"])
-def test_a_model_with_a_recent_anchor_is_refused_with_the_way_out(tmp_path, field):
+def test_a_model_with_a_seasonal_prior_is_refused_with_the_way_out(tmp_path):
     from tsdb.strategies.depth.export import export_model
 
-    strategy, model = randomized_model("depth", context_length=32, horizon=16, patch_length=8, **{field: 8})
-    with pytest.raises(TsdbError, match=f"{field} = 8 cannot be exported yet.*forecast it with torch"):
+    strategy, model = randomized_model("depth", context_length=32, horizon=16, patch_length=8, seasonal_prior=8)
+    with pytest.raises(TsdbError, match="seasonal_prior = 8 cannot be exported yet.*forecast it with torch"):
         export_model(model, strategy, tmp_path)
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.slow   # its own ONNX export (tens of seconds)
+def test_runtime_matches_pytorch_streaming_with_a_location_window(tmp_path_factory):
+    """A window centred on its recent level (what `tsdb forecast` chooses for seasonal data)
+    exports with its own rule; the runtime's frozen location is the torch stream's, and a
+    runtime-side metadata edit that drops the window is refused."""
+    strat, model, out = export_tiny(tmp_path_factory, "depth", location_window=6)
+    norm = load_metadata(out)["normalization"]
+    assert (norm["rule"], norm["location_window"]) == ("frozen-at-init-recent-location", 6)
+    check_runtime_parity(strat, model, out)
+    history = (np.arange(40, dtype=np.float32) * 3.0 + 5)[None]
+    f = rt.StreamingForecaster(out, refresh="none")
+    f.update(["s"], list(history))
+    torch_loc = st.init_state(model, torch.from_numpy(history)).loc
+    assert f.loc[f._slots(["s"])[0], 0] == pytest.approx(torch_loc.item())
+    assert torch_loc.item() == pytest.approx(float(history[0, -6:].mean()))   # the last 6 values, not all 40
+    meta = json.loads((out / "tsdb_model.json").read_text())
+    del meta["normalization"]["location_window"]
+    (out / "tsdb_model.json").write_text(json.dumps(meta))
+    with pytest.raises(rt.StreamingError, match="recent-location.*location_window 0"):
+        rt.StreamingForecaster(out)

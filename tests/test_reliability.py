@@ -178,14 +178,17 @@ def test_a_failed_export_leaves_the_earlier_one_and_no_partial_folder(tiny_run, 
     assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "model.pt", "onnx"]
 
 
-def test_runtime_normalisation_matches_torch():
-    """The runtime's numpy statistics follow tsdb.nn.instance_stats: relative floor, float64 sums."""
+@pytest.mark.parametrize("location_window", [0, 5])
+def test_runtime_normalisation_matches_torch(location_window):
+    """The runtime's numpy statistics follow tsdb.nn.instance_stats: relative floor, float64 sums,
+    the recent location (the last row's last 5 values are missing: the whole mean stands in)."""
     from tsdb.cli.stream import import_runtime
     import_runtime()
     from tsdb_streaming.numerics import instance_stats as runtime_stats
     rows = np.array([10 + np.sin(np.arange(32.0)), 1e-7 * (1 + 0.1 * np.sin(np.arange(32.0))), np.full(32, 5e-8),
-                     np.r_[np.full(31, 100.0), 1e20]], dtype=np.float32)
-    loc, scale = instance_stats(torch.from_numpy(rows))
+                     np.r_[np.full(31, 100.0), 1e20], np.r_[np.arange(27.0), np.full(5, np.nan)]], dtype=np.float32)
+    loc, scale = instance_stats(torch.from_numpy(rows), location_window)
     with np.errstate(all="ignore"):
-        rt_loc, rt_scale = runtime_stats(rows)
+        rt_loc, rt_scale = runtime_stats(rows, location_window)
+    assert rt_loc[-1, 0] == pytest.approx(13.0)
     assert np.allclose(rt_loc, loc.numpy(), rtol=1e-5) and np.allclose(rt_scale, scale.numpy(), rtol=1e-5)

@@ -105,7 +105,8 @@ class ModelConfig(_Strict):
     linear_head: bool = False
     # the normalization's location: the mean of the last location_window observed context
     # values (0: of the whole context); a series whose level moves is forecast from its recent
-    # level rather than pulled back to its context's average. Not streamed or exported yet.
+    # level rather than pulled back to its context's average. Depth, e2e and looped models
+    # stream and export it; the horizon strategy refuses it.
     location_window: int = Field(0, ge=0)
     # denoise around a seasonal-naive prior (CARD/TMDM's point-forecast prior, the simplest
     # one): the target is normalized relative to the last seasonal_prior observed context

@@ -17,6 +17,9 @@ from .registry import format_class
 
 METADATA_FILE = "tsdb_model.json"
 # keys every format's metadata has (a format adds its own)
+# frozen-at-init: loc/scale = mean/std of the last context_length values when a series starts;
+# the -recent-location variant takes loc from the last normalization.location_window of them
+NORMALIZATION_RULES = ("frozen-at-init", "frozen-at-init-recent-location")
 COMMON_KEYS = ("strategy", "shapes", "sigma_data", "normalization", "graphs", "sampler", "model_id")
 SAMPLERS = ("euler", "heun")
 
@@ -60,7 +63,7 @@ def check_common(model_dir: Path, path: Path, meta: dict, version: int, keys: Se
         raise StreamingError(f"{path}: missing keys {missing}; re-export the model")
     try:
         rule = meta["normalization"].get("rule")
-        if rule != "frozen-at-init":
+        if rule not in NORMALIZATION_RULES:
             raise StreamingError(f"{path}: unknown normalization rule {rule!r}")
         if meta["sampler"] not in SAMPLERS:
             raise StreamingError(f"{path}: unknown sampler {meta['sampler']!r} (known: {list(SAMPLERS)})")

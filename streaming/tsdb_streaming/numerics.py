@@ -21,20 +21,29 @@ SCALE_FLOOR = 1e-6     # relative: a std at most this share of |loc| counts as c
 SCALE_TINY = 1e-30     # absolute: below it float32 arithmetic loses the values
 
 
-def instance_stats(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _observed_mean(x: np.ndarray, observed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean of the observed entries over the last axis (0 where none is) and their count."""
+    n = observed.sum(-1, keepdims=True)
+    return np.where(observed, x, 0.0).sum(-1, keepdims=True) / np.maximum(n, 1), n
+
+
+def instance_stats(values: np.ndarray, location_window: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """NaN-aware mean/std over the last axis, ``[batch, 1]`` float32, summed in float64 (so
     huge values do not overflow the variance). A std above ``SCALE_FLOOR * |loc|`` is kept (a
     series around 1e-7 is scaled by its own std); a constant context gets ``min(|loc|, 1)``
-    (1 when all zero or missing)."""
+    (1 when all zero or missing). ``location_window = k > 0``: the location is the mean of the
+    last ``k`` observed values (the whole context's where those are all missing)."""
     observed = ~np.isnan(values)
     x = values.astype(np.float64)
-    n = np.maximum(observed.sum(-1, keepdims=True), 1)
-    loc = np.where(observed, x, 0.0).sum(-1, keepdims=True) / n
+    loc, _ = _observed_mean(x, observed)
     with np.errstate(over="ignore", invalid="ignore"):
-        var = np.where(observed, (x - loc) ** 2, 0.0).sum(-1, keepdims=True) / n
+        var, _ = _observed_mean((x - loc) ** 2, observed)
     scale = np.sqrt(var)
     constant = np.where(np.abs(loc) > SCALE_TINY, np.minimum(np.abs(loc), 1.0), 1.0)
     scale = np.where((scale > SCALE_FLOOR * np.abs(loc)) & (scale > SCALE_TINY), scale, constant)
+    if location_window:
+        recent, seen = _observed_mean(x[..., -location_window:], observed[..., -location_window:])
+        loc = np.where(seen > 0, recent, loc)
     return loc.astype(np.float32), scale.astype(np.float32)
 
 

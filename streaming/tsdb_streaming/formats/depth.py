@@ -56,8 +56,15 @@ class DepthStreamingForecaster(StreamingForecaster):
                 raise StreamingError(f"{path}: a schedule needs one block in [0, {nb}) per step")
         if sh["horizon"] % sh["patch_length"]:
             raise StreamingError(f"{path}: inconsistent shapes {sh}")
+        norm = meta["normalization"]
+        k = norm.get("location_window", 0)
+        recent = norm["rule"] == "frozen-at-init-recent-location"
+        if recent != bool(k) or not isinstance(k, int) or not 0 <= k <= sh["context_length"]:
+            raise StreamingError(f"{path}: normalization rule {norm['rule']!r} with location_window {k!r} "
+                                 f"(a recent-location rule needs one in 1..{sh['context_length']})")
 
     def _configure(self, meta: dict) -> None:
+        self.location_window = int(meta["normalization"].get("location_window", 0))
         self.sigmas = np.asarray(meta["sigmas"], dtype=np.float32)
         self.step_blocks = [int(i) for i in meta["step_blocks"]]
 
@@ -127,7 +134,7 @@ class DepthStreamingForecaster(StreamingForecaster):
             s = slots[js]
             aligned = np.stack([align(histories[j], p, n, n) for j in js])
             stats = np.stack([align(histories[j], p, w, w) for j in js])
-            loc, scale = instance_stats(stats)
+            loc, scale = instance_stats(stats, self.location_window)   # as tsdb's training did
             self._guard(s, aligned, loc, scale)
             if covs is None:
                 feats = features(aligned, loc, scale, p)

@@ -65,6 +65,8 @@ class HorizonStreamingForecaster(StreamingForecaster):
             raise StreamingError(f"{path}: roll_sigmas must be {meta['substeps'] + 1} rows of {h} positive sigmas")
         if meta["last_substep"] != "euler":
             raise StreamingError(f"{path}: unknown last_substep {meta['last_substep']!r}")
+        if meta["normalization"]["rule"] != "frozen-at-init":
+            raise StreamingError(f"{path}: the horizon format takes only the frozen-at-init normalization rule")
 
     def _configure(self, meta: dict) -> None:
         self.n_blocks = int(meta["shapes"]["n_blocks"])

@@ -15,7 +15,7 @@ from torch import nn
 from tsdb.errors import TsdbError
 from tsdb.export.onnx import TraceExamples, base_metadata, export_graph, export_update_graph, write_metadata
 from tsdb.nn.forecaster import DiffusionForecaster
-from tsdb.strategies.depth.streaming import NORMALIZATION_RULE, denoise_step
+from tsdb.strategies.depth.streaming import NORMALIZATION_RULE, RECENT_LOCATION_RULE, denoise_step
 
 FORMAT = "tsdb-streaming-onnx"
 FORMAT_VERSION = 2  # 2: the block of each step comes with the grid (schedules)
@@ -44,10 +44,9 @@ def export_model(model: DiffusionForecaster, strategy, out_dir: str | Path, samp
     """
     if not isinstance(model, DiffusionForecaster):
         raise TsdbError(f"this export needs a DiffusionForecaster; got {type(model).__name__}")
-    for field in ("location_window", "seasonal_prior"):
-        if getattr(model, field):
-            raise TsdbError(f"a model with model.{field} = {getattr(model, field)} cannot be exported yet "
-                            "(the streaming runtime normalizes by the context mean); forecast it with torch")
+    if model.seasonal_prior:
+        raise TsdbError(f"a model with model.seasonal_prior = {model.seasonal_prior} cannot be exported yet "
+                        "(the streaming runtime keeps no seasonal-naive anchor); forecast it with torch")
     sampler = sampler or strategy.sampler
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -99,7 +98,7 @@ def export_model(model: DiffusionForecaster, strategy, out_dir: str | Path, samp
         "schedules": schedules,
         "band_edges": [float(e) for e in model.edges.tolist()],
         "normalization": {
-            "rule": NORMALIZATION_RULE,
+            "rule": RECENT_LOCATION_RULE if model.location_window else NORMALIZATION_RULE,
             "stats_window": shape.context_length,
             "scale_floor": 1e-6,
             "description": ("loc/scale = NaN-aware mean/std (population, summed in float64) of the last "
@@ -110,6 +109,10 @@ def export_model(model: DiffusionForecaster, strategy, out_dir: str | Path, samp
                             "last init_tokens * patch_length raw values."),
         },
     })
+    if model.location_window:
+        meta["normalization"]["location_window"] = model.location_window
+        meta["normalization"]["description"] += (" loc is instead the NaN-aware mean of the last location_window "
+                                                  "of those values (the context's mean where all are missing).")
     if n_cov:
         meta["shapes"]["num_covariates"] = n_cov
         meta["normalization"]["covariates"] = (

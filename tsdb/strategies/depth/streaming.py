@@ -69,6 +69,9 @@ from tsdb.nn.layers import KV
 from tsdb.core.samplers import SAMPLERS
 
 NORMALIZATION_RULE = "frozen-at-init"
+# the same rule with the location at the mean of the last ``location_window`` values (its own
+# name, so a runtime that predates it refuses the export instead of centring it wrongly)
+RECENT_LOCATION_RULE = "frozen-at-init-recent-location"
 
 
 # ---------------------------------------------------------------------------------------
@@ -437,6 +440,6 @@ def recompute_forecast(model: DiffusionForecaster, history: Tensor, noise: Tenso
     return y * scale[:, :, None] + loc[:, :, None]
 
 
-__all__ = ["NORMALIZATION_RULE", "StreamingState", "denoise_step", "encode_tokens",
+__all__ = ["NORMALIZATION_RULE", "RECENT_LOCATION_RULE", "StreamingState", "denoise_step", "encode_tokens",
            "forecast", "future_covariates", "init_state", "init_tokens", "partial_kv", "recompute_forecast",
            "refresh", "update", "window_tokens", "state_encoding"]
