@@ -41,8 +41,11 @@ def test_datasets_lists_the_registry(capsys):
 def test_forecast_a_user_csv(tmp_path):
     csv = user_csv(tmp_path / "sales.csv")
     out = tmp_path / "fc"
-    tsdb("forecast", "--input", str(csv), "--item-id", "store", "--timestamp", "ts", "--target", "sales",
-         "--freq", "h", "--horizon", "12", "--out", str(out), "--steps", "3", "--num-samples", "20")
+    proc = tsdb("forecast", "--input", str(csv), "--item-id", "store", "--timestamp", "ts", "--target", "sales",
+                "--freq", "h", "--horizon", "12", "--out", str(out), "--steps", "3", "--num-samples", "20",
+                "--no-progress")
+    assert "windows centred on their last season's mean (24 points)" in proc.stdout
+    assert "it/s" not in proc.stdout + proc.stderr     # --no-progress: no training bars in a log
     table = pl.read_csv(out / "forecast.csv", try_parse_dates=True)
     assert table.columns == ["item_id", "timestamp", "mean"] + [f"q{q}" for q in
                                                                  (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)]

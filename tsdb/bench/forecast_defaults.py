@@ -22,7 +22,6 @@ the CSVs and runs go to ``--work`` (default ``runs/forecast-defaults``), never i
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -99,7 +98,7 @@ def run_forecast(csv: Path, horizon: int, out: Path, seed: int, spec: ForecastDe
                  log) -> dict:
     """One ``tsdb forecast`` run (reused when its forecast exists); its log is ``out.log``."""
     argv = [sys.executable, "-m", "tsdb.cli", "forecast", "--input", str(csv), "--item-id", "item_id",
-            "--horizon", str(horizon), "--out", str(out), "--seed", str(seed)]
+            "--horizon", str(horizon), "--out", str(out), "--seed", str(seed), "--no-progress"]
     if spec.num_samples != 100:
         argv += ["--num-samples", str(spec.num_samples)]
     if spec.steps:
@@ -114,7 +113,7 @@ def run_forecast(csv: Path, horizon: int, out: Path, seed: int, spec: ForecastDe
     from tsdb.evaluation.peers import clock
     timing: dict = {}
     with clock(timing, "run"), open(out.with_suffix(".log"), "w") as f:   # CPU time includes the child's
-        done = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "TQDM_DISABLE": "1"})
+        done = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT)
     if done.returncode:
         raise RuntimeError(f"tsdb forecast failed (exit {done.returncode}); see {out.with_suffix('.log')}")
     cfg = ExperimentConfig.from_yaml(out / "run" / "config.yaml")

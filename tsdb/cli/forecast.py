@@ -165,6 +165,7 @@ def _trained_samples(args, data: SeriesDataset, futures, cfg: ExperimentConfig, 
         fingerprint = preflight.input_fingerprint(args)
         preflight.check_reuse(out / "run", fingerprint)
         preflight.record_training_data(out / "run", fingerprint | {"held_out": args.horizon})
+        cfg.train.progress = not getattr(args, "no_progress", False)
         strategy, model, _ = train_and_validate(cfg, data, args.horizon, out / "run", out, args.num_samples)
     return sample_dataset(strategy, model, data, cfg.model.context_length, args.num_samples, cfg.train.seed,
                           futures)

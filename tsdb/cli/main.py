@@ -269,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--covariates", default=None,
                    help="comma-separated known-future covariate columns; after each series' last observed "
                         "target the table holds >= --horizon rows with them given and the target empty")
+    s.add_argument("--no-progress", action="store_true", help="no training progress bars (logs, CI)")
     data_flags(s)
     s.set_defaults(func=cmd_forecast)
 
