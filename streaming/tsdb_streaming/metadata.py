@@ -19,7 +19,8 @@ METADATA_FILE = "tsdb_model.json"
 # keys every format's metadata has (a format adds its own)
 # frozen-at-init: loc/scale = mean/std of the last context_length values when a series starts;
 # the -recent-location variant takes loc from the last normalization.location_window of them
-NORMALIZATION_RULES = ("frozen-at-init", "frozen-at-init-recent-location")
+FROZEN_AT_INIT, RECENT_LOCATION = "frozen-at-init", "frozen-at-init-recent-location"
+NORMALIZATION_RULES = (FROZEN_AT_INIT, RECENT_LOCATION)
 COMMON_KEYS = ("strategy", "shapes", "sigma_data", "normalization", "graphs", "sampler", "model_id")
 SAMPLERS = ("euler", "heun")
 

@@ -27,6 +27,7 @@ import numpy as np
 
 from ..core import DEFAULT_QUANTILES, Field, Forecast, StreamingForecaster
 from ..errors import StreamingError
+from ..metadata import RECENT_LOCATION
 from ..numerics import align, features, forecast_noise, instance_stats, normalize_covariates
 from ..registry import register_format
 from ..sampler import StepCallback, sample
@@ -58,7 +59,7 @@ class DepthStreamingForecaster(StreamingForecaster):
             raise StreamingError(f"{path}: inconsistent shapes {sh}")
         norm = meta["normalization"]
         k = norm.get("location_window", 0)
-        recent = norm["rule"] == "frozen-at-init-recent-location"
+        recent = norm["rule"] == RECENT_LOCATION
         if recent != bool(k) or not isinstance(k, int) or not 0 <= k <= sh["context_length"]:
             raise StreamingError(f"{path}: normalization rule {norm['rule']!r} with location_window {k!r} "
                                  f"(a recent-location rule needs one in 1..{sh['context_length']})")

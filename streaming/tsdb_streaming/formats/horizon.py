@@ -31,6 +31,7 @@ import numpy as np
 
 from ..core import DEFAULT_QUANTILES, Field, Forecast, StreamingForecaster
 from ..errors import StreamingError
+from ..metadata import FROZEN_AT_INIT
 from ..numerics import align, features, forecast_noise, instance_stats, normalize, series_seed
 from ..registry import register_format
 from ..sampler import sample
@@ -65,7 +66,7 @@ class HorizonStreamingForecaster(StreamingForecaster):
             raise StreamingError(f"{path}: roll_sigmas must be {meta['substeps'] + 1} rows of {h} positive sigmas")
         if meta["last_substep"] != "euler":
             raise StreamingError(f"{path}: unknown last_substep {meta['last_substep']!r}")
-        if meta["normalization"]["rule"] != "frozen-at-init":
+        if meta["normalization"]["rule"] != FROZEN_AT_INIT:
             raise StreamingError(f"{path}: the horizon format takes only the frozen-at-init normalization rule")
 
     def _configure(self, meta: dict) -> None:
